@@ -1,0 +1,132 @@
+"""``abflip demo``: the whole path on one machine, over real HTTP on 127.0.0.1.
+
+Builds v1 and v2 images from generated trees, publishes both to a local TUF repository,
+serves it, puts a simulated device on v1, installs v2, boots it through the systemd-boot
+model, blesses it, and boots again. Every step is the real code; only the device is
+simulated (files as slots, a directory as the ESP).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from applier.agent import Device
+from builder.image import build_image
+from builder.publish import publish_release, write_signed
+from builder.release import create_release
+from builder.storage.local import LocalStorage
+from metadata.errors import Error
+from metadata.keys import KeyConfig
+from metadata.repository import init_repository
+
+from .httpserver import Server
+from .sim import SimDevice
+
+__all__ = ["run_demo", "make_rootfs"]
+
+PRODUCT = "demo-os"
+HARDWARE = "demo-board"
+
+
+class DemoFailed(Error):
+    blame = "demo"
+
+
+def make_rootfs(root: Path, version: str, *, size: int = 3 << 20, seed: int = 1) -> Path:
+    """A small tree with OS-like (partly compressible) content."""
+    rng = random.Random(seed)
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "usr" / "lib").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "os-release").write_text(f'NAME="{PRODUCT}"\nVERSION_ID="{version}"\n')
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(2000)]
+    written, i = 0, 0
+    while written < size:
+        n = min(256 << 10, size - written)
+        text = b" ".join(rng.choice(words) for _ in range(n // 5))[:n // 2]
+        data = text + rng.randbytes(n - len(text)) if i % 3 == 0 else text * 2
+        (root / "usr" / "lib" / f"lib{i:03d}.so").write_bytes(data[:n])
+        written += n
+        i += 1
+    return root
+
+
+def run_demo(workdir: Path | None = None, *, out: Callable[[str], None] = print) -> dict:
+    with tempfile.TemporaryDirectory(prefix="abflip-demo-") as tmp:
+        return _run(Path(workdir) if workdir else Path(tmp), out)
+
+
+def _run(work: Path, out: Callable[[str], None]) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    out(f"== abflip demo in {work}")
+    releases = {}
+    kernel = work / "vmlinuz"
+    kernel.write_bytes(b"demo kernel " * 1000)
+    initrd = work / "initrd.img"
+    initrd.write_bytes(b"demo initrd " * 1000)
+    for n, version in enumerate(("1.0.0", "2.0.0")):
+        tree = make_rootfs(work / f"rootfs-{version}", version, seed=1 + (n > 0))
+        img = build_image(tree, work / f"rootfs-{version}.erofs", source_date_epoch=1700000000)
+        rel = create_release(img.path, work / f"release-{version}", product=PRODUCT, version=version,
+                             compatible=[HARDWARE], kernel=kernel, initrd=initrd, options="ro quiet",
+                             chunk_size=1 << 20, window=1 << 20, created=1700000000)
+        releases[version] = rel
+        out(f"built {PRODUCT} {version}: erofs image {img.size} bytes -> {rel.release.image.compressed_size} bytes "
+            f"zstd in {len(rel.release.image.chunks)} verified chunks")
+    repo = work / "repo"
+    storage = LocalStorage(repo)
+    write_signed(storage, init_repository(work / "keys"))
+    keys = KeyConfig.load(work / "keys")
+    publish_release(releases["1.0.0"].dir, storage, keys, channel="stable")
+    out("published 1.0.0 to channel stable (TUF: root, targets, snapshot, timestamp)")
+
+    with Server(repo) as server:
+        dev = SimDevice.create(work / "device", repository_url=server.url, trusted_root=(repo / "metadata" / "1.root.json").read_bytes(),
+                               product=PRODUCT, hardware_id=HARDWARE, slot_size=16 << 20)
+        dev.provision(work / "rootfs-1.0.0.erofs", slot="a", version="1.0.0", product=PRODUCT)
+        device = Device(dev.config)
+        device.mark_good()
+        out(f"device: factory-installed 1.0.0 in slot a, serving the repository at {server.url}")
+        _show(out, "status before", device.status())
+
+        publish_release(releases["2.0.0"].dir, storage, keys, channel="stable")
+        out("published 2.0.0 to channel stable")
+        result = device.install()
+        out(f"install: wrote {result.version} into slot {result.slot} ({result.bytes_downloaded} bytes downloaded, "
+            f"every chunk verified before decompression); entry {result.entry}")
+        entry_text = (dev.esp / "loader" / "entries" / result.entry).read_text()
+        out("ESP entry:\n" + "\n".join("    " + line for line in entry_text.splitlines()))
+        _check(device.status()["state"] == "pending", "state is pending after install")
+
+        booted = dev.boot()
+        out(f"reboot: systemd-boot model chose {booted.entry} -> slot {booted.slot}")
+        _check(booted.slot == "b", "the new slot boots first")
+        _check(dev.slot_path("b").read_bytes()[:img_size(releases["2.0.0"])] ==
+               (work / "rootfs-2.0.0.erofs").read_bytes(), "slot b holds the 2.0.0 image byte for byte")
+        status = device.mark_good()
+        out("mark-good: entry blessed")
+        _show(out, "status after", status)
+        _check(status["state"] == "committed" and status["floor"] == "2.0.0", "update committed, floor raised")
+        again = dev.boot()
+        out(f"reboot: {again.entry} -> slot {again.slot} (permanent)")
+        _check(again.slot == "b" and "+" not in again.entry, "2.0.0 stays the default after blessing")
+        out("demo: OK")
+        return status
+
+
+def img_size(rel) -> int:
+    return rel.release.image.size
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise DemoFailed(f"demo check failed: {what}")
+
+
+def _show(out: Callable[[str], None], title: str, status: dict) -> None:
+    brief = {k: status[k] for k in ("state", "booted_slot", "booted_version", "booted_entry", "floor", "pending_entry")}
+    brief["slots"] = {k: f"{v['status']} {v['version']}" for k, v in status["slots"].items()}
+    out(f"{title}: {json.dumps(brief)}")

@@ -1,0 +1,152 @@
+"""systemd-boot Type #1 entries with boot counting (Boot Loader Specification).
+
+Entry file: ``/loader/entries/abflip-<version>-<slot>[+<left>[-<done>]].conf``, boot files
+under ``/abflip/<version>/``. Every abflip entry carries ``sort-key abflip`` and ``version``:
+systemd-boot (252) orders by version only when every entry has a sort-key, so the newest
+version is the default, and an entry whose tries are used up (``+0-N``) sorts last, so the
+other slot boots by itself. Blessing renames the entry without its counter, exactly as
+``systemd-bless-boot`` does.
+
+Writes are atomic (temp, fsync, rename, fsync dir) and followed by an ESP sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from metadata.errors import DeviceError
+
+from .esp import Esp
+
+__all__ = ["Entry", "entry_text", "list_entries", "write_entry", "remove_slot_entries", "bless", "ENTRIES_DIR",
+           "boot_dir", "prune_boot_files"]
+
+ENTRIES_DIR = "loader/entries"
+_NAME = re.compile(r"^abflip-(?P<version>.+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # file name in loader/entries
+    version: str
+    slot: str
+    tries_left: int | None  # None: no counter (blessed, or never counted)
+    tries_done: int
+
+    @property
+    def path(self) -> str:
+        return f"{ENTRIES_DIR}/{self.name}"
+
+    @property
+    def blessed_name(self) -> str:
+        return f"abflip-{self.version}-{self.slot}.conf"
+
+    @property
+    def counting(self) -> bool:
+        return self.tries_left is not None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.tries_left == 0
+
+    @classmethod
+    def parse(cls, name: str) -> Entry | None:
+        m = _NAME.match(name)
+        if not m:
+            return None
+        left = m.group("left")
+        return cls(name, m.group("version"), m.group("slot"), None if left is None else int(left),
+                   int(m.group("done") or 0))
+
+    @classmethod
+    def new(cls, version: str, slot: str, tries: int) -> Entry:
+        return cls(f"abflip-{version}-{slot}+{tries}.conf", version, slot, tries, 0)
+
+    def to_json(self) -> dict:
+        return {"file": self.name, "version": self.version, "slot": self.slot, "tries_left": self.tries_left,
+                "tries_done": self.tries_done}
+
+
+def boot_dir(version: str) -> str:
+    return f"abflip/{version}"
+
+
+def loader_version(version: str) -> str:
+    """The entry's ``version`` line. systemd-boot ranks ``1.0.0-rc.1`` above ``1.0.0`` ('-' is a
+    separator to it); semver ranks it below. '~' sorts before everything in systemd's
+    comparison, so ``1.0.0~rc.1`` < ``1.0.0`` as semver wants."""
+    core, sep, pre = version.partition("-")
+    return f"{core}~{pre}" if sep else version
+
+
+def entry_text(*, product: str, version: str, slot: str, partlabel: str, options: str, has_initrd: bool) -> str:
+    lines = [
+        f"title {product} {version} (slot {slot})",
+        f"version {loader_version(version)}",
+        "sort-key abflip",
+        f"linux /{boot_dir(version)}/vmlinuz",
+    ]
+    if has_initrd:
+        lines.append(f"initrd /{boot_dir(version)}/initrd.img")
+    lines.append(f"options root=PARTLABEL={partlabel} abflip.slot={slot} {options}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def list_entries(esp: Esp) -> list[Entry]:
+    return [e for n in esp.listdir(ENTRIES_DIR) if (e := Entry.parse(n))]
+
+
+@contextlib.contextmanager
+def _guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise DeviceError(f"{what} on the ESP failed: {e}",
+                          hint="check that the ESP is mounted, writable and not full") from None
+
+
+def remove_slot_entries(esp: Esp, slot: str) -> list[str]:
+    """Invariant 2: before a slot is written, no entry may point at it. Synced before return."""
+    removed = []
+    with _guard("removing boot entries"):
+        for e in list_entries(esp):
+            if e.slot == slot:
+                esp.remove(e.path)
+                removed.append(e.name)
+        esp.sync()
+    return removed
+
+
+def prune_boot_files(esp: Esp) -> list[str]:
+    """Remove ``/abflip/<version>/`` directories no entry refers to (never other OSes' files)."""
+    keep = {e.version for e in list_entries(esp)}
+    removed = []
+    with _guard("removing stale boot files"):
+        for v in esp.listdir("abflip"):
+            if v not in keep:
+                esp.remove_tree(f"abflip/{v}")
+                removed.append(v)
+        if removed:
+            esp.sync()
+    return removed
+
+
+def write_entry(esp: Esp, entry: Entry, text: str) -> None:
+    with _guard("writing the boot entry"):
+        esp.makedirs(ENTRIES_DIR)
+        esp.write_atomic(entry.path, text.encode())
+        esp.sync()
+
+
+def bless(esp: Esp, entry: Entry) -> Entry:
+    """Drop the counter: ``x+1-2.conf`` -> ``x.conf`` (what systemd-bless-boot does)."""
+    if not entry.counting:
+        return entry
+    blessed = Entry(entry.blessed_name, entry.version, entry.slot, None, 0)
+    with _guard("blessing the boot entry"):
+        esp.rename(entry.path, blessed.path)
+        esp.sync()
+    return blessed

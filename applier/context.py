@@ -1,0 +1,42 @@
+"""System paths the applier reads, in one object so tests can point them at files.
+
+Nothing else in the applier opens ``/proc`` or ``/sys`` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Context", "LOADER_GUID", "read_efivar_string"]
+
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+
+
+@dataclass(frozen=True)
+class Context:
+    cmdline: Path = Path("/proc/cmdline")
+    efivars: Path = Path("/sys/firmware/efi/efivars")
+
+    def read_cmdline(self) -> str | None:
+        try:
+            return self.cmdline.read_text()
+        except OSError:
+            return None
+
+    def loader_var(self, name: str) -> str | None:
+        """A systemd-boot loader variable (UTF-16LE after efivarfs' 4-byte attribute header)."""
+        return read_efivar_string(self.efivars / f"{name}-{LOADER_GUID}")
+
+
+def read_efivar_string(path: Path) -> str | None:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if len(raw) < 4 or len(raw) > 4 + 4096:
+        return None
+    try:
+        return raw[4:].decode("utf-16-le").rstrip("\x00") or None
+    except UnicodeDecodeError:
+        return None

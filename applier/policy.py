@@ -1,0 +1,36 @@
+"""Pure policy decisions: is this release for me, and may I install it?
+
+No I/O and no clock: everything comes in as arguments.
+"""
+
+from __future__ import annotations
+
+from metadata.errors import PolicyError
+from metadata.manifest import Channel, Release
+from metadata.version import Version
+
+__all__ = ["check_release", "floor_of"]
+
+
+def floor_of(committed_floor: str | None, booted_version: str | None) -> Version | None:
+    """The lowest version the device may move to without --allow-downgrade."""
+    versions = [Version.parse(v) for v in (committed_floor, booted_version) if v]
+    return max(versions) if versions else None
+
+
+def check_release(release: Release, channel: Channel, *, product: str, hardware_id: str, floor: Version | None,
+                  failed_versions: list[str], allow_downgrade: bool = False, retry_failed: bool = False) -> None:
+    if release.product != product or channel.product != product:
+        raise PolicyError(f"the channel offers product {release.product!r}, this device runs {product!r}")
+    if release.version != channel.version:
+        raise PolicyError(f"the channel names version {channel.version} but its release manifest is {release.version}")
+    if hardware_id not in release.compatible:
+        raise PolicyError(f"{release.product} {release.version} is not compatible with this hardware ({hardware_id}); "
+                          f"it supports {', '.join(release.compatible)}", hint="nothing was changed; check the device's "
+                          "channel and hardware_id")
+    if not allow_downgrade and floor is not None and release.version <= floor:
+        raise PolicyError(f"{release.version} is not newer than {floor}, the version this device runs or committed",
+                          hint="nothing to do; pass --allow-downgrade to install an older or equal version")
+    if not retry_failed and str(release.version) in failed_versions:
+        raise PolicyError(f"{release.version} failed to boot on this device before and is not retried by itself",
+                          hint="publish a fixed version, or pass --retry-failed")

@@ -1,0 +1,147 @@
+"""Stream a compressed image into a slot: fetch chunk -> verify -> decompress -> write.
+
+The order is the invariant (DESIGN.md 4): a chunk's compressed bytes are hashed and
+compared with the signed chunk table *before* the decompressor sees them. Chunk ``i > 0``
+needs the ``window`` image bytes before it as its dictionary; they are read back from the
+slot, where they were written (and verified) before. Memory is one compressed chunk, one
+dictionary and one decompressed chunk, whatever the image size (invariant 5).
+
+:func:`verify_chunk` and :func:`decompress_chunk` are pure; :func:`write_image` owns the I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import zstandard
+from tuf.api import exceptions as tuf_exc
+
+from metadata.errors import DeviceError, RepositoryError, TransportError
+from metadata.manifest import Chunk, Image
+
+from .slots import SlotDevice
+
+__all__ = ["verify_chunk", "decompress_chunk", "write_image", "ChunkError", "Opener"]
+
+# Opener(start, end) -> an iterable of byte pieces of the compressed image from ``start``.
+Opener = Callable[[int, int], Iterable[bytes]]
+MAX_WINDOW_LOG = 27
+
+
+class ChunkError(RepositoryError):
+    """A chunk does not match the signed chunk table."""
+
+
+def verify_chunk(index: int, chunk: Chunk, data: bytes) -> None:
+    if len(data) != chunk.length:
+        raise ChunkError(f"chunk {index} is {len(data)} bytes, the manifest says {chunk.length}")
+    if hashlib.sha256(data).hexdigest() != chunk.sha256:
+        raise ChunkError(f"chunk {index} (bytes {chunk.offset}-{chunk.offset + chunk.length - 1}) failed verification: "
+                         "sha256 mismatch", hint="the image on the server is corrupt or tampered with; nothing was flipped")
+
+
+def decompress_chunk(index: int, chunk: Chunk, data: bytes, dictionary: bytes | None) -> bytes:
+    """Decompress one verified chunk; its output must be exactly what the manifest says."""
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise ChunkError(f"chunk {index} is not a zstd frame: {e}") from None
+    if size != chunk.out_length:
+        raise ChunkError(f"chunk {index} declares {size} decompressed bytes, the manifest says {chunk.out_length}")
+    kwargs = {}
+    if dictionary:
+        kwargs["dict_data"] = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    try:
+        out = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG, **kwargs).decompress(
+            data, max_output_size=chunk.out_length, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise ChunkError(f"chunk {index} does not decompress: {e}") from None
+    if len(out) != chunk.out_length or hashlib.sha256(out).hexdigest() != chunk.out_sha256:
+        raise ChunkError(f"chunk {index} decompresses to other bytes than the manifest says")
+    return out
+
+
+class _Reader:
+    """Cut a stream of pieces into exact lengths."""
+
+    def __init__(self, pieces: Iterable[bytes]) -> None:
+        self._it: Iterator[bytes] = iter(pieces)
+        self._buf = bytearray()
+
+    def take(self, n: int) -> bytes | None:
+        while len(self._buf) < n:
+            piece = next(self._it, None)
+            if piece is None:
+                return None
+            self._buf += piece
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def verified_prefix(image: Image, slot: SlotDevice, chunks_done: int) -> tuple[int, hashlib._Hash]:
+    """Re-read what an earlier run wrote; return how many chunks are still intact, and the
+    running image hash over them. A chunk changed behind our back is written again."""
+    h = hashlib.sha256()
+    for i in range(min(chunks_done, len(image.chunks))):
+        ch = image.chunks[i]
+        data = slot.pread(ch.out_offset, ch.out_length)
+        if hashlib.sha256(data).hexdigest() != ch.out_sha256:
+            return i, h
+        h.update(data)
+    return min(chunks_done, len(image.chunks)), h
+
+
+def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: int = 0, retries: int = 5,
+                on_chunk: Callable[[int, int], None] | None = None, backoff: float = 0.5) -> int:
+    """Write ``image`` into ``slot`` starting after ``chunks_done`` verified chunks.
+
+    ``on_chunk(i, downloaded_bytes)`` runs after chunk ``i`` is written and flushed (the
+    caller persists progress there). Returns the compressed bytes downloaded by this call.
+    Raises :class:`ChunkError` / :class:`RepositoryError` for bad data (never retried) and
+    :class:`TransportError` once ``retries`` reconnects in a row have failed.
+    """
+    if image.size > slot.capacity:
+        raise DeviceError(f"the image decompresses to {image.size} bytes; slot {slot.name} holds only {slot.capacity}",
+                          hint="this release does not fit this device's slots")
+    i, h = verified_prefix(image, slot, chunks_done)
+    total = image.compressed_size
+    window = image.compression.window
+    downloaded = 0
+    failures = 0
+    while i < len(image.chunks):
+        start = image.chunks[i].offset
+        try:
+            reader = _Reader(opener(start, total))
+            while i < len(image.chunks):
+                ch = image.chunks[i]
+                data = reader.take(ch.length)
+                if data is None:
+                    raise RepositoryError(f"the image ended before chunk {i}: the server sent fewer than its signed "
+                                          f"{total} bytes")
+                downloaded += len(data)
+                verify_chunk(i, ch, data)
+                dictionary = None
+                if window and ch.out_offset:
+                    lo = max(0, ch.out_offset - window)
+                    dictionary = slot.pread(lo, ch.out_offset - lo)
+                out = decompress_chunk(i, ch, data, dictionary)
+                del data, dictionary
+                slot.pwrite(ch.out_offset, out)
+                slot.sync()
+                h.update(out)
+                del out
+                failures = 0
+                if on_chunk:
+                    on_chunk(i, downloaded)
+                i += 1
+        except tuf_exc.DownloadError as e:
+            failures += 1
+            if failures > retries:
+                raise TransportError(f"downloading the image failed at chunk {i} after {retries} retries: {e}") from None
+            time.sleep(backoff * failures)
+    if h.hexdigest() != image.sha256:
+        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)")
+    return downloaded

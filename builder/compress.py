@@ -1,0 +1,104 @@
+"""Compress an image into the chunked zstd stream of the release manifest.
+
+Each chunk is one zstd frame over ``chunk_size`` image bytes. Chunk ``i > 0`` uses the
+``window`` image bytes before it as a raw-content dictionary (zstd's "prefix" idea), so
+matches reach back across chunk boundaries as they would in one long stream. Measured on
+a 540 MB erofs image at level 9: one stream 159.6 MB, zstd CLI (-T0 --long=27) 161.3 MB,
+32 MiB chunks without a dictionary 167.0 MB (+3.5 %), 32 MiB chunks with a 32 MiB
+dictionary 161.2 MB (0.999x the CLI). Frames compress in parallel threads (zstandard
+releases the GIL), and at most ``2 * threads`` compressed frames are held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from metadata.manifest import Chunk, Compression
+
+__all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW"]
+
+DEFAULT_LEVEL = 9
+DEFAULT_CHUNK = 32 << 20
+DEFAULT_WINDOW = 32 << 20
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    compression: Compression
+    chunks: tuple[Chunk, ...]
+    size: int
+    sha256: str
+    compressed_size: int
+
+
+def _params(level: int, chunk_size: int, window: int) -> zstandard.ZstdCompressionParameters:
+    window_log = max(10, (chunk_size + window - 1).bit_length())
+    base = zstandard.ZstdCompressionParameters.from_level(level)
+    return zstandard.ZstdCompressionParameters.from_level(level, window_log=max(base.window_log, min(window_log, 27)))
+
+
+def compress_chunk(image: bytes | memoryview, offset: int, chunk_size: int, window: int,
+                   params: zstandard.ZstdCompressionParameters) -> bytes:
+    """Compress one frame; the dictionary is the ``window`` bytes before ``offset``."""
+    kwargs = {}
+    if window and offset:
+        kwargs["dict_data"] = zstandard.ZstdCompressionDict(
+            bytes(image[max(0, offset - window):offset]), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(compression_params=params, **kwargs).compress(image[offset:offset + chunk_size])
+
+
+def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK,
+                   window: int = DEFAULT_WINDOW, threads: int = 0,
+                   progress: Callable[[int, int], None] | None = None) -> CompressResult:
+    """Write the chunked stream to ``out_path``; return its chunk table and the image digest."""
+    threads = threads or os.cpu_count() or 1
+    params = _params(level, chunk_size, window)
+    size = os.path.getsize(image_path)
+    if size == 0:
+        raise ValueError("empty image")
+    whole = hashlib.sha256()
+    chunks: list[Chunk] = []
+    offset = 0
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(image_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, \
+            open(tmp, "wb") as out, ThreadPoolExecutor(threads) as pool:
+        view = memoryview(mm)
+        pending: deque = deque()
+        starts = iter(range(0, size, chunk_size))
+
+        def submit() -> bool:
+            start = next(starts, None)
+            if start is None:
+                return False
+            pending.append((start, pool.submit(compress_chunk, view, start, chunk_size, window, params)))
+            return True
+
+        for _ in range(2 * threads):
+            submit()
+        while pending:
+            start, fut = pending.popleft()
+            frame = fut.result()
+            raw = view[start:start + chunk_size]
+            whole.update(raw)
+            chunks.append(Chunk(offset, len(frame), hashlib.sha256(frame).hexdigest(), start, len(raw),
+                                hashlib.sha256(raw).hexdigest()))
+            del raw
+            out.write(frame)
+            offset += len(frame)
+            if progress:
+                progress(start + chunk_size if start + chunk_size < size else size, size)
+            submit()
+        view.release()
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, out_path)
+    return CompressResult(Compression("zstd", level, chunk_size, window), tuple(chunks), size, whole.hexdigest(), offset)

@@ -1,0 +1,42 @@
+"""Where a repository is published: a local directory (default) or S3.
+
+Every backend keeps the same semantics:
+- ``put(..., create_only=True)`` never replaces an existing object (O_EXCL / conditional put)
+  and raises :class:`~builder.errors.AlreadyExists` instead: versioned metadata and
+  hash-prefixed targets are immutable.
+- other puts replace the object atomically (readers see the old or the new bytes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["Storage", "open_storage"]
+
+
+class Storage(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def put(self, key: str, data: bytes, *, content_type: str, cache_control: str, create_only: bool = False) -> None: ...
+
+    def put_file(self, key: str, path: Path, *, content_type: str, cache_control: str) -> None: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def open_storage(url: str, **s3_options: object) -> Storage:
+    """``s3://bucket/prefix`` -> S3 (needs the ``publish`` extra), anything else -> a directory."""
+    if url.startswith("s3://"):
+        from .s3 import S3Storage  # boto3 is imported only there
+
+        return S3Storage.from_url(url, **s3_options)  # type: ignore[arg-type]
+    from .local import LocalStorage
+
+    return LocalStorage(Path(url))

@@ -1,0 +1,83 @@
+"""Errors rooted by blame (DESIGN.md invariant 9).
+
+Every error abflip raises on purpose derives from :class:`Error`, and from exactly one
+root that says who is to blame and therefore what to do:
+
+- :class:`RepositoryError`: the repository served bad data (bad signature, hash mismatch,
+  expired metadata, malformed manifest). Nothing on the device changed; tell the publisher.
+- :class:`TransportError`: the network failed (refused, timed out, cut short). Retry later.
+- :class:`DeviceError`: the device is wrong (slot too small, ESP missing, booted slot unknown).
+- :class:`UserError`: the user's configuration or input is wrong (bad config key, bad version).
+- :class:`PolicyError`: the request is well-formed but refused by policy (not newer than the
+  floor, wrong hardware, outside a maintenance window).
+
+Library code raises these and never prints or exits; the CLI renders ``diagnostics()`` and
+exits with ``exit_code``. Local ``OSError`` that is not understood is left alone.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Error",
+    "RepositoryError",
+    "TransportError",
+    "DeviceError",
+    "UserError",
+    "PolicyError",
+    "EXIT_CODES",
+]
+
+
+class Error(Exception):
+    """Base of all abflip errors. ``hint`` says what to do about it."""
+
+    exit_code = 1
+    blame = "internal"
+    default_hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def diagnostics(self) -> str:
+        text = f"error ({self.blame}): {self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+    def to_json(self) -> dict[str, str]:
+        return {"blame": self.blame, "type": type(self).__name__, "message": self.message, "hint": self.hint}
+
+
+class UserError(Error):
+    exit_code = 2
+    blame = "user"
+    default_hint = "check the command line and the configuration file"
+
+
+class RepositoryError(Error):
+    exit_code = 3
+    blame = "repository"
+    default_hint = "the repository served data that failed verification; nothing was installed. Tell the publisher"
+
+
+class TransportError(Error):
+    exit_code = 4
+    blame = "transport"
+    default_hint = "the download failed; check the network and retry (a later run resumes)"
+
+
+class DeviceError(Error):
+    exit_code = 5
+    blame = "device"
+    default_hint = "check the slot devices, the ESP and the state directory"
+
+
+class PolicyError(Error):
+    exit_code = 6
+    blame = "policy"
+    default_hint = "nothing was changed"
+
+
+EXIT_CODES = {cls.__name__: cls.exit_code for cls in (UserError, RepositoryError, TransportError, DeviceError, PolicyError)}

@@ -1,0 +1,110 @@
+"""Signing keys as securesystemslib signer URIs.
+
+A role's keys are listed in the producer's key configuration (``keys.json`` in the keys
+directory) as ``{"keyid": ..., "uri": ...}``; the public half lives in root (or the
+delegating) metadata. ``file2:<path>`` URIs name PEM/PKCS#8 key files (a relative path is
+relative to the keys directory); ``awskms:``, ``hsm:`` and the other securesystemslib
+schemes work without code changes, because the signer is only ever built from its URI.
+
+Private key files are created 0600 with O_EXCL and never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from securesystemslib.signer import CryptoSigner, Key, Signer
+
+from .errors import UserError
+
+__all__ = ["KeyConfig", "RoleKeys", "generate_file_key", "load_signer", "DEFAULT_EXPIRY_DAYS"]
+
+KEYS_SCHEMA = "abflip-keys/1"
+TOP_ROLES = ("root", "targets", "snapshot", "timestamp")
+# TUF's customary periods: offline roles long, online roles short and re-signed by a schedule.
+DEFAULT_EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+
+
+def generate_file_key(keys_dir: Path, name: str) -> tuple[Key, str]:
+    """Create an ed25519 key pair; write the private key to ``keys_dir/name.pem`` (0600).
+
+    Returns the public key and its signer URI (relative to ``keys_dir``).
+    """
+    signer = CryptoSigner.generate_ed25519()
+    path = keys_dir / f"{name}.pem"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UserError(f"key file {path} already exists", hint="choose an empty keys directory") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(signer.private_bytes)
+        f.flush()
+        os.fsync(f.fileno())
+    return signer.public_key, f"file2:{path.name}"
+
+
+def load_signer(uri: str, public_key: Key, base_dir: Path) -> Signer:
+    """Build a signer from its URI. Relative ``file2:`` paths resolve against ``base_dir``."""
+    if uri.startswith("file2:") and not uri[len("file2:"):].startswith("/"):
+        uri = f"file2:{base_dir / uri[len('file2:'):]}"
+    try:
+        return Signer.from_priv_key_uri(uri, public_key)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load signing key {public_key.keyid[:12]} from {uri}: {e}",
+                        hint="check the key URI in keys.json and that the key file is readable") from None
+
+
+@dataclass
+class RoleKeys:
+    keyid: str
+    uri: str
+
+
+@dataclass
+class KeyConfig:
+    """The producer's key configuration: which signer URI holds which key, and expiry periods."""
+
+    path: Path
+    roles: dict[str, list[RoleKeys]] = field(default_factory=dict)
+    expiry_days: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_EXPIRY_DAYS))
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    @classmethod
+    def load(cls, keys_dir: Path) -> KeyConfig:
+        path = Path(keys_dir) / "keys.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"no key configuration at {path}", hint="run 'abflip repo init' first or pass --keys") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read key configuration {path}: {e}") from None
+        if not isinstance(raw, dict) or raw.get("schema") != KEYS_SCHEMA:
+            raise UserError(f"{path} is not an abflip key configuration (schema {KEYS_SCHEMA})")
+        roles = {r: [RoleKeys(k["keyid"], k["uri"]) for k in ks] for r, ks in raw.get("roles", {}).items()}
+        expiry = dict(DEFAULT_EXPIRY_DAYS)
+        expiry.update(raw.get("expiry_days", {}))
+        return cls(path, roles, expiry)
+
+    def save(self) -> None:
+        data = {
+            "schema": KEYS_SCHEMA,
+            "expiry_days": self.expiry_days,
+            "roles": {r: [{"keyid": k.keyid, "uri": k.uri} for k in ks] for r, ks in self.roles.items()},
+        }
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+    def signers(self, role: str, public_keys: dict[str, Key]) -> list[Signer]:
+        """Signers for every key of ``role`` that is both configured here and trusted for it."""
+        out = []
+        for k in self.roles.get(role, []):
+            if k.keyid in public_keys:
+                out.append(load_signer(k.uri, public_keys[k.keyid], self.dir))
+        return out
