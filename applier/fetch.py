@@ -19,7 +19,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 __all__ = ["HttpFetcher", "RangeStream"]
 
 USER_AGENT = "abflip/0.1"
-READ_SIZE = 1 << 20
+READ_SIZE = 64 << 10
 
 
 class RangeStream:

@@ -69,12 +69,14 @@ class _Reader:
     def __init__(self, pieces: Iterable[bytes]) -> None:
         self._it: Iterator[bytes] = iter(pieces)
         self._buf = bytearray()
+        self.received = 0  # bytes that came off the wire, used or not
 
     def take(self, n: int) -> bytes | None:
         while len(self._buf) < n:
             piece = next(self._it, None)
             if piece is None:
                 return None
+            self.received += len(piece)
             self._buf += piece
         out = bytes(self._buf[:n])
         del self._buf[:n]
@@ -113,6 +115,7 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     failures = 0
     while i < len(image.chunks):
         start = image.chunks[i].offset
+        reader = _Reader(())
         try:
             reader = _Reader(opener(start, total))
             while i < len(image.chunks):
@@ -121,7 +124,6 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                 if data is None:
                     raise RepositoryError(f"the image ended before chunk {i}: the server sent fewer than its signed "
                                           f"{total} bytes")
-                downloaded += len(data)
                 verify_chunk(i, ch, data)
                 dictionary = None
                 if window and ch.out_offset:
@@ -135,13 +137,17 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                 del out
                 failures = 0
                 if on_chunk:
-                    on_chunk(i, downloaded)
+                    on_chunk(i, downloaded + reader.received)
                 i += 1
         except tuf_exc.DownloadError as e:
+            downloaded += reader.received
+            reader.received = 0
             failures += 1
             if failures > retries:
                 raise TransportError(f"downloading the image failed at chunk {i} after {retries} retries: {e}") from None
             time.sleep(backoff * failures)
+        else:
+            downloaded += reader.received
     if h.hexdigest() != image.sha256:
         raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)")
     return downloaded

@@ -62,6 +62,7 @@ __all__ = [
     "boot",
     "build_disk",
     "build_initramfs",
+    "build_os_version",
     "build_rootfs_image",
     "default_cache_dir",
     "detach_loop",
@@ -73,6 +74,7 @@ __all__ = [
     "list_entries",
     "loop_partition",
     "missing_prerequisites",
+    "OsVersion",
     "parse_serial",
     "read_esp_file",
     "resolve_modules",
@@ -453,6 +455,33 @@ def build_rootfs_image(
         target.write_text(version + "\n")
         _run(["mkfs.erofs", "--quiet", "-T0", out, tmp])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OsVersion:
+    """Boot files and root image of one stand-in OS version (see `build_os_version`)."""
+
+    version: str
+    good: bool
+    vmlinuz: Path
+    initrd: Path
+    rootfs: Path
+
+
+def build_os_version(
+    out_dir: str | os.PathLike[str],
+    *,
+    version: str,
+    good: bool,
+    vmlinuz: str | os.PathLike[str],
+    modules_dir: str | os.PathLike[str],
+) -> OsVersion:
+    """Initramfs + erofs root image for `version` in `out_dir` (file names carry the version and good/bad)."""
+    out = Path(out_dir)
+    tag = f"{version}-{'good' if good else 'bad'}"
+    initrd = build_initramfs(out / f"initrd-{tag}.img", version=version, good=good, modules_dir=modules_dir)
+    rootfs = build_rootfs_image(out / f"root-{tag}.erofs", version=version)
+    return OsVersion(version, good, Path(vmlinuz), initrd, rootfs)
 
 
 # ------------------------------------------------------------------------------------------------------- disk

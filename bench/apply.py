@@ -1,0 +1,588 @@
+#!/usr/bin/env python3
+"""Benchmark: ``abflip install`` against a plain ``curl | zstd -d | dd`` pipeline.
+
+Usage::
+
+    python3 bench/apply.py [--size-mib 1024] [--workdir DIR] [--runs 3] [--profile]
+
+This is a benchmark, not a test: it measures and prints; it asserts nothing about speed.
+It exits non-zero only when something is *wrong* (a command failed, or a slot does not
+hash to the image's sha256).
+
+Method
+------
+1. **Image.** A realistic root filesystem: files from this machine's ``/usr`` are copied
+   (regular files and symlinks, unreadable and special files skipped, walk order sorted so
+   the selection is deterministic) into ``<workdir>/tree`` until ``--size-mib`` MiB of file
+   content is reached. Roots are ``/usr/bin``, ``/usr/sbin``, ``/usr/libexec``,
+   ``/usr/lib/x86_64-linux-gnu`` (shared libraries), the rest of ``/usr/lib`` and
+   ``/usr/share``; they are drained byte-fairly (always from the root that has given the
+   fewest bytes so far), so the mix is executables, libraries, Python/Java code and data
+   rather than whatever sorts first. ``builder.image.build_image`` turns it into an
+   (uncompressed) erofs image. A tiny second image is built for the device's factory slot.
+2. **Compression.** ``builder.release.create_release`` (default level 9, 32 MiB chunks,
+   32 MiB dictionary window) makes the abflip stream; the zstd CLI
+   (``zstd -T0 -<level> --long=27``) compresses the same image for the baseline. The abflip
+   stream cannot be the baseline's input: every frame after the first needs the previous
+   32 MiB of *image* bytes as a raw-content dictionary, which ``zstd -d`` does not know.
+   Image, release directory and CLI stream are cached in the workdir (with a ``cache.json``
+   recording what they were made from, and how long making them took), so re-runs skip
+   the slow part.
+3. **Repository and server.** A fresh TUF repository (``init_repository``, ``LocalStorage``,
+   ``publish_release`` to channel ``stable``) holds the release; the CLI stream is placed
+   next to it. ``abflip serve`` serves it from a **separate process**, so the server's
+   memory and CPU accounting do not land on the device side.
+4. **Variants**, alternated, each run preceded by ``sync`` and ``echo 3 >
+   /proc/sys/vm/drop_caches`` (skipped if not permitted), every process wrapped in
+   ``/usr/bin/time -v``:
+
+   - *pipeline*: ``curl -s URL | zstd -d --long=27 | dd of=SLOT bs=1M conv=fsync,notrunc``
+     into a fresh sparse slot file of image size + 64 MiB (``notrunc`` so a file behaves
+     like the block device it stands for).
+   - *abflip*: a fresh ``abflip.sim.SimDevice`` (slots: sparse files of image size +
+     64 MiB) is factory-provisioned with the tiny image in slot a and blessed, outside the
+     timing; then ``python -m abflip.cli install --config <device>/abflip.toml --json`` is
+     timed. It refreshes TUF metadata, fetches channel pointer and manifest, streams the
+     hash-prefixed ``targets/.../<sha256>.rootfs.img.zst`` into slot b (verify, decompress,
+     write, fsync, per chunk) and writes the boot files (tiny placeholders here, so the
+     comparison is about the image) and the boot entry.
+
+   Reported per variant (median over ``--runs``): wall time; peak RSS ("Maximum resident
+   set size"; for the pipeline the largest of its three processes and their sum); bytes
+   outside the slot, i.e. the growth of the device directory without the slot files (state
+   file, ESP, TUF metadata cache) -- 0 for the pipeline by construction; bytes the process
+   tree wrote to files according to the kernel's I/O accounting ("File system outputs",
+   i.e. ``write_bytes`` as the pages were dirtied) minus the image size, which also counts
+   rewrites (the state file is saved after every chunk); and download bytes (curl's
+   ``size_download``; abflip's ``bytes_downloaded``, the image stream only, without the
+   few KiB of metadata and boot files).
+5. After every run the slot's first ``image size`` bytes are hashed and compared with the
+   image sha256 (printed).
+
+``--profile`` additionally runs one install in-process under cProfile (the server stays
+in its own process) and prints the top entries by cumulative and by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import json
+import os
+import pstats
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abflip.sim import SimDevice
+from applier.agent import Device
+from builder.image import ImageInfo, build_image
+from builder.publish import publish_release, write_signed
+from builder.release import ReleaseFiles, create_release
+from builder.storage.local import LocalStorage
+from metadata.errors import Error
+from metadata.keys import KeyConfig
+from metadata.manifest import Release
+from metadata.repository import init_repository
+
+PRODUCT = "bench-os"
+HARDWARE = "bench-board"
+OLD, NEW = "1.0.0", "2.0.0"
+EPOCH = 1700000000
+MIB = 1 << 20
+DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / ".bench" / "apply"
+TIME = "/usr/bin/time"
+ABFLIP = [sys.executable, "-m", "abflip.cli"]
+# (source root, sub-directories of it left to another root)
+ROOTS = [
+    ("/usr/bin", ()),
+    ("/usr/sbin", ()),
+    ("/usr/libexec", ()),
+    ("/usr/lib/x86_64-linux-gnu", ()),
+    ("/usr/lib", ("x86_64-linux-gnu",)),
+    ("/usr/share", ()),
+]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the image ----------------------------------------------------------------------------
+def _walk(root: str, exclude: tuple[str, ...]) -> Iterator[tuple[str, int]]:
+    """(path, bytes) of the regular files and symlinks under ``root``, sorted, readable only."""
+    for dirpath, dirs, files in os.walk(root):
+        if dirpath == root:
+            dirs[:] = [d for d in dirs if d not in exclude]
+        keep = []
+        for d in sorted(dirs):
+            p = os.path.join(dirpath, d)
+            if os.path.islink(p):  # os.walk does not descend symlinked dirs; copy the link itself
+                yield p, 0
+            elif os.access(p, os.R_OK | os.X_OK):
+                keep.append(d)
+        dirs[:] = keep
+        for name in sorted(files):
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if os.path.islink(p):
+                yield p, 0
+            elif os.path.isfile(p) and os.access(p, os.R_OK):
+                yield p, st.st_size
+
+
+def copy_usr(tree: Path, budget: int) -> tuple[int, int]:
+    """Copy files from ``ROOTS`` into ``tree`` (same paths below it) until ``budget`` bytes."""
+    gens = {root: _walk(root, excl) for root, excl in ROOTS if os.path.isdir(root)}
+    given = dict.fromkeys(gens, 0)
+    total = files = 0
+    while gens and total < budget:
+        root = min(gens, key=given.__getitem__)
+        item = next(gens[root], None)
+        if item is None:
+            del gens[root]
+            continue
+        src, size = item
+        dst = tree / src.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), dst)
+            else:
+                shutil.copy2(src, dst)  # sendfile on Linux
+        except OSError:  # vanished, unreadable after all, ...
+            dst.unlink(missing_ok=True)
+            continue
+        given[root] += size
+        total += size
+        files += 1
+    return total, files
+
+
+@dataclass
+class Cache:
+    """``<workdir>/cache.json``: what the cached artefacts were made from, and timings."""
+
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Cache:
+        try:
+            return cls(path, json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return cls(path, {})
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+
+
+def ensure_image(work: Path, size_mib: int, cache: Cache, keep_tree: bool) -> ImageInfo:
+    out = work / "rootfs.erofs"
+    c = cache.data.get("image")
+    if c and c["size_mib"] == size_mib and out.is_file() and out.stat().st_size == c["size"]:
+        log(f"image: cached {out} ({c['size']} bytes)")
+        return ImageInfo(out, "erofs", c["size"], c["sha256"])
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    t0 = time.monotonic()
+    log(f"image: copying ~{size_mib} MiB of /usr into {tree} ...")
+    nbytes, nfiles = copy_usr(tree, size_mib * MIB)
+    t1 = time.monotonic()
+    log(f"image: copied {nfiles} files, {nbytes} bytes in {t1 - t0:.1f} s; mkfs.erofs ...")
+    img = build_image(tree, out, source_date_epoch=EPOCH)
+    t2 = time.monotonic()
+    if not keep_tree:
+        shutil.rmtree(tree, ignore_errors=True)
+    cache.data["image"] = {"size_mib": size_mib, "size": img.size, "sha256": img.sha256, "input_bytes": nbytes,
+                           "input_files": nfiles, "copy_s": round(t1 - t0, 2), "mkfs_s": round(t2 - t1, 2)}
+    cache.data.pop("release", None)
+    cache.data.pop("cli", None)
+    cache.save()
+    log(f"image: {img.size} bytes in {t2 - t1:.1f} s, sha256 {img.sha256}")
+    return img
+
+
+def ensure_small_image(work: Path) -> Path:
+    out = work / "factory.erofs"
+    if not out.is_file():
+        tree = work / "factory-tree"
+        shutil.rmtree(tree, ignore_errors=True)
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc" / "os-release").write_text(f'NAME="{PRODUCT}"\nVERSION_ID="{OLD}"\n')
+        build_image(tree, out, source_date_epoch=EPOCH)
+        shutil.rmtree(tree)
+    return out
+
+
+def ensure_release(work: Path, img: ImageInfo, level: int, cache: Cache) -> ReleaseFiles:
+    rdir = work / f"release-{NEW}"
+    try:
+        rel = Release.from_bytes((rdir / "release.json").read_bytes())
+        comp = rel.image.compression
+        if rel.image.sha256 == img.sha256 and comp.level == level and (rdir / "rootfs.img.zst").is_file():
+            log(f"release: cached {rdir} ({rel.image.compressed_size} bytes compressed)")
+            return ReleaseFiles(rdir, rel)
+    except (OSError, Error):  # missing or unreadable: rebuild
+        pass
+    shutil.rmtree(rdir, ignore_errors=True)
+    kernel, initrd = work / "vmlinuz", work / "initrd.img"
+    kernel.write_bytes(b"bench kernel placeholder\n" * 1000)
+    initrd.write_bytes(b"bench initrd placeholder\n" * 1000)
+    log(f"release: compressing the image at level {level} (chunked, dictionary window) ...")
+    t0 = time.monotonic()
+    rf = create_release(img.path, rdir, product=PRODUCT, version=NEW, compatible=[HARDWARE], kernel=kernel,
+                        initrd=initrd, options="ro", level=level, created=EPOCH)
+    dt = time.monotonic() - t0
+    cache.data["release"] = {"seconds": round(dt, 2), "level": level, "compressed": rf.release.image.compressed_size}
+    cache.save()
+    log(f"release: {rf.release.image.compressed_size} bytes in {len(rf.release.image.chunks)} chunks, {dt:.1f} s")
+    return rf
+
+
+def ensure_cli_stream(work: Path, img: ImageInfo, level: int, cache: Cache) -> Path:
+    out = work / "rootfs.erofs.cli.zst"
+    c = cache.data.get("cli")
+    if c and c["sha256"] == img.sha256 and c["level"] == level and out.is_file() and out.stat().st_size == c["size"]:
+        log(f"zstd CLI: cached {out} ({c['size']} bytes)")
+        return out
+    cmd = ["zstd", "-q", "-f", "-T0", f"-{level}", "--long=27", str(img.path), "-o", str(out)]
+    log(f"zstd CLI: {' '.join(cmd)}")
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True)
+    dt = time.monotonic() - t0
+    cache.data["cli"] = {"sha256": img.sha256, "level": level, "size": out.stat().st_size, "seconds": round(dt, 2),
+                         "cmd": " ".join(cmd[:-3])}
+    cache.save()
+    return out
+
+
+# -- repository and server ----------------------------------------------------------------
+def make_repo(work: Path, release_dir: Path, cli_stream: Path) -> tuple[Path, str, str]:
+    """A fresh repository with the release on channel ``stable`` and the CLI stream beside it.
+    Returns (repo, abflip image key, CLI stream key)."""
+    repo, keys = work / "repo", work / "keys"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.rmtree(keys, ignore_errors=True)
+    storage = LocalStorage(repo)
+    write_signed(storage, init_repository(keys))
+    res = publish_release(release_dir, storage, KeyConfig.load(keys), channel="stable")
+    image_key = next(k for k in res.uploaded if k.endswith(".rootfs.img.zst"))
+    cli_key = "bench/rootfs.erofs.cli.zst"
+    (repo / "bench").mkdir()
+    try:
+        os.link(cli_stream, repo / cli_key)
+    except OSError:
+        shutil.copyfile(cli_stream, repo / cli_key)
+    return repo, image_key, cli_key
+
+
+class ServerProcess:
+    """``abflip serve`` in its own process on a free loopback port."""
+
+    def __init__(self, root: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*ABFLIP, "serve", str(root), "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "serving" not in line:
+            self.close()
+            raise RuntimeError(f"the server did not start: {line!r}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- measuring ----------------------------------------------------------------------------
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ProcStats:
+    name: str
+    max_rss: int  # bytes
+    fs_out: int  # bytes, kernel I/O accounting (write_bytes)
+    cpu: float  # user + system seconds
+
+
+def _timev(path: Path, name: str) -> ProcStats:
+    vals = {}
+    for line in path.read_text().splitlines():
+        k, sep, v = line.strip().rpartition(": ")
+        if sep:
+            vals[k] = v
+    return ProcStats(name, int(vals["Maximum resident set size (kbytes)"]) * 1024,
+                     int(vals["File system outputs"]) * 512,
+                     float(vals["User time (seconds)"]) + float(vals["System time (seconds)"]))
+
+
+@dataclass
+class Run:
+    variant: str
+    wall: float
+    procs: list[ProcStats]
+    outside: int  # bytes the device directory grew by, slot files excluded
+    downloaded: int
+    image_size: int
+    sha_ok: bool
+    dropped: bool
+
+    @property
+    def rss_max(self) -> int:
+        return max(p.max_rss for p in self.procs)
+
+    @property
+    def rss_sum(self) -> int:
+        return sum(p.max_rss for p in self.procs)
+
+    @property
+    def written_extra(self) -> int:
+        return sum(p.fs_out for p in self.procs) - self.image_size
+
+    @property
+    def cpu(self) -> float:
+        return sum(p.cpu for p in self.procs)
+
+
+def slot_sha256(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left and (b := f.read(min(left, 4 * MIB))):
+            h.update(b)
+            left -= len(b)
+    return h.hexdigest()
+
+
+def tree_bytes(root: Path, skip: set[str]) -> int:
+    """Apparent size of every file below ``root`` except the top-level names in ``skip``."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if dirpath == str(root) and name in skip:
+                continue
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def run_pipeline(run_dir: Path, url: str, img: ImageInfo, slot_size: int) -> Run:
+    slot = run_dir / "slot.img"
+    with open(slot, "wb") as f:
+        f.truncate(slot_size)
+    tv = [run_dir / f"time-{n}.txt" for n in ("curl", "zstd", "dd")]
+    errs = [run_dir / f"stderr-{n}.txt" for n in ("curl", "zstd", "dd")]
+    dropped = drop_caches()
+    with open(errs[0], "w") as e0, open(errs[1], "w") as e1, open(errs[2], "w") as e2:
+        t0 = time.perf_counter()
+        curl = subprocess.Popen([TIME, "-v", "-o", str(tv[0]), "curl", "-sS", "--fail", "-w", "%{stderr}%{size_download}\n",
+                                 url], stdout=subprocess.PIPE, stderr=e0)
+        zstd = subprocess.Popen([TIME, "-v", "-o", str(tv[1]), "zstd", "-d", "-q", "-c", "--long=27"],
+                                stdin=curl.stdout, stdout=subprocess.PIPE, stderr=e1)
+        curl.stdout.close()
+        dd = subprocess.Popen([TIME, "-v", "-o", str(tv[2]), "dd", f"of={slot}", "bs=1M", "conv=fsync,notrunc"],
+                              stdin=zstd.stdout, stderr=e2)
+        zstd.stdout.close()
+        codes = [p.wait() for p in (curl, zstd, dd)]
+        wall = time.perf_counter() - t0
+    if any(codes):
+        raise RuntimeError(f"pipeline failed {codes}: " + " | ".join(e.read_text().strip() for e in errs))
+    downloaded = int(errs[0].read_text().split()[-1])
+    procs = [_timev(t, n) for t, n in zip(tv, ("curl", "zstd -d", "dd"))]
+    ok = slot_sha256(slot, img.size) == img.sha256
+    slot.unlink()
+    return Run("pipeline", wall, procs, 0, downloaded, img.size, ok, dropped)
+
+
+def make_device(run_dir: Path, server_url: str, repo: Path, factory: Path, slot_size: int) -> SimDevice:
+    dev = SimDevice.create(run_dir / "device", repository_url=server_url,
+                           trusted_root=(repo / "metadata" / "1.root.json").read_bytes(), product=PRODUCT,
+                           hardware_id=HARDWARE, slot_size=slot_size, timeout=120.0)
+    dev.provision(factory, slot="a", version=OLD, product=PRODUCT)
+    Device(dev.config).mark_good()
+    return dev
+
+
+SLOTS = {"slot-a.img", "slot-b.img"}
+
+
+def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: ImageInfo, slot_size: int) -> Run:
+    dev = make_device(run_dir, server_url, repo, factory, slot_size)
+    before = tree_bytes(dev.root, SLOTS)
+    tv = run_dir / "time-abflip.txt"
+    dropped = drop_caches()
+    t0 = time.perf_counter()
+    proc = subprocess.run([TIME, "-v", "-o", str(tv), *ABFLIP, "install", "--config", str(dev.config_path), "--json"],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"abflip install failed ({proc.returncode}): {proc.stderr.strip()}")
+    result = json.loads(proc.stdout)
+    outside = tree_bytes(dev.root, SLOTS) - before
+    sha = slot_sha256(dev.slot_path(result["slot"]), img.size)
+    ok = sha == img.sha256
+    shutil.rmtree(dev.root)
+    return Run("abflip", wall, [_timev(tv, "abflip")], outside, result["bytes_downloaded"], img.size, ok, dropped)
+
+
+def profile_install(run_dir: Path, server_url: str, repo: Path, factory: Path, img: ImageInfo, slot_size: int,
+                    top: int) -> str:
+    dev = make_device(run_dir, server_url, repo, factory, slot_size)
+    device = Device(dev.config)
+    drop_caches()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    result = device.install()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    ok = slot_sha256(dev.slot_path(result.slot), img.size) == img.sha256
+    shutil.rmtree(dev.root)
+    out = io.StringIO()
+    out.write(f"\n### cProfile of one in-process Device.install() ({wall:.2f} s wall under the profiler, "
+              f"slot sha256 {'ok' if ok else 'MISMATCH'})\n\n")
+    for key in ("cumulative", "tottime"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).strip_dirs().sort_stats(key).print_stats(top)
+        text = s.getvalue()
+        out.write(f"by {key}:\n```\n" + text[text.index("   ncalls"):].rstrip() + "\n```\n")
+    if not ok:
+        raise RuntimeError("the profiled install wrote a slot that does not match the image")
+    return out.getvalue()
+
+
+# -- report -------------------------------------------------------------------------------
+def _mib(n: float) -> str:
+    return f"{n / MIB:.1f}"
+
+
+def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, cache: Cache, cmdline: str) -> str:
+    by = {v: [r for r in runs if r.variant == v] for v in ("pipeline", "abflip")}
+    med = {v: statistics.median(r.wall for r in rs) for v, rs in by.items()}
+    comp = rel.release.image.compression
+    lines = [f"## abflip apply benchmark\n",
+             f"command: `{cmdline}`  ",
+             f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.1f} GiB RAM, "
+             f"{os.uname().sysname} {os.uname().release}  ",
+             f"image: erofs, {img.size} bytes ({_mib(img.size)} MiB) from {cache.data['image'].get('input_files')} files "
+             f"of /usr, sha256 {img.sha256}  ",
+             f"runs per variant: {len(by['abflip'])} (median shown); page cache dropped before each run: "
+             f"{'yes' if all(r.dropped for r in runs) else 'NO (not permitted)'}\n",
+             "| variant | wall s | ratio vs pipeline | peak RSS MiB | bytes outside slot | download bytes | "
+             "extra bytes written (I/O acct.) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"pipeline": "curl \\| zstd -d --long=27 \\| dd (zstd CLI stream)",
+             "abflip": "abflip install (chunked stream)"}
+    for v, rs in by.items():
+        rss = (f"{_mib(statistics.median(r.rss_max for r in rs))} max / {_mib(statistics.median(r.rss_sum for r in rs))} sum"
+               if v == "pipeline" else _mib(statistics.median(r.rss_max for r in rs)))
+        lines.append(f"| {names[v]} | {med[v]:.2f} | {med[v] / med['pipeline']:.2f}x | {rss} | "
+                     f"{int(statistics.median(r.outside for r in rs))} | {int(statistics.median(r.downloaded for r in rs))} | "
+                     f"{int(statistics.median(r.written_extra for r in rs))} |")
+    ab = rel.release.image.compressed_size
+    lines += ["",
+              f"compressed sizes: abflip chunked (zstd level {comp.level}, {comp.chunk_size >> 20} MiB chunks, "
+              f"{comp.window >> 20} MiB window, {len(rel.release.image.chunks)} frames) {ab} bytes "
+              f"({ab / img.size:.3f} of the image); zstd CLI (`{cache.data['cli']['cmd']}`) {cli_size} bytes "
+              f"({cli_size / img.size:.3f}); abflip / CLI = {ab / cli_size:.4f}",
+              "",
+              "per run (wall s, CPU s user+sys, peak RSS MiB per process, slot sha256 check):", ""]
+    for r in runs:
+        procs = ", ".join(f"{p.name} {_mib(p.max_rss)}" for p in r.procs)
+        lines.append(f"- {r.variant:8} {r.wall:6.2f} s  cpu {r.cpu:5.2f} s  rss [{procs}]  "
+                     f"sha256 {'ok' if r.sha_ok else 'MISMATCH'}")
+    one_time = []
+    if "copy_s" in cache.data.get("image", {}):
+        one_time.append(f"/usr copy {cache.data['image']['copy_s']} s, mkfs.erofs {cache.data['image']['mkfs_s']} s")
+    if "seconds" in cache.data.get("release", {}):
+        one_time.append(f"create_release (level {cache.data['release']['level']}) {cache.data['release']['seconds']} s")
+    if "seconds" in cache.data.get("cli", {}):
+        one_time.append(f"zstd CLI {cache.data['cli']['seconds']} s")
+    if one_time:
+        lines += ["", "one-time build costs (from the run that built the cache): " + "; ".join(one_time)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024, help="MiB of /usr file content to put in the image")
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache and scratch directory")
+    ap.add_argument("--runs", type=int, default=3, help="runs per variant (median reported)")
+    ap.add_argument("--level", type=int, default=9, help="zstd level for both streams")
+    ap.add_argument("--profile", action="store_true", help="also cProfile one in-process install")
+    ap.add_argument("--top", type=int, default=15, help="profile entries to print")
+    ap.add_argument("--keep-tree", action="store_true", help="keep the copied /usr tree after building the image")
+    args = ap.parse_args(argv)
+    for tool in ("curl", "zstd", "dd", TIME):
+        if not shutil.which(tool):
+            log(f"missing tool: {tool}")
+            return 2
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cache = Cache.load(work / "cache.json")
+    img = ensure_image(work, args.size_mib, cache, args.keep_tree)
+    factory = ensure_small_image(work)
+    rel = ensure_release(work, img, args.level, cache)
+    cli_stream = ensure_cli_stream(work, img, args.level, cache)
+    repo, image_key, cli_key = make_repo(work, rel.dir, cli_stream)
+    slot_size = (img.size + 64 * MIB + MIB - 1) // MIB * MIB
+    run_root = work / "runs"
+    shutil.rmtree(run_root, ignore_errors=True)
+    runs: list[Run] = []
+    with ServerProcess(repo) as server:
+        log(f"serving {repo} at {server.url} (pid {server.proc.pid}); abflip object /{image_key}")
+        for i in range(args.runs):
+            for variant in ("pipeline", "abflip"):
+                d = run_root / f"{variant}-{i}"
+                d.mkdir(parents=True)
+                if variant == "pipeline":
+                    r = run_pipeline(d, f"{server.url}/{cli_key}", img, slot_size)
+                else:
+                    r = run_abflip(d, server.url, repo, factory, img, slot_size)
+                log(f"run {i + 1}/{args.runs} {variant}: {r.wall:.2f} s, peak RSS {_mib(r.rss_max)} MiB, "
+                    f"slot sha256 {'ok' if r.sha_ok else 'MISMATCH'}")
+                runs.append(r)
+        prof = ""
+        if args.profile:
+            d = run_root / "profile"
+            d.mkdir(parents=True)
+            prof = profile_install(d, server.url, repo, factory, img, slot_size, args.top)
+    cmdline = " ".join(["python3", "bench/apply.py", *(argv if argv is not None else sys.argv[1:])])
+    print(report(runs, img, rel, cli_stream.stat().st_size, cache, cmdline) + prof)
+    bad = [r for r in runs if not r.sha_ok]
+    if bad:
+        log(f"{len(bad)} run(s) wrote a slot that does not hash to the image sha256 {img.sha256}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
