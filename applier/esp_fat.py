@@ -35,6 +35,8 @@ __all__ = ["EspError", "FatImageEsp"]
 _WILDCARDS = frozenset("*?[]")
 _FREE_RE = re.compile(r"([\d ,.]+) bytes free")
 _TMP_SUFFIX = ".abflip-tmp"
+# Characters a FAT short (8.3) name may hold besides letters and digits.
+_SHORT_EXTRA = frozenset("!#$%&'()-@^_`{}~")
 
 
 class EspError(OSError):
@@ -69,6 +71,39 @@ def _normalize(path: str) -> str:
 def _split(path: str) -> tuple[str, str]:
     parent, _, name = path.rpartition("/")
     return parent, name
+
+
+def _short_only(name: str) -> tuple[str, str] | None:
+    """(base, ext) if FAT stores `name` as a bare 8.3 entry (no long name), keeping its case only through the
+    entry's lowercase flags; None when it needs a VFAT long name (too long, '+', mixed case in a part, ...)."""
+    base, dot, ext = name.partition(".")
+    if not base or len(base) > 8 or len(ext) > 3 or "." in ext or (dot and not ext):
+        return None
+    for part in (base, ext):
+        if not all(c.isascii() and (c.isalnum() or c in _SHORT_EXTRA) for c in part):
+            return None
+        letters = [c for c in part if c.isalpha()]
+        if letters and not (all(c.islower() for c in letters) or all(c.isupper() for c in letters)):
+            return None
+    return base, ext
+
+
+def _temp_name(name: str) -> str:
+    """The temporary name `write_atomic` renames from.
+
+    mtools 4.0.32 renames carry the source entry's lowercase flags over to a destination stored as a bare 8.3 name
+    (renaming `vmlinuz.abflip-tmp` to `vmlinuz` shows `VMLINUZ`), so for such a destination the temp name is itself
+    a bare 8.3 name with the same base and the same case in its extension: `vmlinuz.~ab` -> `vmlinuz`,
+    `BOOTX64.~AB` -> `BOOTX64.EFI`. Any other destination has a long name, which keeps its case by itself.
+    """
+    short = _short_only(name)
+    if short is None:
+        return name + _TMP_SUFFIX
+    base, ext = short
+    tmp_ext = "~ab" if ext.casefold() != "~ab" else "~ac"
+    if ext.isupper():
+        tmp_ext = tmp_ext.upper()
+    return f"{base}.{tmp_ext}"
 
 
 class FatImageEsp:
@@ -199,7 +234,7 @@ class FatImageEsp:
         self.makedirs(parent)
         if self._kind(path) == "dir":
             raise IsADirectoryError(errno.EISDIR, f"is a directory on ESP {self!r}", path)
-        tmp = f"{parent}/{name}{_TMP_SUFFIX}" if parent else f"{name}{_TMP_SUFFIX}"
+        tmp = f"{parent}/{_temp_name(name)}" if parent else _temp_name(name)
         with tempfile.NamedTemporaryFile(prefix="abflip-esp-") as local:
             local.write(data)
             local.flush()
@@ -208,7 +243,11 @@ class FatImageEsp:
         self._rename_over(tmp, path)
 
     def rename(self, src: str, dst: str) -> None:
-        """Rename `src` to `dst`, replacing a file at `dst`."""
+        """Rename `src` to `dst`, replacing a file at `dst`.
+
+        Case caveat (mtools 4.0.32): when `dst` fits a bare 8.3 name, it takes the stored case of `src` (a long-named
+        source gives upper case). Names with a long name (every boot entry: `abflip-1.0.0-a.conf`) keep their case.
+        """
         src, dst = _normalize(src), _normalize(dst)
         if not src or not dst:
             raise ValueError("cannot rename the ESP root")

@@ -71,7 +71,9 @@ def build_image(src: Path, out: Path, *, fstype: str = "erofs", source_date_epoc
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     cmd = [tool, "--quiet", f"-T{epoch}", f"-U{fsid}", "--ignore-mtime", str(tmp), str(src)]
-    env = dict(os.environ, SOURCE_DATE_EPOCH=str(epoch))
+    # mkfs.erofs 1.5 reads SOURCE_DATE_EPOCH as "clamp newer mtimes", which keeps older ones:
+    # drop it and let -T with --ignore-mtime give every inode the same time.
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)

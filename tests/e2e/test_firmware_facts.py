@@ -190,6 +190,13 @@ def test_fat_esp_every_method(fat: FatImageEsp) -> None:
     fat.write_atomic("abflip/2.0.0/vmlinuz", blob)
     assert fat.read("abflip/2.0.0/vmlinuz") == blob
     assert fat.listdir("abflip/2.0.0") == ["vmlinuz"]
+    # Bare 8.3 names keep their case through the temp-file rename too.
+    fat.write_atomic("abflip/2.0.0/initrd.img", b"i")
+    fat.write_atomic("EFI/BOOT/BOOTX64.EFI", b"e")
+    fat.write_atomic("EFI/BOOT/abc.TXT", b"t")
+    assert fat.listdir("abflip/2.0.0") == ["initrd.img", "vmlinuz"]
+    assert fat.listdir("efi/boot") == ["BOOTX64.EFI", "abc.TXT"]
+    fat.remove_tree("EFI")
     assert free_before - fat.free_bytes() >= len(blob)
 
     # rename: count a try down, bless, replace an existing file, case-only rename.
