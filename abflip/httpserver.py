@@ -16,19 +16,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from builder.publish import headers_for
+
 __all__ = ["RepoHandler", "serve", "Server"]
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-def _headers_for(path: str) -> tuple[str, str]:
-    if path.endswith("timestamp.json"):
-        return "application/json", "no-store"
-    if path.endswith(".json"):
-        return "application/json", "public, max-age=31536000, immutable"
-    if path.endswith(".zst"):
-        return "application/zstd", "public, max-age=31536000, immutable"
-    return "application/octet-stream", "public, max-age=31536000, immutable"
 
 
 class RepoHandler(BaseHTTPRequestHandler):
@@ -88,7 +80,7 @@ class RepoHandler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = HTTPStatus.PARTIAL_CONTENT
-        ctype, cache = _headers_for(path.name)
+        ctype, cache = headers_for(path.name)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Cache-Control", cache)
