@@ -14,7 +14,9 @@ case-insensitive but case-preserving: `exists("LOADER/ENTRIES")` is true when `l
 Atomicity: one mtools process reads the FAT, changes it in memory and writes it back when it exits, so each call
 is all-or-nothing against other callers, but FAT itself has no journal. `rename` rewrites one directory entry
 (plus the deletion of an overwritten target) inside a single directory cluster, the same guarantee systemd-boot
-relies on when it renames an entry to count a boot. `sync` fsyncs the image file or device.
+relies on when it renames an entry to count a boot. `write_atomic` writes `<name>.abflip-tmp` (or, for a bare 8.3
+name, `<base>.~ab`; see `_temp_name`) and renames it over the target; a killed run leaves at most that temp file,
+which the next write of the same path overwrites. `sync` fsyncs the image file or device.
 
 Errors: a missing path raises `FileNotFoundError`; a wrong kind of path `IsADirectoryError`/`NotADirectoryError`;
 every other mtools failure `EspError` (an `OSError`) carrying the command and mtools' message.
@@ -136,14 +138,17 @@ class FatImageEsp:
                 check=False,
             )
         except FileNotFoundError as exc:
-            raise EspError(errno.ENOENT, f"mtools is not installed ({tool} not found); install the mtools package") from exc
+            raise EspError(
+                errno.ENOENT, f"mtools is not installed ({tool} not found); install the mtools package"
+            ) from exc
         if proc.returncode != 0:
             message = proc.stderr.decode(errors="replace").strip() or proc.stdout.decode(errors="replace").strip()
             if "not found" in message.lower():
                 raise FileNotFoundError(errno.ENOENT, f"{path or '/'} not found on ESP {self!r}: {message}", path)
             raise EspError(
                 errno.EIO,
-                f"{tool} failed on ESP {self!r} for {path or '/'!r} (exit {proc.returncode}): {message or 'no message'}",
+                f"{tool} failed on ESP {self!r} for {path or '/'!r} "
+                f"(exit {proc.returncode}): {message or 'no message'}",
             )
         if not binary:
             proc.stdout = proc.stdout.decode(errors="surrogateescape")
@@ -305,9 +310,7 @@ class FatImageEsp:
     def free_bytes(self) -> int:
         """Free space on the filesystem, in bytes."""
         out = self._run("mdir", [self._target("")], path="").stdout
-        match = None
-        for match in _FREE_RE.finditer(out):
-            pass
-        if match is None:
+        matches = _FREE_RE.findall(out)
+        if not matches:
             raise EspError(errno.EIO, f"cannot parse free space from mdir output on ESP {self!r}: {out[-200:]!r}")
-        return int(re.sub(r"\D", "", match.group(1)))
+        return int(re.sub(r"\D", "", matches[-1]))

@@ -248,7 +248,9 @@ def test_fat_esp_partition_offset_leaves_bytes_before_it_alone(tmp_path: Path) -
     with open(img, "wb") as f:
         f.write(b"\xa5" * (1 << 20))
         f.truncate(36 << 20)
-    subprocess.run(["mkfs.fat", "-F", "32", "-s", "1", "--offset", "2048", img, str(34 * 1024)], check=True, capture_output=True)
+    subprocess.run(
+        ["mkfs.fat", "-F", "32", "-s", "1", "--offset", "2048", img, str(34 * 1024)], check=True, capture_output=True
+    )
     esp = FatImageEsp(img, offset=1 << 20)
     esp.write_atomic("EFI/BOOT/BOOTX64.EFI", b"x" * 100_000)
     esp.sync()
@@ -311,10 +313,12 @@ def test_parse_serial_tolerates_firmware_noise() -> None:
     lines = [
         (1.0, "\x1b[2J\x1b[01;01HBdsDxe: loading Boot0001"),
         (2.0, "ABFLIP-BOOT version=2.0.0 slot=b selected=abflip-2.0.0-b+3.conf "
-              "countpath=\\loader\\entries\\abflip-2.0.0-b+2-1.conf entry=\\loader\\entries\\abflip-2.0.0-b+2-1.conf uptime=3.1"),
+              "countpath=\\loader\\entries\\abflip-2.0.0-b+2-1.conf "
+              "entry=\\loader\\entries\\abflip-2.0.0-b+2-1.conf uptime=3.1"),
         (2.1, "ABFLIP-ROOT label=root-b dev=/dev/vda3 version=2.0.0"),
         (2.2, "[    3.3] random kernel line ABFLIP-END action=panic uptime=3.3"),
-        (9.0, "ABFLIP-BOOT version=1.0.0 slot=a selected=abflip-1.0.0-a.conf countpath=- entry=abflip-1.0.0-a.conf uptime=3.0"),
+        (9.0, "ABFLIP-BOOT version=1.0.0 slot=a selected=abflip-1.0.0-a.conf countpath=- "
+              "entry=abflip-1.0.0-a.conf uptime=3.0"),
         (9.1, "ABFLIP-ROOT label=root-a error=no-partition"),
     ]  # fmt: skip
     boots = vm.parse_serial(lines)

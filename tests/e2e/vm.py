@@ -15,7 +15,8 @@ The pieces, in the order a test uses them:
 
 Lines the guest prints (one per event, space-separated `key=value`, values never contain spaces, `-` = empty):
 
-    ABFLIP-BOOT version=2.0.0 slot=b selected=<LoaderEntrySelected> countpath=<LoaderBootCountPath> entry=<...> uptime=1.23
+    ABFLIP-BOOT version=2.0.0 slot=b selected=<LoaderEntrySelected> countpath=<LoaderBootCountPath> entry=<..>
+                uptime=1.23                                   (all on one line)
     ABFLIP-ROOT label=root-b dev=/dev/vda3 version=2.0.0          (or error=<reason>)
     ABFLIP-END action=poweroff|panic
 
@@ -162,7 +163,9 @@ def _run(cmd: Sequence[str | os.PathLike[str]], **kwargs) -> subprocess.Complete
 
 
 def _newest_kernel_package() -> str:
-    out = _run(["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$"], text=True).stdout
+    out = _run(
+        ["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$"], text=True
+    ).stdout
     names = re.findall(r"^(linux-image-6\.1\.0-(\d+)-amd64-unsigned)\s", out, re.M)
     if not names:
         raise RuntimeError(
@@ -257,7 +260,9 @@ def _module_depends(data: bytes) -> list[str]:
     return [d.decode().replace("-", "_") for d in match.group(1).split(b",") if d]
 
 
-def resolve_modules(modules_dir: str | os.PathLike[str], names: Iterable[str] = DEFAULT_MODULES) -> list[tuple[str, bytes]]:
+def resolve_modules(
+    modules_dir: str | os.PathLike[str], names: Iterable[str] = DEFAULT_MODULES
+) -> list[tuple[str, bytes]]:
     """`(name, plain .ko bytes)` for `names` and their `depends=` (read from each module's .modinfo), each after
     its dependencies, in the order the guest must insmod them (there is no modules.dep in an unpacked .deb)."""
     index = _module_index(Path(modules_dir))
