@@ -9,7 +9,9 @@ boot counting), as seen on real OVMF firmware (DESIGN.md):
   between two with sort-keys: sort-key ascending, then version descending; then id descending.
 - The default is the first entry (no ``default`` in loader.conf, no EFI override). With
   tries left it is renamed ``x+(L-1)-(D+1).conf`` before the kernel starts.
-- It tells the OS through ``LoaderEntrySelected`` (the id) and ``LoaderBootCountPath``.
+- It tells the OS through ``LoaderEntrySelected`` (the file name *before* the rename,
+  lowercased, as seen on OVMF) and ``LoaderBootCountPath`` (``\loader\entries\<name after
+  the rename>``, only for counted entries).
 
 It deliberately parses entries itself rather than use :mod:`applier.boot`, so a test that
 boots the model checks the applier's output against an independent reading.
@@ -213,7 +215,8 @@ retries = {retries}
             name = f"{chosen.id[:-len('.conf')]}+{chosen.tries_left - 1}-{chosen.tries_done + 1}.conf"
             os.rename(edir / chosen.file, edir / name)
         self.cmdline.write_text(chosen.options + "\n")
-        for var, value in (("LoaderEntrySelected", chosen.id), ("LoaderBootCountPath", f"\\loader\\entries\\{name}")):
+        for var, value in (("LoaderEntrySelected", chosen.file.lower()),
+                           ("LoaderBootCountPath", f"\\loader\\entries\\{name}")):
             (self.efivars / f"{var}-{LOADER_GUID}").write_bytes(_efivar(value))
         if chosen.tries_left is None:
             (self.efivars / f"LoaderBootCountPath-{LOADER_GUID}").unlink(missing_ok=True)

@@ -77,8 +77,8 @@ class Device:
                 e = Entry.parse(name)
                 if e:
                     # systemd-boot may have renamed it since (counting): find the current file
-                    for cur in boot.list_entries(self.esp):
-                        if cur.version == e.version and cur.slot == e.slot:
+                    for cur in boot.list_entries(self.esp):  # LoaderEntrySelected comes lowercased
+                        if cur.version.lower() == e.version.lower() and cur.slot == e.slot:
                             return cur
                     return e
         candidates = [e for e in boot.list_entries(self.esp) if e.slot == slot]

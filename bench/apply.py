@@ -355,12 +355,17 @@ class Run:
     variant: str
     wall: float
     procs: list[ProcStats]
-    outside: int  # bytes the device directory grew by, slot files excluded
+    outside: dict[str, int]  # growth of the device directory by top-level name, slot files excluded
     downloaded: int
     image_size: int
     sha_ok: bool
     dropped: bool
     startup: float | None = None  # abflip only: wall time of a cold ``abflip status``
+    slot_sha: str | None = None
+
+    @property
+    def outside_total(self) -> int:
+        return sum(self.outside.values())
 
     @property
     def rss_max(self) -> int:
@@ -389,15 +394,18 @@ def slot_sha256(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def tree_bytes(root: Path, skip: set[str]) -> int:
-    """Apparent size of every file below ``root`` except the top-level names in ``skip``."""
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if dirpath == str(root) and name in skip:
-                continue
-            total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
+def tree_bytes(root: Path, skip: set[str]) -> dict[str, int]:
+    """Apparent size of the files below ``root`` by top-level name, except the names in ``skip``."""
+    out: dict[str, int] = {}
+    for top in os.listdir(root):
+        if top in skip:
+            continue
+        p = root / top
+        if p.is_dir() and not p.is_symlink():
+            out[top] = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(p) for f in files)
+        else:
+            out[top] = os.lstat(p).st_size
+    return out
 
 
 def run_pipeline(run_dir: Path, url: str, img: ImageInfo, slot_size: int) -> Run:
@@ -425,7 +433,7 @@ def run_pipeline(run_dir: Path, url: str, img: ImageInfo, slot_size: int) -> Run
     procs = [_timev(t, n) for t, n in zip(tv, ("curl", "zstd -d", "dd"))]
     ok = slot_sha256(slot, img.size) == img.sha256
     slot.unlink()
-    return Run("pipeline", wall, procs, 0, downloaded, img.size, ok, dropped)
+    return Run("pipeline", wall, procs, {}, downloaded, img.size, ok, dropped)
 
 
 def make_device(run_dir: Path, server_url: str, repo: Path, factory: Path, slot_size: int) -> SimDevice:
@@ -452,7 +460,8 @@ def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: I
     if proc.returncode:
         raise RuntimeError(f"abflip install failed ({proc.returncode}): {proc.stderr.strip()}")
     result = json.loads(proc.stdout)
-    outside = tree_bytes(dev.root, SLOTS) - before
+    after = tree_bytes(dev.root, SLOTS)
+    outside = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))}
     sha = slot_sha256(dev.slot_path(result["slot"]), img.size)
     ok = sha == img.sha256
     # The fixed cost of the command, for comparison: ``abflip status`` on the same device,
@@ -462,8 +471,8 @@ def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: I
     subprocess.run([*ABFLIP, "status", "--config", str(dev.config_path), "--json"], check=True, capture_output=True)
     startup = time.perf_counter() - t1
     shutil.rmtree(dev.root)
-    return Run("abflip", wall, [_timev(tv, "abflip")], outside, result["bytes_downloaded"], img.size, ok, dropped,
-               startup)
+    return Run("abflip", wall, [_timev(tv, "abflip")], {k: v for k, v in outside.items() if v}, result["bytes_downloaded"],
+               img.size, ok, dropped, startup, sha)
 
 
 def profile_install(run_dir: Path, server_url: str, repo: Path, factory: Path, img: ImageInfo, slot_size: int,
@@ -518,7 +527,7 @@ def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, ca
         rss = (f"{_mib(statistics.median(r.rss_max for r in rs))} max / {_mib(statistics.median(r.rss_sum for r in rs))} sum"
                if v == "pipeline" else _mib(statistics.median(r.rss_max for r in rs)))
         lines.append(f"| {names[v]} | {med[v]:.2f} | {med[v] / med['pipeline']:.2f}x | {rss} | "
-                     f"{int(statistics.median(r.outside for r in rs))} | {int(statistics.median(r.downloaded for r in rs))} | "
+                     f"{int(statistics.median(r.outside_total for r in rs))} | {int(statistics.median(r.downloaded for r in rs))} | "
                      f"{int(statistics.median(r.written_extra for r in rs))} |")
     ab = rel.release.image.compressed_size
     lines += ["",
@@ -534,8 +543,12 @@ def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, ca
               "per run (wall s, CPU s user+sys, peak RSS MiB per process, slot sha256 check):", ""]
     for r in runs:
         procs = ", ".join(f"{p.name} {_mib(p.max_rss)}" for p in r.procs)
+        outside = f"  outside slot {r.outside}" if r.outside else ""
         lines.append(f"- {r.variant:8} {r.wall:6.2f} s  cpu {r.cpu:5.2f} s  rss [{procs}]  "
-                     f"sha256 {'ok' if r.sha_ok else 'MISMATCH'}")
+                     f"sha256 {'ok' if r.sha_ok else 'MISMATCH'}{outside}")
+    shas = {r.slot_sha for r in by["abflip"]}
+    lines += ["", f"slot written by abflip: sha256 {', '.join(sorted(shas))} "
+              f"({'matches' if shas == {img.sha256} else 'DOES NOT MATCH'} the image sha256 in every run)"]
     one_time = []
     if "copy_s" in cache.data.get("image", {}):
         one_time.append(f"/usr copy {cache.data['image']['copy_s']} s, mkfs.erofs {cache.data['image']['mkfs_s']} s")
