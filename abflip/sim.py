@@ -1,4 +1,4 @@
-"""A simulated device: files as slots, a directory as the ESP, a file as /proc/cmdline,
+r"""A simulated device: files as slots, a directory as the ESP, a file as /proc/cmdline,
 a directory as efivarfs, and a model of systemd-boot's entry selection.
 
 The model follows systemd-boot 252 (src/boot/efi/boot.c ``boot_entry_compare`` and its
