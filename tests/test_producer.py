@@ -169,3 +169,19 @@ def test_demo_command():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "demo: OK" in r.stdout
     assert "abflip-2.0.0-b+2-1.conf -> slot b" in r.stdout
+
+
+def test_ci_release_script(tmp_path, built):
+    """ci/release.sh, as a pipeline would run it, publishes a release a device can see."""
+    tree = make_rootfs(tmp_path / "tree", "5.0.0", size=100_000)
+    init = subprocess.run([*ABFLIP, "repo", "init", "--keys", str(tmp_path / "keys"), "--to", str(tmp_path / "repo")],
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    script = Path(__file__).resolve().parents[1] / "ci" / "release.sh"
+    env = dict(os.environ, ABFLIP_PRODUCT="demo-os", ABFLIP_COMPATIBLE="demo-board other", ABFLIP_REPO=str(tmp_path / "repo"),
+               ABFLIP_KEYS=str(tmp_path / "keys"), ABFLIP_KERNEL=str(built["1.0.0"] / "vmlinuz"), SOURCE_DATE_EPOCH="7",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(script), str(tree), "5.0.0"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    repo = Repository.load(lambda n: LocalStorage(tmp_path / "repo").get(f"metadata/{n}"))
+    assert "demo-os/releases/5.0.0/release.json" in repo.target_files
