@@ -34,7 +34,7 @@ class ChunkError(RepositoryError):
     """A chunk does not match the signed chunk table."""
 
 
-def verify_chunk(index: int, chunk: Chunk, data: bytes) -> None:
+def verify_chunk(index: int, chunk: Chunk, data: bytes | memoryview) -> None:
     if len(data) != chunk.length:
         raise ChunkError(f"chunk {index} is {len(data)} bytes, the manifest says {chunk.length}")
     if hashlib.sha256(data).hexdigest() != chunk.sha256:
@@ -42,8 +42,10 @@ def verify_chunk(index: int, chunk: Chunk, data: bytes) -> None:
                          "sha256 mismatch", hint="the image on the server is corrupt or tampered with; nothing was flipped")
 
 
-def decompress_chunk(index: int, chunk: Chunk, data: bytes, dictionary: bytes | None) -> bytes:
-    """Decompress one verified chunk; its output must be exactly what the manifest says."""
+def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, dictionary: bytes | memoryview | None,
+                     into: bytearray | None = None) -> memoryview:
+    """Decompress one verified chunk (into ``into`` if given, to spare a fresh allocation);
+    its output must be exactly what the manifest says."""
     try:
         size = zstandard.frame_content_size(data)
     except zstandard.ZstdError as e:
@@ -51,36 +53,48 @@ def decompress_chunk(index: int, chunk: Chunk, data: bytes, dictionary: bytes | 
     if size != chunk.out_length:
         raise ChunkError(f"chunk {index} declares {size} decompressed bytes, the manifest says {chunk.out_length}")
     kwargs = {}
-    if dictionary:
+    if dictionary is not None and len(dictionary):
         kwargs["dict_data"] = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    buf = into if into is not None and len(into) >= chunk.out_length else bytearray(chunk.out_length)
+    out = memoryview(buf)[:chunk.out_length]
+    done = 0
     try:
-        out = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG, **kwargs).decompress(
-            data, max_output_size=chunk.out_length, allow_extra_data=False)
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG, **kwargs).stream_reader(data)
+        while done < chunk.out_length:
+            n = reader.readinto(out[done:])
+            if not n:
+                break
+            done += n
+        extra = reader.read(1)
     except zstandard.ZstdError as e:
         raise ChunkError(f"chunk {index} does not decompress: {e}") from None
-    if len(out) != chunk.out_length or hashlib.sha256(out).hexdigest() != chunk.out_sha256:
+    if done != chunk.out_length or extra or hashlib.sha256(out).hexdigest() != chunk.out_sha256:
         raise ChunkError(f"chunk {index} decompresses to other bytes than the manifest says")
     return out
 
 
 class _Reader:
-    """Cut a stream of pieces into exact lengths."""
+    """Cut a stream of pieces into exact lengths (one copy per chunk)."""
 
     def __init__(self, pieces: Iterable[bytes]) -> None:
         self._it: Iterator[bytes] = iter(pieces)
-        self._buf = bytearray()
+        self._parts: list[bytes] = []
+        self._have = 0
         self.received = 0  # bytes that came off the wire, used or not
 
-    def take(self, n: int) -> bytes | None:
-        while len(self._buf) < n:
+    def take(self, n: int) -> memoryview | None:
+        while self._have < n:
             piece = next(self._it, None)
             if piece is None:
                 return None
             self.received += len(piece)
-            self._buf += piece
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+            self._parts.append(piece)
+            self._have += len(piece)
+        data = b"".join(self._parts)
+        rest = data[n:]
+        self._parts = [rest] if rest else []
+        self._have = len(rest)
+        return memoryview(data)[:n]
 
 
 def verified_prefix(image: Image, slot: SlotDevice, chunks_done: int) -> tuple[int, hashlib._Hash]:
@@ -113,6 +127,12 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     window = image.compression.window
     downloaded = 0
     failures = 0
+    # Two output buffers, alternating: chunk i decompresses into one while the other still
+    # holds chunk i-1, its dictionary. Reusing them spares a fresh 32 MiB mapping per chunk.
+    biggest = max(c.out_length for c in image.chunks)
+    buffers = (bytearray(biggest), bytearray(biggest))
+    prev: memoryview | None = None
+    prev_end = -1
     while i < len(image.chunks):
         start = image.chunks[i].offset
         reader = _Reader(())
@@ -125,16 +145,19 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                     raise RepositoryError(f"the image ended before chunk {i}: the server sent fewer than its signed "
                                           f"{total} bytes")
                 verify_chunk(i, ch, data)
-                dictionary = None
+                dictionary: bytes | memoryview | None = None
                 if window and ch.out_offset:
                     lo = max(0, ch.out_offset - window)
-                    dictionary = slot.pread(lo, ch.out_offset - lo)
-                out = decompress_chunk(i, ch, data, dictionary)
+                    if prev is not None and prev_end == ch.out_offset and len(prev) >= ch.out_offset - lo:
+                        dictionary = prev[len(prev) - (ch.out_offset - lo):]  # the chunk just written
+                    else:
+                        dictionary = slot.pread(lo, ch.out_offset - lo)  # resuming: read it back
+                out = decompress_chunk(i, ch, data, dictionary, buffers[i % 2])
                 del data, dictionary
                 slot.pwrite(ch.out_offset, out)
                 slot.sync()
                 h.update(out)
-                del out
+                prev, prev_end = out, ch.out_offset + ch.out_length
                 failures = 0
                 if on_chunk:
                     on_chunk(i, downloaded + reader.received)
