@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from metadata.errors import DeviceError, Error, RepositoryError
 from metadata.manifest import Channel, Limits, Release, channel_target_path
@@ -30,7 +29,7 @@ from .context import Context
 from .esp import DirectoryEsp, Esp
 from .fetch import HttpFetcher
 from .policy import check_release, floor_of
-from .slots import SlotDevice, booted_slot, other_slot, slot_from_entry_name
+from .slots import SlotDevice, booted_slot, other_slot
 from .state import SlotState, State, Target, load_state, save_state
 from .stream import write_image
 

@@ -510,7 +510,7 @@ def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, ca
     by = {v: [r for r in runs if r.variant == v] for v in ("pipeline", "abflip")}
     med = {v: statistics.median(r.wall for r in rs) for v, rs in by.items()}
     comp = rel.release.image.compression
-    lines = [f"## abflip apply benchmark\n",
+    lines = ["## abflip apply benchmark\n",
              f"command: `{cmdline}`  ",
              f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.1f} GiB RAM, "
              f"{os.uname().sysname} {os.uname().release}  ",

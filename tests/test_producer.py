@@ -16,10 +16,9 @@ import pytest
 from abflip.demo import make_rootfs
 from builder.errors import BuildError, ToolMissing
 from builder.image import build_image
-from builder.publish import publish_release, write_signed
+from builder.publish import publish_release
 from builder.storage.local import LocalStorage
 from metadata.errors import RepositoryError
-from metadata.keys import KeyConfig
 from metadata.repository import Repository, init_repository
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]

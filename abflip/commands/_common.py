@@ -1,0 +1,43 @@
+"""Shared pieces of the command modules: the typer apps, options, and the one error handler."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from metadata.errors import Error
+
+__all__ = ["app", "image_app", "release_app", "repo_app", "channel_app", "run", "CONFIG_OPT", "JSON_OPT"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Atomic A/B OS image updates with TUF and systemd-boot.")
+image_app = typer.Typer(no_args_is_help=True, help="Producer: build root filesystem images.")
+release_app = typer.Typer(no_args_is_help=True, help="Producer: assemble releases.")
+repo_app = typer.Typer(no_args_is_help=True, help="Producer: the TUF repository.")
+channel_app = typer.Typer(no_args_is_help=True, help="Producer: channel pointers.")
+app.add_typer(image_app, name="image")
+app.add_typer(release_app, name="release")
+app.add_typer(repo_app, name="repo")
+app.add_typer(channel_app, name="channel")
+
+CONFIG_OPT = typer.Option(Path("/etc/abflip/abflip.toml"), "--config", "-c", help="device configuration file")
+JSON_OPT = typer.Option(False, "--json", help="machine-readable output")
+
+
+def run(fn: Callable[[], Any], as_json: bool, render: Callable[[Any], str]) -> None:
+    """Call ``fn``; print its result (JSON or rendered) or its error, and exit with the error's code."""
+    try:
+        result = fn()
+    except Error as e:
+        if as_json:
+            print(json.dumps({"error": e.to_json()}, indent=1))
+        print(e.diagnostics(), file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    if as_json:
+        print(json.dumps(result, indent=1, sort_keys=True, default=str))
+    elif text := render(result):
+        print(text)
