@@ -13,7 +13,7 @@ from ._common import app, run
 @app.command("demo")
 def demo(workdir: Optional[Path] = typer.Option(None, help="keep everything in this directory")) -> None:
     """Build, publish and install v1 -> v2 on a simulated device over HTTP on 127.0.0.1."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     def go() -> dict:
         run_demo(workdir, out=lambda line: print(line, flush=True))

@@ -77,6 +77,6 @@ def publish(
 @app.command("serve")
 def serve_cmd(directory: Path = typer.Argument(...), host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve a repository directory over HTTP (with Range) for local trials."""
-    from .httpserver import serve
+    from ..httpserver import serve
 
     serve(directory, host, port)
