@@ -20,6 +20,7 @@ boots the model checks the applier's output against an independent reading.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 from applier.config import Config
 from applier.context import LOADER_GUID, Context
 
-__all__ = ["SimDevice", "BootOutcome", "strverscmp_improved", "select_entry"]
+__all__ = ["BootOutcome", "SimDevice", "select_entry", "strverscmp_improved"]
 
 _COUNTER = re.compile(r"^(?P<id>.+?)\+(?P<left>\d+)(?:-(?P<done>\d+))?\.conf$")
 
@@ -148,7 +149,9 @@ class SimDevice:
     @classmethod
     def create(cls, root: Path, *, repository_url: str, trusted_root: bytes, product: str, hardware_id: str,
                slot_size: int, channel: str = "stable", tries: int = 3, retries: int = 3,
-               timeout: float = 10.0) -> SimDevice:
+               timeout: float = 10.0, windows: list[str] | None = None, hook_timeout: float = 10.0,
+               extra: str = "") -> SimDevice:
+        """``windows``: maintenance windows (none: apply any time); ``extra``: TOML appended to the config."""
         dev = cls(root)
         dev.root.mkdir(parents=True, exist_ok=True)
         for p in (dev.esp / "loader" / "entries", dev.efivars, dev.state_dir):
@@ -184,7 +187,15 @@ tries = {tries}
 [network]
 timeout = {timeout}
 retries = {retries}
-""")
+
+[maintenance]
+windows = {json.dumps(windows or [])}
+reboot_command = []
+
+[hooks]
+dir = "hooks"
+timeout = {hook_timeout}
+{extra}""")
         dev.cmdline.write_text("root=PARTLABEL=root-a abflip.slot=a ro\n")
         return dev
 
@@ -195,6 +206,19 @@ retries = {retries}
     @property
     def context(self) -> Context:
         return Context(cmdline=self.cmdline, efivars=self.efivars)
+
+    @property
+    def hooks(self) -> Path:
+        return self.root / "hooks"
+
+    def add_hook(self, kind: str, name: str, script: str) -> Path:
+        """An executable hook ``hooks/<kind>.d/<name>`` running ``script`` with /bin/sh."""
+        d = self.hooks / f"{kind}.d"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / name
+        p.write_text("#!/bin/sh\n" + script + "\n")
+        p.chmod(0o755)
+        return p
 
     def slot_path(self, slot: str) -> Path:
         return self.root / f"slot-{slot}.img"

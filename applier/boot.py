@@ -21,8 +21,19 @@ from metadata.errors import DeviceError
 
 from .esp import Esp
 
-__all__ = ["Entry", "entry_text", "list_entries", "write_entry", "remove_slot_entries", "bless", "ENTRIES_DIR",
-           "boot_dir", "prune_boot_files"]
+__all__ = [
+    "ENTRIES_DIR",
+    "Entry",
+    "bless",
+    "boot_dir",
+    "entry_text",
+    "list_entries",
+    "mark_bad",
+    "prune_boot_files",
+    "prune_entries",
+    "remove_slot_entries",
+    "write_entry",
+]
 
 ENTRIES_DIR = "loader/entries"
 _NAME = re.compile(r"^abflip-(?P<version>.+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf$")
@@ -82,14 +93,18 @@ def loader_version(version: str) -> str:
     return f"{core}~{pre}" if sep else version
 
 
-def entry_text(*, product: str, version: str, slot: str, partlabel: str, options: str, has_initrd: bool) -> str:
+def entry_text(*, product: str, version: str, slot: str, partlabel: str, options: str, has_initrd: bool,
+               uki: bool = False) -> str:
     lines = [
         f"title {product} {version} (slot {slot})",
         f"version {loader_version(version)}",
         "sort-key abflip",
-        f"linux /{boot_dir(version)}/vmlinuz",
     ]
-    if has_initrd:
+    if uki:  # (issue 3) a unified kernel image: Type #1 "efi" line, the UKI carries kernel + initrd
+        lines.append(f"efi /{boot_dir(version)}/uki.efi")
+    else:
+        lines.append(f"linux /{boot_dir(version)}/vmlinuz")
+    if has_initrd and not uki:
         lines.append(f"initrd /{boot_dir(version)}/initrd.img")
     lines.append(f"options root=PARTLABEL={partlabel} abflip.slot={slot} {options}".rstrip())
     return "\n".join(lines) + "\n"
@@ -150,3 +165,37 @@ def bless(esp: Esp, entry: Entry) -> Entry:
         esp.rename(entry.path, blessed.path)
         esp.sync()
     return blessed
+
+
+def mark_bad(esp: Esp, entry: Entry) -> Entry:
+    """Rename ``entry`` to ``+0-<done>``: its tries are used up, so systemd-boot sorts it last and
+    boots the other slot's entry, yet keeps it as the last resort if nothing else boots.
+    This is how a rollback is requested (and what systemd-boot itself leaves after a failed trial)."""
+    if entry.exhausted:
+        return entry
+    bad = Entry(f"abflip-{entry.version}-{entry.slot}+0-{max(1, entry.tries_done)}.conf", entry.version, entry.slot, 0,
+                max(1, entry.tries_done))
+    with _guard("marking the boot entry bad"):
+        esp.rename(entry.path, bad.path)
+        esp.sync()
+    return bad
+
+
+def prune_entries(esp: Esp, keep: dict[str, str | None]) -> list[str]:
+    """ESP hygiene: remove abflip entries for versions the slots no longer hold.
+
+    ``keep`` maps each slot to the version its entries may name: a version keeps that
+    slot's entries of that version only; ``None`` keeps all of that slot's entries (the slot's
+    content is not known, so nothing is judged); a slot absent from ``keep`` loses all its
+    entries. Entries that are not abflip's (other operating systems) are never touched.
+    """
+    removed = []
+    with _guard("removing stale boot entries"):
+        for e in list_entries(esp):
+            if e.slot in keep and (keep[e.slot] is None or keep[e.slot] == e.version):
+                continue
+            esp.remove(e.path)
+            removed.append(e.name)
+        if removed:
+            esp.sync()
+    return removed

@@ -5,18 +5,44 @@ Nothing else in the applier opens ``/proc`` or ``/sys`` directly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Context", "LOADER_GUID", "read_efivar_string"]
+__all__ = ["ESP_CANDIDATES", "LOADER_GUID", "Context", "read_efivar_string"]
 
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+
+
+ESP_CANDIDATES = (Path("/efi"), Path("/boot/efi"), Path("/boot"))  # bootctl --print-esp-path's order
 
 
 @dataclass(frozen=True)
 class Context:
     cmdline: Path = Path("/proc/cmdline")
     efivars: Path = Path("/sys/firmware/efi/efivars")
+    dmi: Path = Path("/sys/class/dmi/id")
+    partlabels: Path = Path("/dev/disk/by-partlabel")
+    esp_candidates: tuple[Path, ...] = ESP_CANDIDATES
+
+    def dmi_field(self, name: str) -> str | None:
+        """A DMI string (``product_name``, ``board_name``, ``sys_vendor`` …), stripped; None if unreadable/empty."""
+        try:
+            value = (self.dmi / name).read_text(errors="replace").strip()
+        except OSError:
+            return None
+        return value or None
+
+    def find_esp(self) -> Path | None:
+        """The first candidate that holds an ``EFI`` directory (any case), as ``bootctl --print-esp-path`` looks."""
+        for root in self.esp_candidates:
+            try:
+                names = os.listdir(root)
+            except OSError:
+                continue
+            if any(n.lower() == "efi" and (root / n).is_dir() for n in names):
+                return root
+        return None
 
     def read_cmdline(self) -> str | None:
         try:

@@ -16,23 +16,62 @@ import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
 
-__all__ = ["HttpFetcher", "RangeStream"]
+__all__ = ["HttpFetcher", "RangeStream", "RateLimiter"]
 
 USER_AGENT = "abflip/0.1"
 READ_SIZE = 64 << 10
 
 
+class RateLimiter:
+    """A token bucket over bytes: ``consume(n)`` sleeps until ``n`` more bytes fit the rate.
+
+    The bucket holds at most ``burst`` bytes (one second's worth by default), so an idle
+    pause does not buy a burst above the limit. ``clock``/``sleep`` are injectable for tests.
+    """
+
+    def __init__(self, rate: int, *, burst: int | None = None, clock=time.monotonic, sleep=time.sleep) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, READ_SIZE)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = float(self.burst)
+        self._last = clock()
+
+    def consume(self, n: int) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= n
+        if self._tokens < 0:
+            self._sleep(-self._tokens / self.rate)
+            self._last = self._clock()
+            self._tokens = 0.0
+
+
+def _arrived(response: urllib3.BaseHTTPResponse, size: int) -> Iterator[bytes]:
+    """What has arrived, up to ``size`` per piece (``read1``, unlike ``stream``, does not wait
+    for a full piece): a server trickling bytes cannot hold one read past the deadline."""
+    while data := response.read1(size):
+        yield data
+
+
 class RangeStream:
     """An open GET from ``start``; ``skip`` bytes must be dropped first (server ignored Range)."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, skip: int, deadline: float | None) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse, skip: int, deadline: float | None,
+                 limiter: RateLimiter | None = None) -> None:
         self._response = response
         self.skip = skip
         self._deadline = deadline
+        self._limiter = limiter
 
     def __iter__(self) -> Iterator[bytes]:
+        read_size = READ_SIZE if self._limiter is None else max(4096, min(READ_SIZE, self._limiter.rate // 8))
         try:
-            for data in self._response.stream(READ_SIZE):
+            for data in _arrived(self._response, read_size):
+                if self._limiter is not None:
+                    self._limiter.consume(len(data))
                 if self._deadline is not None and time.monotonic() > self._deadline:
                     raise tuf_exc.SlowRetrievalError("download exceeded its deadline")
                 if self.skip:
@@ -56,10 +95,12 @@ class RangeStream:
 
 
 class HttpFetcher(FetcherInterface):
-    def __init__(self, *, timeout: float = 30.0, deadline: float | None = None) -> None:
-        """``timeout``: connect and per-read gap; ``deadline``: whole-request limit (slow retrieval)."""
+    def __init__(self, *, timeout: float = 30.0, deadline: float | None = None, rate_limit: int = 0) -> None:
+        """``timeout``: connect and per-read gap; ``deadline``: whole-request limit (slow retrieval);
+        ``rate_limit``: bytes per second over all requests of this fetcher (0: unlimited)."""
         self.timeout = timeout
         self.deadline = deadline
+        self.limiter = RateLimiter(rate_limit) if rate_limit else None
         self._pool = urllib3.PoolManager(
             num_pools=4, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             retries=False, timeout=urllib3.Timeout(connect=timeout, read=timeout),
@@ -81,7 +122,7 @@ class HttpFetcher(FetcherInterface):
         return None if self.deadline is None else time.monotonic() + self.deadline
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        return iter(RangeStream(self._request(url), 0, self._deadline()))
+        return iter(RangeStream(self._request(url), 0, self._deadline(), self.limiter))
 
     def open_range(self, url: str, start: int, end: int) -> RangeStream:
         """GET ``[start, end)``; works whether or not the server honours Range."""
@@ -92,5 +133,5 @@ class HttpFetcher(FetcherInterface):
             if not got.startswith(f"bytes {start}-"):
                 r.release_conn()
                 raise tuf_exc.DownloadError(f"{url}: server answered range {got!r} for bytes={start}-{end - 1}")
-            return RangeStream(r, 0, self._deadline())
-        return RangeStream(r, start, self._deadline())  # 200: the whole object; drop what we have
+            return RangeStream(r, 0, self._deadline(), self.limiter)
+        return RangeStream(r, start, self._deadline(), self.limiter)  # 200: the whole object; drop what we have

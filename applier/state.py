@@ -11,12 +11,12 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from metadata.errors import DeviceError
 
-__all__ = ["State", "SlotState", "Target", "STATES", "load_state", "save_state"]
+__all__ = ["STATES", "SlotState", "State", "Target", "load_state", "save_state"]
 
 SCHEMA = 1
 STATES = ("idle", "downloading", "staged", "pending", "trial", "committed", "rolled-back")
@@ -27,6 +27,7 @@ class SlotState:
     version: str | None = None
     sha256: str | None = None  # decompressed image sha256, once verified
     status: str = "unknown"  # unknown | writing | staged | good | bad
+    size: int | None = None  # bytes of the image the sha256 covers (to re-verify it)
 
 
 @dataclass
@@ -51,6 +52,8 @@ class State:
     last_error: dict | None = None
     updated: str | None = None
     recovered: bool = False  # the file was unreadable and this state was started afresh
+    # A requested rollback waiting for its reboot: {"from_slot", "from_version", "to_slot", "to_version"}.
+    rollback: dict | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -66,8 +69,11 @@ class State:
         if set(slots) != {"a", "b"}:
             raise ValueError("bad slots")
         target = Target(**d["target"]) if d.get("target") else None
+        rollback = d.get("rollback")
+        if rollback is not None and not isinstance(rollback, dict):
+            raise ValueError("bad rollback")
         return cls(d["state"], d.get("floor"), slots, target, list(d.get("failed_versions", [])), d.get("last_error"),
-                   d.get("updated"))
+                   d.get("updated"), rollback=rollback)
 
 
 def state_path(state_dir: Path) -> Path:
@@ -85,7 +91,7 @@ def load_state(state_dir: Path) -> State:
 
 
 def save_state(state_dir: Path, state: State) -> None:
-    state.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    state.updated = datetime.now(UTC).isoformat(timespec="seconds")
     state_dir = Path(state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)

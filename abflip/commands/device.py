@@ -1,19 +1,34 @@
-"""Device commands: status, install, mark-good."""
+"""Device commands: status, check, download, apply, run, install, boot-check, mark-good, rollback."""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from metadata.errors import Error
+
 from ._common import CONFIG_OPT, JSON_OPT, app, run
 
+DOWNGRADE_OPT = typer.Option(False, "--allow-downgrade", help="allow a version not newer than the running one")
+RETRY_OPT = typer.Option(False, "--retry-failed", help="retry a version that failed to boot before")
 
-def _device(config: Path):
+
+def _device(config: Path, progress=None):
     from applier.agent import Device
     from applier.config import Config
 
-    return Device(Config.load(config))
+    return Device(Config.load(config), progress=progress)
+
+
+def _window_line(w: dict | None) -> str:
+    if w is None:
+        return "window:  none configured (updates apply at any time)"
+    return f"window:  {'open now, until ' + w['end'] if w['open'] else 'next ' + w['start'] + ' until ' + w['end']}"
 
 
 def _render_status(s: dict) -> str:
@@ -24,33 +39,161 @@ def _render_status(s: dict) -> str:
                      + ("  (booted)" if slot["booted"] else ""))
     if s["pending_entry"]:
         lines.append(f"pending: {s['pending_entry']}")
+    if s.get("rollback"):
+        lines.append(f"rollback: to slot {s['rollback']['to_slot']} at the next boot")
     if s["failed_versions"]:
         lines.append(f"failed:  {', '.join(s['failed_versions'])}")
+    if "next_window" in s:
+        lines.append(_window_line(s["next_window"]))
     if s["last_error"]:
         lines.append(f"last error ({s['last_error']['blame']}): {s['last_error']['message']}")
     return "\n".join(lines)
 
 
+def _streaming(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], str]) -> None:
+    """Run ``fn(progress)`` with progress events: JSON lines on stdout with ``--json`` (the last
+    line is ``{"event": "result", ...}`` or ``{"event": "error", ...}``), else a rich progress
+    bar on a terminal (stderr), else nothing."""
+    if as_json:
+        def emit(ev: dict) -> None:
+            print(json.dumps(ev, sort_keys=True), flush=True)
+
+        try:
+            result = fn(emit)
+        except Error as e:
+            print(json.dumps({"event": "error", "error": e.to_json()}, sort_keys=True), flush=True)
+            print(e.diagnostics(), file=sys.stderr)
+            raise typer.Exit(e.exit_code) from None
+        print(json.dumps({"event": "result", "result": result}, sort_keys=True, default=str), flush=True)
+        return
+    if not sys.stderr.isatty():
+        return run(lambda: fn(None), False, render)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    def call() -> Any:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                      transient=True, console=Console(stderr=True), redirect_stdout=False,
+                      redirect_stderr=False) as bar:
+            tasks: dict[str, Any] = {}
+
+            def show(ev: dict) -> None:
+                phase = ev.get("phase")
+                if "total_bytes" not in ev:
+                    return
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(f"{phase} {ev.get('version') or ev.get('slot') or ''}".strip(),
+                                                total=ev["total_bytes"])
+                bar.update(tasks[phase], completed=ev["bytes"])
+
+            return fn(show)
+
+    return run(call, False, render)  # the result is printed after the bar is gone
+
+
+def _render_download(r: dict) -> str:
+    if r["already"]:
+        return f"{r['version']} is already staged in slot {r['slot']}"
+    return (f"staged {r['version']} in slot {r['slot']} ({r['bytes_downloaded']} bytes downloaded"
+            + (f", resumed at chunk {r['resumed_at_chunk']})" if r["resumed_at_chunk"] else ")"))
+
+
+def _render_check(r: dict) -> str:
+    if r["available"]:
+        return (f"{r['version']} is available (running {r['current']})"
+                + ("; it is staged" if r["staged"] else "") + "\n" + _window_line(r["next_window"]))
+    return f"no update: {r['reason']}"
+
+
+def _render_run(r: dict) -> str:
+    if r.get("skipped"):
+        return f"skipped: {r['skipped']}"
+    lines = [_render_check(r["check"])] if r["check"] else []
+    if r["download"]:
+        lines.append(_render_download(r["download"]))
+    if r["apply"]:
+        lines.append(f"applied {r['apply']['version']}: next boot tries {r['apply']['entry']}")
+    elif r.get("state") == "staged":
+        lines.append("staged; applied in the next maintenance window")
+    if r["rebooted"]:
+        lines.append("rebooting")
+    lines.append(_window_line(r.get("next_window")))
+    return "\n".join(lines)
+
+
 @app.command("status")
 def status(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
-    """Show slots, versions, the booted slot, the pending entry and the last error."""
+    """Show slots, versions, the booted slot, the pending entry, the next window and the last error."""
     run(lambda: _device(config).status(), as_json, _render_status)
 
 
+@app.command("check")
+def check(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
+          as_json: bool = JSON_OPT) -> None:
+    """Is there a newer release for this device? Changes nothing; exits 0 either way."""
+    run(lambda: _device(config).check(allow_downgrade=allow_downgrade, retry_failed=retry_failed), as_json,
+        _render_check)
+
+
+@app.command("download")
+def download(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
+             as_json: bool = JSON_OPT) -> None:
+    """Stage the channel's release: stream and verify it into the inactive slot (no boot entry yet)."""
+    _streaming(lambda p: _device(config, p).download(allow_downgrade=allow_downgrade,
+                                                     retry_failed=retry_failed).to_json(), as_json, _render_download)
+
+
+@app.command("apply")
+def apply(config: Path = CONFIG_OPT, now: bool = typer.Option(False, "--now", help="apply outside a maintenance window"),
+          as_json: bool = JSON_OPT) -> None:
+    """Re-verify the staged slot, write its boot files and an entry with tries (in a maintenance window)."""
+    _streaming(lambda p: _device(config, p).apply(now=now).to_json(), as_json,
+               lambda r: (f"{r['version']} is already applied ({r['entry']}); reboot to try it" if r["already"]
+                          else f"applied {r['version']} to slot {r['slot']}; next boot tries {r['entry']}"))
+
+
+@app.command("run")
+def run_once(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
+             no_reboot: bool = typer.Option(False, "--no-reboot", help="do not run the reboot command"),
+             as_json: bool = JSON_OPT) -> None:
+    """One pass (the systemd timer's): check -> download -> apply in a window -> reboot."""
+    _streaming(lambda p: _device(config, p).run(allow_downgrade=allow_downgrade, retry_failed=retry_failed,
+                                                reboot=not no_reboot), as_json, _render_run)
+
+
 @app.command("install")
-def install(
-    config: Path = CONFIG_OPT,
-    allow_downgrade: bool = typer.Option(False, help="allow a version not newer than the running one"),
-    retry_failed: bool = typer.Option(False, help="retry a version that failed to boot before"),
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Download, verify and write the channel's release into the inactive slot; add its boot entry."""
-    run(lambda: _device(config).install(allow_downgrade=allow_downgrade, retry_failed=retry_failed).to_json(), as_json,
-         lambda r: (f"{r['version']} is already installed in slot {r['slot']} ({r['entry']}); reboot to try it"
-                    if r["already"] else f"installed {r['version']} into slot {r['slot']}; next boot tries {r['entry']}"))
+def install(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
+            as_json: bool = JSON_OPT) -> None:
+    """download + apply --now: stream the release into the inactive slot and add its boot entry."""
+    _streaming(lambda p: _device(config, p).install(allow_downgrade=allow_downgrade, retry_failed=retry_failed).to_json(),
+               as_json, lambda r: (f"{r['version']} is already installed in slot {r['slot']} ({r['entry']}); reboot to "
+                                   f"try it" if r["already"] else
+                                   f"installed {r['version']} into slot {r['slot']}; next boot tries {r['entry']}"))
+
+
+@app.command("boot-check")
+def boot_check(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
+    """On boot (abflip-health.service): record what booted; on a trial boot run health hooks, then bless or roll back."""
+    run(lambda: _device(config).boot_check(), as_json, _render_status)
 
 
 @app.command("mark-good")
 def mark_good(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
-    """Bless the booted entry (drop its tries counter) and commit a trial update."""
+    """Run the health-check hooks, bless the booted entry (drop its tries counter) and commit a trial update."""
     run(lambda: _device(config).mark_good(), as_json, _render_status)
+
+
+@app.command("rollback")
+def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
+    """Boot the other (verified) slot next, or withdraw a pending update."""
+    run(lambda: _device(config).rollback(), as_json,
+        lambda s: {"cancelled-pending": "the pending update was withdrawn; the booted slot stays",
+                   "rollback-on-reboot": f"slot {s['rollback']['to_slot'] if s.get('rollback') else '?'} boots next; reboot to roll back",
+                   "already-requested": "a rollback is already requested; reboot"}.get(s.get("action"), "")
+        + "\n" + _render_status(s))
