@@ -154,7 +154,8 @@ class Device:
                 root = found
             self.esp = DirectoryEsp(root)
         if self.fetcher is None:
-            self.fetcher = HttpFetcher(timeout=cfg.http_timeout, rate_limit=cfg.bandwidth_limit)
+            self.fetcher = HttpFetcher(timeout=cfg.http_timeout, deadline=cfg.metadata_deadline,
+                                       rate_limit=cfg.bandwidth_limit)
         if self.reboot is None:
             self.reboot = (lambda: _run_command(cfg.reboot_command)) if cfg.reboot_command else None
 

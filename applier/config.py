@@ -81,6 +81,7 @@ class Config:
     efivars: Path = Path("/sys/firmware/efi/efivars")
     tries: int = 3
     http_timeout: float = 30.0
+    metadata_deadline: float = 120.0  # whole-request limit for metadata and small targets (slow retrieval)
     retries: int = 5
     extra: dict = field(default_factory=dict)
     # device agent (issue 5)
@@ -190,6 +191,9 @@ class Config:
             raise bad("network.timeout", "must be seconds in (0, 3600]")
         if not isinstance(retries, int) or not 0 <= retries <= 100:
             raise bad("network.retries", "must be an integer from 0 to 100")
+        deadline = net.get("deadline", 120.0)
+        if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not 0 < deadline <= 3600:
+            raise bad("network.deadline", "must be seconds in (0, 3600]")
         agent = _agent_keys(raw, path, table, pathval, bad)
         esp_auto = paths.get("esp", "auto") == "auto"
         return cls(
@@ -200,7 +204,7 @@ class Config:
             state_dir=pathval(paths, "paths", "state_dir", "/var/lib/abflip"),
             cmdline=pathval(paths, "paths", "cmdline", "/proc/cmdline"),
             efivars=pathval(paths, "paths", "efivars", "/sys/firmware/efi/efivars"),
-            tries=tries, http_timeout=float(timeout), retries=retries,
+            tries=tries, http_timeout=float(timeout), retries=retries, metadata_deadline=float(deadline),
         )
 
 

@@ -96,7 +96,9 @@ class RangeStream:
 
 class HttpFetcher(FetcherInterface):
     def __init__(self, *, timeout: float = 30.0, deadline: float | None = None, rate_limit: int = 0) -> None:
-        """``timeout``: connect and per-read gap; ``deadline``: whole-request limit (slow retrieval);
+        """``timeout``: connect and per-read gap; ``deadline``: whole-request limit for metadata and
+        small targets (TUF's slow-retrieval defence; the image's ranged reads have only the gap
+        timeout, since a large image may rightly take hours on a slow link);
         ``rate_limit``: bytes per second over all requests of this fetcher (0: unlimited)."""
         self.timeout = timeout
         self.deadline = deadline
@@ -133,5 +135,5 @@ class HttpFetcher(FetcherInterface):
             if not got.startswith(f"bytes {start}-"):
                 r.release_conn()
                 raise tuf_exc.DownloadError(f"{url}: server answered range {got!r} for bytes={start}-{end - 1}")
-            return RangeStream(r, 0, self._deadline(), self.limiter)
-        return RangeStream(r, start, self._deadline(), self.limiter)  # 200: the whole object; drop what we have
+            return RangeStream(r, 0, None, self.limiter)
+        return RangeStream(r, start, None, self.limiter)  # 200: the whole object; drop what we have

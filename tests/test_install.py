@@ -246,3 +246,36 @@ def test_server_down_is_a_transport_error(world):
     with pytest.raises(TransportError):
         dev.install()
     assert_untouched(sim, dev)
+
+
+class _Trickle(RepoHandler):
+    """Sends timestamp.json one byte at a time, slowly: a slow-retrieval attack."""
+
+    def send_bytes(self, data, start, end):
+        if self.path.endswith("timestamp.json"):
+            import time
+            for i in range(start, end):
+                self.wfile.write(bytes(memoryview(data)[i:i + 1]))
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
+        RepoHandler.send_bytes(self, data, start, end)
+
+
+def test_slow_metadata_gives_up_at_the_configured_deadline(world):
+    import time
+
+    world.publish("1.0.0")
+    sim, dev = world.device(retries=0)
+    world.publish("2.0.0")
+    text = sim.config_path.read_text().replace("[network]\n", "[network]\ndeadline = 1.5\n")
+    sim.config_path.write_text(text)
+    from applier.agent import Device
+
+    dev = Device(sim.config)
+    world.handler = _Trickle
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="too slow"):
+        dev.install()
+    assert time.monotonic() - t0 < 10
+    assert_untouched(sim, dev)
