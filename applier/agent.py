@@ -139,6 +139,8 @@ class Device:
     reboot: Callable[[], None] | None = None  # default: run config.reboot_command
     progress: ProgressFn | None = None
 
+    _verified_now: tuple[str, str] | None = field(default=None, init=False, repr=False)
+
     def __post_init__(self) -> None:
         cfg = self.config
         if self.ctx is None:
@@ -406,6 +408,9 @@ class Device:
             url = client.target_url(image_info)
             downloaded = write_image(release.image, dev, lambda s, e: self.fetcher.open_range(url, s, e),
                                      chunks_done=start, retries=cfg.retries, on_chunk=on_chunk)
+        # write_image hashed every byte it wrote and flushed the slot: install() applies right
+        # after without re-reading it; a separate apply (any later call) re-verifies.
+        self._verified_now = (target_slot, release.image.sha256)
         target.chunks_done = nchunks
         # The verified manifest and boot files, so apply needs no network (and no re-fetch).
         self._emit(phase="boot-files", version=version)
@@ -429,9 +434,9 @@ class Device:
         return all(_sha256_file(staged / n) == bf.sha256 for n, bf in release.boot.files().items())
 
     # -- apply -----------------------------------------------------------------------------
-    def apply(self, *, now: bool = False) -> ApplyResult:
+    def apply(self, *, now: bool = False, _just_verified: tuple[str, str] | None = None) -> ApplyResult:
         state, booted = self._load()
-        return self._guarded(state, lambda: self._apply(state, booted, now))
+        return self._guarded(state, lambda: self._apply(state, booted, now, _just_verified))
 
     def _check_esp(self) -> None:
         root = getattr(self.esp, "root", None)
@@ -439,7 +444,7 @@ class Device:
             raise DeviceError(f"the ESP {root} does not exist or is not a directory",
                               hint=f"mount the ESP, or fix paths.esp in {self.config.path}")
 
-    def _apply(self, state: State, booted: str, now: bool) -> ApplyResult:
+    def _apply(self, state: State, booted: str, now: bool, just_verified: tuple[str, str] | None = None) -> ApplyResult:
         cfg, esp = self.config, self.esp
         t = state.target
         if state.state == "pending" and t is not None and t.slot != booted:
@@ -460,7 +465,7 @@ class Device:
         release = self._staged_release(t)
         version = t.version
         # Re-verify what we are about to make bootable: the slot and the boot files.
-        if not self._slot_matches(t.slot, release.image):
+        if just_verified != (t.slot, release.image.sha256) and not self._slot_matches(t.slot, release.image):
             state.state = "downloading"
             state.slots[t.slot] = SlotState(version, None, "writing")
             self._save(state)
@@ -561,8 +566,9 @@ class Device:
 
     # -- install = download + apply --now ---------------------------------------------------
     def install(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> InstallResult:
+        self._verified_now = None
         d = self.download(allow_downgrade=allow_downgrade, retry_failed=retry_failed)
-        a = self.apply(now=True)
+        a = self.apply(now=True, _just_verified=self._verified_now)
         return InstallResult(a.version, a.slot, a.entry, d.resumed_at_chunk, d.bytes_downloaded,
                              already=d.already and a.already)
 

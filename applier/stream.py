@@ -114,8 +114,9 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                 on_chunk: Callable[[int, int], None] | None = None, backoff: float = 0.5) -> int:
     """Write ``image`` into ``slot`` starting after ``chunks_done`` verified chunks.
 
-    ``on_chunk(i, downloaded_bytes)`` runs after chunk ``i`` is written and flushed (the
-    caller persists progress there). Returns the compressed bytes downloaded by this call.
+    ``on_chunk(i, downloaded_bytes)`` runs after chunk ``i`` is written (the caller persists
+    progress there; the slot is flushed once at the end, and a resume re-verifies the chunks
+    it counts as done, so a power cut that lost written pages costs only their re-download). Returns the compressed bytes downloaded by this call.
     Raises :class:`ChunkError` / :class:`RepositoryError` for bad data (never retried) and
     :class:`TransportError` once ``retries`` reconnects in a row have failed.
     """
@@ -154,9 +155,8 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                         dictionary = slot.pread(lo, ch.out_offset - lo)  # resuming: read it back
                 out = decompress_chunk(i, ch, data, dictionary, buffers[i % 2])
                 del data, dictionary
-                slot.pwrite(ch.out_offset, out)
-                slot.sync()
-                h.update(out)
+                slot.pwrite(ch.out_offset, out)  # flushed once at the end: the kernel writes back
+                h.update(out)                    # meanwhile; a resume re-verifies what it finds
                 prev, prev_end = out, ch.out_offset + ch.out_length
                 failures = 0
                 if on_chunk:
@@ -171,6 +171,7 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
             time.sleep(backoff * failures)
         else:
             downloaded += reader.received
+    slot.sync()
     if h.hexdigest() != image.sha256:
         raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)")
     return downloaded
