@@ -10,12 +10,17 @@ here: :mod:`applier.stream` verifies it chunk by chunk against the signed manife
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
 
 from metadata.errors import RepositoryError, TransportError, UserError
 
@@ -24,14 +29,52 @@ from .fetch import HttpFetcher
 __all__ = ["UpdateClient", "translate_errors"]
 
 
+class _Naming(FetcherInterface):
+    """Passes ngclient's requests to the device's fetcher and remembers the last file asked
+    for, so a length or transport error during a refresh can say which metadata it was."""
+
+    def __init__(self, inner: FetcherInterface) -> None:
+        self.inner = inner
+        self.last = ""
+
+    def fetch(self, url: str) -> Iterator[bytes]:
+        self.last = url.rsplit("/", 1)[-1]
+        return self.inner.fetch(url)
+
+    def _fetch(self, url: str) -> Iterator[bytes]:  # abstract in FetcherInterface; fetch() above is used
+        return self.inner._fetch(url)
+
+
+_EXPIRED_ROLE = re.compile(r"(?:New |Final )?([\w.-]+?)(?:\.json)? is expired")
+
+
+def _expired_message(e: Exception, expiry_of: Callable[[str], datetime | None] | None) -> str:
+    """'role timestamp expired at 2026-01-02 03:04:05 UTC (timestamp.json is expired)'"""
+    m = _EXPIRED_ROLE.search(str(e))
+    role = m[1] if m else "metadata"
+    when = expiry_of(role) if (expiry_of and m) else None
+    at = f" at {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""
+    return f"role {role} expired{at} ({e})"
+
+
 @contextlib.contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Re-root python-tuf's exceptions by blame."""
+def translate_errors(what: str, expiry_of: Callable[[str], datetime | None] | None = None,
+                     fetching: Callable[[], str] | None = None) -> Iterator[None]:
+    """Re-root python-tuf's exceptions by blame. ``expiry_of(role)`` tells when a role expired;
+    ``fetching()`` names the file being downloaded when a transport or length error struck."""
     try:
-        yield
+        try:
+            yield
+        except tuf_exc.DownloadError as e:
+            name = fetching() if fetching else ""
+            if name and name not in str(e):
+                e.args = (f"{name}: {e}",)
+            raise
     except tuf_exc.ExpiredMetadataError as e:
-        raise RepositoryError(f"{what}: {e}", hint="the repository's metadata has expired (or the device clock is wrong); "
-                              "the publisher must re-sign it ('abflip repo refresh')") from None
+        raise RepositoryError(f"{what}: {_expired_message(e, expiry_of)}",
+                              hint="the repository's metadata has expired (or the device clock is wrong); "
+                              "the publisher must re-sign it ('abflip repo refresh' for snapshot/timestamp, "
+                              "the offline key holders for root/targets)") from None
     except tuf_exc.SlowRetrievalError as e:
         raise TransportError(f"{what}: the server was too slow: {e}") from None
     except tuf_exc.DownloadHTTPError as e:
@@ -41,6 +84,9 @@ def translate_errors(what: str) -> Iterator[None]:
     except tuf_exc.DownloadError as e:
         cause = e.__cause__ or e.__context__
         raise TransportError(f"{what}: {e}{f' ({cause})' if cause else ''}") from None
+    except tuf_exc.UnsignedMetadataError as e:
+        raise RepositoryError(f"{what}: {e}: below the role's signature threshold of trusted keys "
+                              "(bad signature, wrong or revoked key, or too few signatures)") from None
     except tuf_exc.RepositoryError as e:
         raise RepositoryError(f"{what}: {type(e).__name__}: {e}") from None
 
@@ -57,21 +103,37 @@ class UpdateClient:
         self.fetcher = fetcher
         self.targets_url = targets_url if targets_url.endswith("/") else targets_url + "/"
         with translate_errors("the trusted root is invalid"):
-            self.updater = Updater(str(metadata_dir), metadata_url, None, self.targets_url, fetcher,
+            self._naming = _Naming(fetcher)
+            self.updater = Updater(str(metadata_dir), metadata_url, None, self.targets_url, self._naming,
                                    updater_config or UpdaterConfig(), bootstrap=bootstrap)
 
+    def _expiry_of(self, role: str) -> datetime | None:
+        """When ``role`` expires, from the metadata ngclient verified (it keeps an expired
+        timestamp/snapshot/root for rollback checks), for error messages only."""
+        trusted = getattr(self.updater, "_trusted_set", None)
+        try:
+            md = trusted.get(role) if trusted is not None else None
+        except Exception:  # a diagnostic only; never mask the real error
+            md = None
+        return md.expires if md is not None else None
+
     def refresh(self) -> None:
-        with translate_errors("refreshing TUF metadata failed"):
+        with translate_errors("refreshing TUF metadata failed", self._expiry_of, lambda: self._naming.last):
             self.updater.refresh()
 
     def target_info(self, path: str) -> TargetFile:
-        with translate_errors(f"looking up {path}"):
+        with translate_errors(f"looking up {path}", self._expiry_of, lambda: self._naming.last):
             info = self.updater.get_targetinfo(path)
         if info is None:
             raise RepositoryError(f"{path} is not in the repository's signed targets")
         return info
 
     def target_url(self, info: TargetFile) -> str:
+        """Where a target is stored: hash-prefixed under consistent snapshots (abflip's
+        repositories always are), the plain path otherwise (as ngclient's download_target)."""
+        trusted = getattr(self.updater, "_trusted_set", None)
+        if trusted is not None and not trusted.root.consistent_snapshot:
+            return self.targets_url + info.path
         return self.targets_url + info.get_prefixed_paths()[0]
 
     def fetch_target(self, path: str, max_length: int) -> tuple[TargetFile, bytes]:
@@ -86,3 +148,39 @@ class UpdateClient:
         except tuf_exc.LengthOrHashMismatchError as e:
             raise RepositoryError(f"{path} does not match the signed targets metadata: {e}") from None
         return info, data
+
+    def cached_target(self, info: TargetFile, dest: Path) -> bool:
+        """True if ``dest`` already holds ``info``'s exact bytes (length and hashes)."""
+        try:
+            with open(dest, "rb") as f:
+                info.verify_length_and_hashes(f)
+        except (OSError, tuf_exc.LengthOrHashMismatchError):
+            return False
+        return True
+
+    def download_target(self, info: TargetFile, dest: Path) -> Path:
+        """Stream a target to ``dest``: never more than its signed length, hashed on the way,
+        written to a temporary file beside ``dest`` and renamed only once it verified."""
+        algos = {name: hashlib.new(name) for name in info.hashes}
+        tmp = dest.with_name(f".{dest.name}.part")
+        got = 0
+        try:
+            with translate_errors(f"downloading {info.path}"), open(tmp, "wb") as out:
+                for data in self.fetcher.fetch(self.target_url(info)):  # with the slow-retrieval deadline
+                    got += len(data)
+                    if got > info.length:
+                        raise RepositoryError(f"{info.path} is longer than its signed length {info.length}")
+                    for h in algos.values():
+                        h.update(data)
+                    out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            if got != info.length:
+                raise RepositoryError(f"{info.path} is {got} bytes, its signed length is {info.length}")
+            for name, h in algos.items():
+                if h.hexdigest() != info.hashes[name]:
+                    raise RepositoryError(f"{info.path} does not match the signed targets metadata ({name})")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest

@@ -20,12 +20,15 @@ from securesystemslib.signer import CryptoSigner, Key, Signer
 
 from .errors import UserError
 
-__all__ = ["KeyConfig", "RoleKeys", "generate_file_key", "load_signer", "DEFAULT_EXPIRY_DAYS"]
+__all__ = ["KeyConfig", "RoleKeys", "generate_file_key", "load_signer", "signer_from", "public_key_from",
+           "DEFAULT_EXPIRY_DAYS", "TOP_ROLES", "ONLINE_ROLES"]
 
 KEYS_SCHEMA = "abflip-keys/1"
 TOP_ROLES = ("root", "targets", "snapshot", "timestamp")
+ONLINE_ROLES = ("snapshot", "timestamp")  # re-signed by a schedule ('abflip repo refresh'); the others are offline
 # TUF's customary periods: offline roles long, online roles short and re-signed by a schedule.
-DEFAULT_EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+# "delegated" is the default of every delegated (per-product) role; a product name overrides it.
+DEFAULT_EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1, "delegated": 90}
 
 
 def generate_file_key(keys_dir: Path, name: str) -> tuple[Key, str]:
@@ -35,6 +38,10 @@ def generate_file_key(keys_dir: Path, name: str) -> tuple[Key, str]:
     """
     signer = CryptoSigner.generate_ed25519()
     path = keys_dir / f"{name}.pem"
+    n = 1
+    while path.exists():  # a new key for a role (rotation) gets a new file; keys are never overwritten
+        n += 1
+        path = keys_dir / f"{name}-{n}.pem"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -55,6 +62,51 @@ def load_signer(uri: str, public_key: Key, base_dir: Path) -> Signer:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load signing key {public_key.keyid[:12]} from {uri}: {e}",
                         hint="check the key URI in keys.json and that the key file is readable") from None
+
+
+def _resolve(spec: str, base_dir: Path) -> str:
+    """A signer URI from a URI or a key file path (relative file paths resolve against ``base_dir``)."""
+    if ":" not in spec.split("/", 1)[0] or Path(spec).exists():
+        return f"file2:{Path(spec).resolve()}"
+    if spec.startswith("file2:") and not spec[len("file2:"):].startswith("/"):
+        return f"file2:{base_dir / spec[len('file2:'):]}"
+    return spec
+
+
+def signer_from(spec: str, base_dir: Path | None = None) -> tuple[Signer, str]:
+    """A signer and its URI from a private key URI or key file, without knowing its public key first.
+
+    ``file2:`` URIs and plain paths name PEM/PKCS#8 private keys (the public key is derived
+    from them); ``awskms:<key id>`` asks KMS for the public key (kms:GetPublicKey). Other
+    schemes need the public key from the metadata: use :func:`load_signer`.
+    """
+    uri = _resolve(spec, base_dir or Path.cwd())
+    try:
+        if uri.startswith("file2:"):
+            from cryptography.hazmat.primitives.serialization import (
+                load_pem_private_key,
+            )
+
+            with open(uri[len("file2:"):], "rb") as f:
+                return CryptoSigner(load_pem_private_key(f.read(), None)), uri
+        if uri.startswith("awskms:"):
+            from securesystemslib.signer import AWSSigner
+
+            uri, key = AWSSigner.import_(uri[len("awskms:"):])
+            return AWSSigner(uri[len("awskms:"):], key), uri
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot load signing key {spec}: {e}", hint="pass a private key file or a signer URI") from None
+    except Exception as e:  # the I/O seam of KMS clients (botocore errors are not OSError)
+        raise UserError(f"cannot load signing key {spec}: {type(e).__name__}: {e}",
+                        hint="check the KMS key id, the endpoint and the credentials (kms:GetPublicKey)") from None
+    raise UserError(f"cannot derive the public key of {spec}",
+                    hint="file2: paths and awskms: URIs are supported here")
+
+
+def public_key_from(spec: str, base_dir: Path | None = None) -> tuple[Key, str]:
+    """The public key and signer URI of a private key file or URI (see :func:`signer_from`)."""
+    signer, uri = signer_from(spec, base_dir)
+    return signer.public_key, uri
 
 
 @dataclass
@@ -101,10 +153,26 @@ class KeyConfig:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, self.path)
 
+    def expiry(self, role: str) -> float:
+        """Expiry period in days of ``role`` (a delegated role falls back to "delegated")."""
+        return self.expiry_days.get(role, self.expiry_days.get("delegated", DEFAULT_EXPIRY_DAYS["delegated"]))
+
     def signers(self, role: str, public_keys: dict[str, Key]) -> list[Signer]:
         """Signers for every key of ``role`` that is both configured here and trusted for it."""
         out = []
         for k in self.roles.get(role, []):
-            if k.keyid in public_keys:
+            if k.keyid in public_keys and self.reachable(k.uri):
                 out.append(load_signer(k.uri, public_keys[k.keyid], self.dir))
         return out
+
+    def unreachable(self, role: str, public_keys: dict[str, Key]) -> list[str]:
+        """URIs of ``role``'s trusted keys configured here whose key files are not on this machine."""
+        return [k.uri for k in self.roles.get(role, []) if k.keyid in public_keys and not self.reachable(k.uri)]
+
+    def reachable(self, uri: str) -> bool:
+        """False for a ``file2:`` key whose file is not on this machine (an offline key held by
+        someone else, who signs staged changes with 'abflip repo sign'); True for other schemes."""
+        if not uri.startswith("file2:"):
+            return True
+        path = Path(uri[len("file2:"):])
+        return (path if path.is_absolute() else self.dir / path).exists()

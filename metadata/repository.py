@@ -1,25 +1,36 @@
 """The producer's side of TUF: create, load, edit and sign repository metadata.
 
-Works on metadata *bytes* through a reader function; it never writes anywhere itself.
-:meth:`Repository.signed_files` returns the files a publish must write, in the publish
-order of DESIGN.md (targets, snapshot, then ``timestamp.json`` last), each marked
-create-only when it is versioned, so a storage backend can refuse to overwrite it and two
-concurrent publishers cannot clobber each other.
+Works on metadata *bytes* through a reader function; it never writes to the repository
+itself. :meth:`Repository.signed_files` returns the files a publish must write, in the
+publish order of DESIGN.md (delegated roles, targets, snapshot, then ``timestamp.json``
+last), each marked create-only when it is versioned, so a storage backend can refuse to
+overwrite it and two concurrent publishers cannot clobber each other. Only the roles that
+changed are re-signed, so a CI job holding one product's delegated key and the online
+snapshot/timestamp keys can publish that product and nothing else.
 
 Loading verifies what it reads (root chain, then every top-level role against the newest
-root), so a publisher never signs over metadata someone else slipped into the bucket.
+root, every delegated role against targets), so a publisher never signs over metadata
+someone else slipped into the bucket.
+
+Roles (DESIGN.md "Roles"): ``root`` and ``targets`` are offline and may need several
+signatures (thresholds); a change to them is *staged* (:mod:`metadata.staging`) and signed
+by each key holder before it is published. ``snapshot`` and ``timestamp`` are online.
+Each product may have a delegated targets role named after it, trusted for ``<product>/*``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from securesystemslib.signer import Signer
+from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Root,
@@ -33,10 +44,11 @@ from tuf.api.serialization import DeserializationError
 from .errors import RepositoryError, UserError
 from .keys import DEFAULT_EXPIRY_DAYS, TOP_ROLES, KeyConfig, RoleKeys, generate_file_key
 
-__all__ = ["Repository", "SignedFile", "init_repository", "Reader"]
+__all__ = ["empty_role", "add_delegation", "Repository", "SignedFile", "init_repository", "Reader", "RoleSpec", "product_paths", "signature_report"]
 
 Reader = Callable[[str], "bytes | None"]  # metadata file name ("3.root.json") -> bytes, None if absent
 MAX_PROBE = 1000
+MAX_TARGET_DEPTH = 6  # path segments below <product>/ a delegated role is trusted for
 
 
 @dataclass(frozen=True)
@@ -46,39 +58,86 @@ class SignedFile:
     create_only: bool  # versioned: never overwrite an existing object
 
 
-def _expiry(now: datetime, days: int) -> datetime:
+@dataclass(frozen=True)
+class RoleSpec:
+    """How many keys a role gets at ``repo init`` and how many must sign."""
+
+    keys: int = 1
+    threshold: int = 1
+    uris: tuple[str, ...] = ()  # existing keys (signer URIs or key files) instead of generated ones
+
+
+def _expiry(now: datetime, days: float) -> datetime:
     return (now + timedelta(days=days)).replace(microsecond=0)
 
 
-def _sign(md: Metadata, signers: list[Signer], threshold: int, role: str) -> None:
+def signature_report(role: str, result, version: int) -> str:
+    """'role targets v3 needs 1 more signature(s) (has 1 of 2); unsigned keyids: ab12…, cd34…'"""
+    missing = max(0, result.threshold - len(result.signed)) if hasattr(result, "threshold") else None
+    if missing is None:  # RootVerificationResult: both the old and the new root's thresholds
+        parts = []
+        for label, r in (("the previous root", result.first), ("itself", result.second)):
+            if not r.verified:
+                parts.append(f"{r.missing} more from {label} (threshold {r.threshold}; unsigned keyids: "
+                             f"{', '.join(sorted(r.unsigned))})")
+        return f"role root v{version} needs " + " and ".join(parts)
+    return (f"role {role} v{version} needs {missing} more signature(s) (has {len(result.signed)} of "
+            f"{result.threshold}); unsigned keyids: {', '.join(sorted(result.unsigned))}")
+
+
+def _sign(md: Metadata, signers: list[Signer], threshold: int, role: str, missing: list[str] = (), *,
+          trusted: list[str] = ()) -> None:
     md.signatures.clear()
     for s in signers:
         md.sign(s, append=True)
     if len(signers) < threshold:
+        gone = f"; cannot load signing key(s) {', '.join(missing)}: no such key file here" if missing else ""
+        unsigned = sorted(set(trusted) - {s.public_key.keyid for s in signers})
+        which = f" ({threshold - len(signers)} more from keyids {', '.join(k[:12] for k in unsigned)})" if unsigned else ""
         raise UserError(
-            f"role {role} needs {threshold} signature(s), only {len(signers)} key(s) are available here",
-            hint=f"configure {threshold - len(signers)} more key(s) for {role} in keys.json",
+            f"role {role} needs {threshold} signature(s), only {len(signers)} of its key(s) are available "
+            f"here{which}{gone}",
+            hint=f"configure {threshold - len(signers)} more key(s) for {role} in keys.json, or stage the change "
+                 "and collect signatures with 'abflip repo sign'",
         )
 
 
 def init_repository(keys_dir: Path, *, now: datetime | None = None,
-                    expiry_days: dict[str, int] | None = None) -> list[SignedFile]:
-    """Generate one ed25519 key per top-level role in ``keys_dir`` and the first metadata.
+                    expiry_days: dict[str, int] | None = None,
+                    roles: dict[str, RoleSpec] | None = None) -> list[SignedFile]:
+    """Create the keys of every top-level role in ``keys_dir`` and the first metadata.
 
-    Writes ``keys_dir/<role>.pem`` (0600) and ``keys_dir/keys.json``; returns the signed
-    files of version 1 (consistent snapshots on).
+    ``roles`` sets keys and threshold per role (default: one generated ed25519 key each).
+    Generated private keys go to ``keys_dir/<role>[-n].pem`` (0600); ``keys_dir/keys.json``
+    lists every key's signer URI. Returns the signed files of version 1 (consistent
+    snapshots on). Every key of a role signs version 1, so all of them must be reachable.
     """
+    from .keys import public_key_from
+
     now = now or datetime.now(timezone.utc)
     keys_dir.mkdir(parents=True, exist_ok=True)
     if (keys_dir / "keys.json").exists():
         raise UserError(f"{keys_dir} already holds a key configuration", hint="use another --keys directory")
     days = dict(DEFAULT_EXPIRY_DAYS, **(expiry_days or {}))
+    specs = {r: (roles or {}).get(r, RoleSpec()) for r in TOP_ROLES}
+    for r, spec in specs.items():
+        n = max(spec.keys, len(spec.uris))
+        if not 1 <= spec.threshold <= n:
+            raise UserError(f"role {r}: threshold {spec.threshold} with {n} key(s)",
+                            hint="a threshold must be between 1 and the number of keys")
     config = KeyConfig(keys_dir / "keys.json", expiry_days=days)
     root = Root(expires=_expiry(now, days["root"]), consistent_snapshot=True)
-    for role in TOP_ROLES:
-        key, uri = generate_file_key(keys_dir, role)
-        root.add_key(key, role)
-        config.roles[role] = [RoleKeys(key.keyid, uri)]
+    for role, spec in specs.items():
+        config.roles[role] = []
+        for uri in spec.uris:
+            key, uri = public_key_from(uri, keys_dir)
+            root.add_key(key, role)
+            config.roles[role].append(RoleKeys(key.keyid, uri))
+        for i in range(max(spec.keys, len(spec.uris)) - len(spec.uris)):
+            key, uri = generate_file_key(keys_dir, role if spec.keys == 1 else f"{role}-{len(spec.uris) + i + 1}")
+            root.add_key(key, role)
+            config.roles[role].append(RoleKeys(key.keyid, uri))
+        root.roles[role].threshold = spec.threshold
     config.save()
     repo = Repository(
         Metadata(root),
@@ -89,24 +148,24 @@ def init_repository(keys_dir: Path, *, now: datetime | None = None,
     repo.targets.signed.version = 0  # signed_files() bumps every role it signs to version 1
     repo.snapshot.signed.version = 0
     repo.timestamp.signed.version = 0
-    return [SignedFile("1.root.json", _signed_root(repo.root, config), True), *repo.signed_files(config, now=now)]
-
-
-def _signed_root(root: Metadata[Root], config: KeyConfig) -> bytes:
-    keys = {kid: root.signed.get_key(kid) for kid in root.signed.roles["root"].keyids}
-    _sign(root, config.signers("root", keys), root.signed.roles["root"].threshold, "root")
-    return root.to_bytes()
+    repo.mark_changed("targets")
+    root_md = repo.root
+    _sign(root_md, config.signers("root", root_md.signed.keys), root_md.signed.roles["root"].threshold, "root")
+    return [SignedFile("1.root.json", root_md.to_bytes(), True), *repo.signed_files(config, now=now)]
 
 
 class Repository:
-    """One consistent view of the top-level metadata, ready to edit and re-sign."""
+    """One consistent view of the metadata (top-level and delegated), ready to edit and re-sign."""
 
     def __init__(self, root: Metadata[Root], targets: Metadata[Targets], snapshot: Metadata[Snapshot],
-                 timestamp: Metadata[Timestamp]) -> None:
+                 timestamp: Metadata[Timestamp], delegated: dict[str, Metadata[Targets]] | None = None) -> None:
         self.root = root
         self.targets = targets
         self.snapshot = snapshot
         self.timestamp = timestamp
+        self.delegated: dict[str, Metadata[Targets]] = dict(delegated or {})
+        self.root_history: list[Metadata[Root]] = [root]
+        self._changed: set[str] = set()
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -114,6 +173,7 @@ class Repository:
         """Read the newest metadata through ``read`` and verify it (signatures, not expiry)."""
         root = _parse(read("1.root.json"), "1.root.json", Root)
         _verify(root, root, "root")
+        history = [root]
         for v in range(2, MAX_PROBE):
             data = read(f"{v}.root.json")
             if data is None:
@@ -124,61 +184,209 @@ class Repository:
             if new.signed.version != v:
                 raise RepositoryError(f"{v}.root.json carries version {new.signed.version}")
             root = new
+            history.append(root)
         timestamp = _parse(read("timestamp.json"), "timestamp.json", Timestamp)
         _verify(root, timestamp, "timestamp")
         snapshot = _newest(read, root, "snapshot", timestamp.signed.snapshot_meta.version, Snapshot)
         targets = _newest(read, root, "targets", snapshot.signed.meta["targets.json"].version, Targets)
-        repo = cls(root, targets, snapshot, timestamp)
+        delegated = {}
+        for name, role in _delegated_roles(targets).items():
+            meta = snapshot.signed.meta.get(f"{name}.json")
+            if meta is not None:
+                md = _newest(read, targets, name, meta.version, Targets)
+            elif read(f"1.{name}.json") is not None:  # a first publish that did not reach snapshot yet
+                md = _newest(read, targets, name, 1, Targets)
+            else:  # delegated but never published: starts empty, version 1 on first publish
+                md = empty_role(targets.signed.expires)
+            delegated[name] = md
+        repo = cls(root, targets, snapshot, timestamp, delegated)
+        repo.root_history = history
         return repo
 
     @property
     def is_current(self) -> bool:
-        """True when timestamp names the newest snapshot, and it the newest targets: devices see everything."""
+        """True when timestamp names the newest snapshot, and it the newest targets (and
+        delegated roles): devices see everything."""
+        meta = self.snapshot.signed.meta
         return (self.timestamp.signed.snapshot_meta.version == self.snapshot.signed.version
-                and self.snapshot.signed.meta["targets.json"].version == self.targets.signed.version)
+                and meta["targets.json"].version == self.targets.signed.version
+                and all(md.signed.version == 0 or (f"{n}.json" in meta and meta[f"{n}.json"].version == md.signed.version)
+                        for n, md in self.delegated.items()))
+
+    # -- roles -----------------------------------------------------------------------------
+    def role(self, name: str) -> Metadata:
+        if name in TOP_ROLES:
+            return getattr(self, name)
+        if name in self.delegated:
+            return self.delegated[name]
+        raise UserError(f"the repository has no role {name!r}",
+                        hint=f"roles: {', '.join([*TOP_ROLES, *sorted(self.delegated)])}")
+
+    def delegator(self, name: str) -> Metadata:
+        """The metadata that holds ``name``'s keys and threshold (root, or targets for a delegated role)."""
+        return self.root if name in TOP_ROLES else self.targets
+
+    def role_keys(self, name: str) -> tuple[dict[str, Key], int]:
+        """The public keys trusted for ``name`` and its threshold."""
+        d = self.delegator(name).signed
+        role = d.roles[name] if name in TOP_ROLES else d.delegations.roles[name]
+        keys = d.keys if name in TOP_ROLES else d.delegations.keys
+        return {kid: keys[kid] for kid in role.keyids}, role.threshold
+
+    def verification(self, name: str, md: Metadata | None = None):
+        """Signature verification result of ``md`` (default: the role's current metadata)."""
+        md = md or self.role(name)
+        payload = md.signed_bytes
+        if name == "root":  # a root is checked against the previous root and itself (TUF 5.3.4)
+            if md is self.root:
+                prev = self.root_history[-2].signed if len(self.root_history) > 1 else None
+            else:
+                prev = self.root.signed
+            return md.signed.get_root_verification_result(prev, payload, md.signatures)
+        return self.delegator(name).signed.get_verification_result(name, payload, md.signatures)
+
+    def mark_changed(self, name: str) -> None:
+        self._changed.add(name)
+
+    # -- editing ---------------------------------------------------------------------------
+    def role_for_path(self, path: str) -> str:
+        """The role a target path belongs to: its product's delegated role if there is one, else targets."""
+        for name, role in _delegated_roles(self.targets).items():
+            if role.is_delegated_path(path):
+                return name
+        return "targets"
+
+    @property
+    def target_files(self) -> dict[str, TargetFile]:
+        """Every target a device can find: top-level targets first (ngclient asks targets before
+        its delegations), then each delegated role's, for the paths it is trusted for."""
+        out: dict[str, TargetFile] = {}
+        roles = _delegated_roles(self.targets)
+        for name, md in self.delegated.items():
+            out.update({p: t for p, t in md.signed.targets.items() if roles[name].is_delegated_path(p)})
+        out.update(self.targets.signed.targets)
+        return out
+
+    def add_target(self, target: TargetFile) -> None:
+        name = self.role_for_path(target.path)
+        self.role(name).signed.targets[target.path] = target
+        self._changed.add(name)
+
+    def remove_target(self, path: str) -> None:
+        name = self.role_for_path(path)
+        if self.role(name).signed.targets.pop(path, None) is not None:
+            self._changed.add(name)
+
+    # -- signing ---------------------------------------------------------------------------
+    def _sign_role(self, name: str, config: KeyConfig, now: datetime) -> SignedFile:
+        md = self.role(name)
+        md.signed.version += 1
+        md.signed.expires = _expiry(now, config.expiry(name))
+        keys, threshold = self.role_keys(name)
+        _sign(md, config.signers(name, keys), threshold, name, config.unreachable(name, keys), trusted=list(keys))
+        if name == "timestamp":
+            return SignedFile("timestamp.json", md.to_bytes(), False)
+        return SignedFile(f"{md.signed.version}.{name}.json", md.to_bytes(), True)
+
+    def _sign_snapshot(self, config: KeyConfig, now: datetime) -> SignedFile:
+        meta = self.snapshot.signed.meta
+        meta["targets.json"] = MetaFile(self.targets.signed.version)
+        for name, md in self.delegated.items():
+            if md.signed.version > 0:
+                meta[f"{name}.json"] = MetaFile(md.signed.version)
+        for name in [n[:-5] for n in meta if n != "targets.json"]:
+            if name not in self.delegated:  # delegation removed: devices no longer look for it
+                del meta[f"{name}.json"]
+        return self._sign_role("snapshot", config, now)
 
     def signed_timestamp(self, config: KeyConfig, *, now: datetime | None = None) -> SignedFile:
         """Re-sign only the timestamp (naming the newest snapshot), one version up."""
         now = now or datetime.now(timezone.utc)
-        ts = self.timestamp.signed
-        ts.version += 1
-        ts.expires = _expiry(now, config.expiry_days["timestamp"])
-        ts.snapshot_meta = MetaFile(self.snapshot.signed.version)
-        keys = {kid: self.root.signed.get_key(kid) for kid in self.root.signed.roles["timestamp"].keyids}
-        _sign(self.timestamp, config.signers("timestamp", keys), self.root.signed.roles["timestamp"].threshold, "timestamp")
-        return SignedFile("timestamp.json", self.timestamp.to_bytes(), False)
+        self.timestamp.signed.snapshot_meta = MetaFile(self.snapshot.signed.version)
+        return self._sign_role("timestamp", config, now)
 
-    # -- editing ---------------------------------------------------------------------------
-    @property
-    def target_files(self) -> dict[str, TargetFile]:
-        return self.targets.signed.targets
-
-    def add_target(self, target: TargetFile) -> None:
-        self.targets.signed.targets[target.path] = target
-
-    def remove_target(self, path: str) -> None:
-        self.targets.signed.targets.pop(path, None)
-
-    # -- signing ---------------------------------------------------------------------------
     def signed_files(self, config: KeyConfig, *, now: datetime | None = None) -> list[SignedFile]:
-        """Bump targets, snapshot and timestamp; sign them; return them in publish order."""
+        """Bump and sign what changed (delegated roles, targets), then snapshot and timestamp;
+        return them in publish order."""
         now = now or datetime.now(timezone.utc)
-        days = config.expiry_days
-        root = self.root.signed
-        out = []
-        for md, role in ((self.targets, "targets"), (self.snapshot, "snapshot"), (self.timestamp, "timestamp")):
-            signed = md.signed
-            signed.version += 1
-            signed.expires = _expiry(now, days[role])
-            if role == "snapshot":
-                signed.meta["targets.json"] = MetaFile(self.targets.signed.version)
-            if role == "timestamp":
-                signed.snapshot_meta = MetaFile(self.snapshot.signed.version)
-            keys = {kid: root.get_key(kid) for kid in root.roles[role].keyids}
-            _sign(md, config.signers(role, keys), root.roles[role].threshold, role)
-            name = "timestamp.json" if role == "timestamp" else f"{signed.version}.{role}.json"
-            out.append(SignedFile(name, md.to_bytes(), role != "timestamp"))
+        out = [self._sign_role(n, config, now) for n in sorted(self._changed & set(self.delegated))]
+        if "targets" in self._changed:
+            out.append(self._sign_role("targets", config, now))
+        out.append(self._sign_snapshot(config, now))
+        out.append(self.signed_timestamp(config, now=now))
+        self._changed.clear()
         return out
+
+    def refresh_files(self, config: KeyConfig, *, now: datetime | None = None, force: bool = False) -> list[SignedFile]:
+        """What a scheduled job re-signs before expiry: each online role (and each delegated role
+        whose key is configured here) that expires within half its period; a new snapshot
+        implies a new timestamp. ``force`` re-signs the timestamp regardless."""
+        now = now or datetime.now(timezone.utc)
+
+        def due(name: str) -> bool:
+            return self.role(name).signed.expires - now <= timedelta(days=config.expiry(name)) / 2
+
+        for name in self.delegated:
+            if self.delegated[name].signed.version > 0 and due(name) and config.signers(name, self.role_keys(name)[0]):
+                self._changed.add(name)
+        out = [self._sign_role(n, config, now) for n in sorted(self._changed & set(self.delegated))]
+        self._changed.clear()
+        if out or due("snapshot"):
+            out.append(self._sign_snapshot(config, now))
+        if out or force or due("timestamp"):
+            out.append(self.signed_timestamp(config, now=now))
+        return out
+
+    # -- offline changes (staged, then signed by each key holder) ---------------------------
+    def next_root(self, *, now: datetime | None = None, days: float | None = None) -> Metadata[Root]:
+        """A copy of root one version up (unsigned), to edit keys and thresholds in."""
+        now = now or datetime.now(timezone.utc)
+        md = copy.deepcopy(self.root)
+        md.signatures.clear()
+        md.signed.version += 1
+        md.signed.expires = _expiry(now, days or DEFAULT_EXPIRY_DAYS["root"])
+        return md
+
+    def next_targets(self, *, now: datetime | None = None, days: float | None = None) -> Metadata[Targets]:
+        now = now or datetime.now(timezone.utc)
+        md = copy.deepcopy(self.targets)
+        md.signatures.clear()
+        md.signed.version += 1
+        md.signed.expires = _expiry(now, days or DEFAULT_EXPIRY_DAYS["targets"])
+        return md
+
+
+def empty_role(expires: datetime) -> Metadata[Targets]:
+    """A delegated role not published yet: version 0, so its first signing makes version 1."""
+    md = Metadata(Targets(expires=expires))
+    md.signed.version = 0
+    return md
+
+
+def product_paths(product: str) -> list[str]:
+    """Path patterns of everything under ``<product>/``. A TUF pattern's ``*`` does not cross
+    ``/`` (spec: pattern and path must have as many segments), so one pattern per depth:
+    ``p/*`` (p/x), ``p/*/*`` (p/channels/stable.json), ``p/*/*/*`` (p/releases/1.0/rootfs.img.zst) ..."""
+    return ["/".join([product, *["*"] * depth]) for depth in range(1, MAX_TARGET_DEPTH + 1)]
+
+
+def add_delegation(targets: Metadata[Targets], product: str, keys: list[Key], threshold: int) -> DelegatedRole:
+    """Delegate ``<product>/*`` to a role named ``product`` (terminating: no other role is asked)."""
+    t = targets.signed
+    if t.delegations is None:
+        t.delegations = Delegations(keys={}, roles={})
+    if product in (t.delegations.roles or {}):
+        raise UserError(f"{product} is already delegated", hint="use 'abflip repo rotate' to change its keys")
+    role = DelegatedRole(name=product, keyids=[], threshold=threshold, terminating=True, paths=product_paths(product))
+    t.delegations.roles[product] = role
+    for k in keys:
+        t.add_key(k, product)
+    return role
+
+
+def _delegated_roles(targets: Metadata[Targets]) -> dict[str, DelegatedRole]:
+    d = targets.signed.delegations
+    return dict(d.roles) if d is not None and d.roles else {}
 
 
 def _parse(data: bytes | None, name: str, cls: type) -> Metadata:
@@ -193,14 +401,14 @@ def _parse(data: bytes | None, name: str, cls: type) -> Metadata:
     return md
 
 
-def _verify(root: Metadata[Root], md: Metadata, role: str) -> None:
+def _verify(delegator: Metadata, md: Metadata, role: str) -> None:
     try:
-        root.verify_delegate(role, md)
+        delegator.verify_delegate(role, md)
     except UnsignedMetadataError as e:
         raise RepositoryError(f"{role} metadata version {md.signed.version} is not signed by its threshold: {e}") from None
 
 
-def _newest(read: Reader, root: Metadata[Root], role: str, start: int, cls: type) -> Metadata:
+def _newest(read: Reader, delegator: Metadata, role: str, start: int, cls: type) -> Metadata:
     """The highest ``N.role.json`` at or above ``start``: a concurrent publisher may have
     written a newer one that the timestamp does not name yet; building on it keeps its targets."""
     md = _parse(read(f"{start}.{role}.json"), f"{start}.{role}.json", cls)
@@ -209,5 +417,5 @@ def _newest(read: Reader, root: Metadata[Root], role: str, start: int, cls: type
         if data is None:
             break
         md = _parse(data, f"{v}.{role}.json", cls)
-    _verify(root, md, role)
+    _verify(delegator, md, role)
     return md

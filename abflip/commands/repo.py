@@ -1,4 +1,9 @@
-"""Repository commands: repo init (and, later, status, sign, refresh, verify, gc)."""
+"""Repository commands: init, status, delegate, rotate, sign, commit, refresh.
+
+Offline changes (rotate, delegate) are staged in ``<keys>/staged/`` and signed there with the
+keys this machine holds; other key holders add theirs with ``repo sign``; ``repo commit``
+publishes once every threshold is met (see docs/keys.md).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,262 @@ import typer
 
 from ._common import JSON_OPT, repo_app, run
 
+REPO_OPT = typer.Option(..., "--to", help="repository: a directory or s3://bucket/prefix")
+KEYS_OPT = typer.Option(..., "--keys", help="keys directory (keys.json, key files, staged/)")
+
+
+def _role_numbers(values: list[str], what: str) -> dict[str, int]:
+    from metadata.errors import UserError
+
+    out = {}
+    for v in values:
+        role, sep, n = v.partition("=")
+        if not sep or not n.strip().isdigit() or int(n) < 1:
+            raise UserError(f"--{what} {v!r}: expected ROLE=N with N >= 1", hint=f"e.g. --{what} root=2")
+        out[role.strip()] = int(n)
+    return out
+
+
+def _storage(location: str):
+    """A directory or s3://bucket/prefix; S3 settings from ABFLIP_ENDPOINT_URL, ABFLIP_REGION,
+    ABFLIP_PROFILE as for 'abflip publish' (credentials from boto3's chain)."""
+    import os
+
+    from .producer import storage_for
+
+    env = os.environ.get
+    return storage_for(location, env("ABFLIP_ENDPOINT_URL"), env("ABFLIP_REGION"), env("ABFLIP_PROFILE"))
+
+
+def _reader(location: str):
+    """Metadata reader of a repository: an http(s) URL (read-only), a directory or s3://."""
+    if location.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        from metadata.errors import TransportError
+
+        base = location.rstrip("/") + "/metadata/"
+
+        def read(name: str) -> bytes | None:
+            try:
+                with urllib.request.urlopen(base + name, timeout=30) as r:
+                    return r.read(1 << 22)
+            except urllib.error.HTTPError as e:
+                if e.code in (403, 404):
+                    return None
+                raise TransportError(f"{base + name}: HTTP {e.code}") from None
+            except OSError as e:
+                raise TransportError(f"{base + name}: {e}") from None
+        return read
+    storage = _storage(location)
+    return lambda name: storage.get(f"metadata/{name}")
+
+
+def _write(location: str, files) -> None:
+    from builder.publish import write_signed
+
+    write_signed(_storage(location), files)
+
+
+def _sign_and_write(location: str, keys, make) -> list:
+    """Load the repository with its timestamp tag, ``make(repo)`` the signed files, write them:
+    versioned files create-only, ``timestamp.json`` compare-and-swapped (builder.publish), so a
+    publish racing this command is never undone; a lost race re-reads and tries again."""
+    import time
+
+    from builder.errors import AlreadyExists, StorageError
+    from builder.publish import RETRIES, load_tagged, settle_timestamp, write_signed
+
+    storage = _storage(location)
+    for attempt in range(RETRIES):
+        repo, tag = load_tagged(storage)
+        files = make(repo)
+        if not files:
+            return []
+        try:
+            write_signed(storage, files[:-1])
+        except AlreadyExists:
+            time.sleep(min(0.05 * (attempt + 1), 1.0))
+            continue
+        try:
+            write_signed(storage, files[-1:], timestamp_tag=tag)
+        except AlreadyExists:
+            pass  # another timestamp went in since we read it: make sure the newest snapshot is named
+        settle_timestamp(storage, keys, None)
+        return files
+    raise StorageError(f"gave up after {RETRIES} conflicting concurrent writes", hint="retry")
+
 
 @repo_app.command("init")
 def repo_init(
     keys: Path = typer.Option(..., help="directory for the new keys (private keys are written 0600)"),
-    to: str = typer.Option(..., "--to", help="repository: a directory or s3://bucket/prefix"),
+    to: str = REPO_OPT,
+    threshold: list[str] = typer.Option([], help="ROLE=N signatures needed (default 1), e.g. root=2"),
+    keys_per_role: list[str] = typer.Option([], "--keys-per-role", help="ROLE=N keys to generate, e.g. root=3"),
+    key: list[str] = typer.Option([], help="ROLE=URI: use an existing key (file2:/path, awskms:id, key file)"),
+    expiry: list[str] = typer.Option([], help="ROLE=DAYS expiry period (root, targets, snapshot, timestamp, delegated)"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Create signing keys and the first signed metadata of a repository."""
-    from builder.publish import write_signed
-    from builder.storage import open_storage
-    from metadata.repository import init_repository
+    from metadata.errors import UserError
+    from metadata.keys import TOP_ROLES
+    from metadata.repository import RoleSpec, init_repository
 
     def go() -> dict:
-        files = init_repository(keys)
-        write_signed(open_storage(to), files)
+        th = _role_numbers(threshold, "threshold")
+        n = _role_numbers(keys_per_role, "keys-per-role")
+        uris: dict[str, list[str]] = {}
+        for v in key:
+            role, sep, uri = v.partition("=")
+            if not sep:
+                raise UserError(f"--key {v!r}: expected ROLE=URI")
+            uris.setdefault(role, []).append(uri)
+        days = _role_numbers(expiry, "expiry")
+        for r in [*th, *n, *uris]:
+            if r not in TOP_ROLES:
+                raise UserError(f"unknown role {r!r}", hint=f"roles: {', '.join(TOP_ROLES)}")
+        specs = {r: RoleSpec(keys=n.get(r, max(1, th.get(r, 1)) if not uris.get(r) else 0),
+                             threshold=th.get(r, 1), uris=tuple(uris.get(r, ()))) for r in TOP_ROLES}
+        files = init_repository(keys, roles=specs, expiry_days=days)
+        _write(to, files)
         return {"keys": str(keys), "repository": to, "files": [f.name for f in files]}
 
     run(go, as_json, lambda r: f"initialised {r['repository']} ({', '.join(r['files'])}); keys in {r['keys']} "
                                 "(root.json to ship on devices: metadata/1.root.json)")
+
+
+@repo_app.command("status")
+def repo_status(
+    repo: str = typer.Option(..., "--repo", help="repository: http(s) URL, directory or s3://bucket/prefix"),
+    keys: Path = typer.Option(None, "--keys", help="also show the staged changes in this keys directory"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Each role's version, expiry, threshold and signatures; staged changes and what they lack."""
+    from metadata.status import repository_status
+
+    run(lambda: repository_status(_reader(repo), keys), as_json, _render_status)
+
+
+def _render_status(st: dict) -> str:
+    lines = [f"{'role':<14} {'version':>7}  {'expires':<20} {'sigs':>5}  keyids signed (of trusted)"]
+    for r in st["roles"]:
+        flag = "" if r["verified"] else "  BELOW THRESHOLD"
+        flag += "  EXPIRED" if r["expired"] else ""
+        lines.append(f"{r['role']:<14} {r['version']:>7}  {r['expires']:<20} {len(r['signed']):>2}/{r['threshold']:<2}  "
+                     f"{', '.join(k[:12] for k in r['signed'])} (of {', '.join(k[:12] for k in r['keyids'])}){flag}")
+    for s in st.get("staged", []):
+        lines.append(f"staged {s['file']}: " + ("ready to commit" if s["verified"] else s["needs"]))
+    return "\n".join(lines)
+
+
+@repo_app.command("sign")
+def repo_sign(
+    staged: Path = typer.Argument(..., help="a staged metadata file (<keys>/staged/N.role.json)"),
+    key: str = typer.Option(..., help="private key: a key file or signer URI (file2:, awskms:, ...)"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Add one key holder's signature to a staged change (run on the key holder's machine)."""
+    from metadata.keys import signer_from
+    from metadata.staging import sign_staged
+
+    def go() -> dict:
+        signer, _ = signer_from(key)
+        return sign_staged(staged, signer)
+
+    run(go, as_json, lambda r: f"signed {r['file']} ({r['role']} v{r['version']}) with {r['keyid'][:12]}; "
+                                f"{len(r['signatures'])} signature(s)")
+
+
+@repo_app.command("delegate")
+def repo_delegate(
+    product: str = typer.Argument(..., help="product whose targets (<product>/*) the new role signs"),
+    keys: Path = KEYS_OPT,
+    to: str = REPO_OPT,
+    key: list[str] = typer.Option([], help="the role's key: signer URI or key file (repeat for several)"),
+    generate: bool = typer.Option(False, help="generate a new key file <keys>/<product>.pem for the role"),
+    threshold: int = typer.Option(1, help="signatures needed"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage a delegated targets role for one product (e.g. a CI pipeline's key)."""
+    from metadata.keys import KeyConfig, generate_file_key, public_key_from
+    from metadata.manifest import check_name
+    from metadata.repository import Repository
+    from metadata.staging import stage_delegation
+
+    def go() -> dict:
+        check_name("product", product)
+        config = KeyConfig.load(keys)
+        pairs = [public_key_from(k, keys) for k in key]
+        if generate:
+            pairs.append(generate_file_key(keys, product))
+        paths = stage_delegation(Repository.load(_reader(to)), config, product, pairs, threshold=threshold)
+        return {"staged": [str(p) for p in paths], "keyids": [k.keyid for k, _ in pairs]}
+
+    run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
+
+
+@repo_app.command("rotate")
+def repo_rotate(
+    role: str = typer.Argument(..., help="root, targets, snapshot, timestamp or a delegated role (product)"),
+    keys: Path = KEYS_OPT,
+    to: str = REPO_OPT,
+    add_key: list[str] = typer.Option([], "--add-key", help="new key: signer URI or key file (repeat)"),
+    generate: int = typer.Option(0, help="generate N new key files for the role"),
+    revoke: list[str] = typer.Option([], help="keyid (or unique prefix) to remove from the role (repeat)"),
+    threshold: int = typer.Option(None, help="new threshold"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage a key rotation, revocation or threshold change (a new root, or targets for a delegated role)."""
+    from metadata.keys import KeyConfig, generate_file_key, public_key_from
+    from metadata.repository import Repository
+    from metadata.staging import stage_rotation
+
+    def go() -> dict:
+        config = KeyConfig.load(keys)
+        pairs = [public_key_from(k, keys) for k in add_key]
+        pairs += [generate_file_key(keys, role) for _ in range(generate)]
+        paths = stage_rotation(Repository.load(_reader(to)), config, role, add=pairs, revoke=revoke,
+                               threshold=threshold)
+        return {"staged": [str(p) for p in paths], "added": [k.keyid for k, _ in pairs]}
+
+    run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
+
+
+@repo_app.command("commit")
+def repo_commit(keys: Path = KEYS_OPT, to: str = REPO_OPT, as_json: bool = JSON_OPT) -> None:
+    """Publish the staged changes once each meets its threshold (then snapshot and timestamp)."""
+    from metadata.keys import KeyConfig
+    from metadata.staging import clear_staged, commit_staged
+
+    def go() -> dict:
+        config = KeyConfig.load(keys)
+        files = _sign_and_write(to, config, lambda repo: commit_staged(repo, config))
+        clear_staged(keys)
+        return {"published": [f.name for f in files]}
+
+    run(go, as_json, lambda r: f"published {', '.join(r['published'])}")
+
+
+@repo_app.command("refresh")
+def repo_refresh(
+    repo: str = typer.Option(..., "--repo", help="repository to write: a directory or s3://bucket/prefix"),
+    keys: Path = KEYS_OPT,
+    force: bool = typer.Option(False, help="re-sign the timestamp even if it is not due"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Re-sign the online roles before they expire (timestamp; snapshot within half its period).
+
+    What a scheduled CI job runs (ci/refresh-workflow.yml)."""
+    from metadata.keys import KeyConfig
+    from metadata.repository import Repository
+    from metadata.status import expiry_warnings
+
+    def go() -> dict:
+        config = KeyConfig.load(keys)
+        files = _sign_and_write(repo, config, lambda r: r.refresh_files(config, force=force))
+        return {"signed": [f.name for f in files],
+                "warnings": expiry_warnings(Repository.load(_reader(repo)), config)}
+
+    run(go, as_json, lambda r: "\n".join([f"re-signed {', '.join(r['signed'])}" if r["signed"] else "nothing due",
+                                          *(f"warning: {w}" for w in r["warnings"])]))

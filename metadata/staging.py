@@ -1,0 +1,250 @@
+"""Offline, multi-party changes: stage, sign by each key holder, commit.
+
+A change to an offline role (root: keys, thresholds, rotations, revocations; targets:
+delegations) is never published directly. It is written *staged* into the keys directory:
+
+    <keys>/staged/<version>.<role>.json      e.g. staged/4.root.json, staged/7.targets.json
+
+signed there by whatever keys of the role this machine holds, and then carried to the other
+key holders, who each run ``abflip repo sign <file> --key <uri-or-keyfile>`` (a signature is
+appended; nothing else changes). ``abflip repo commit`` refuses a staged file below its
+threshold, naming the role, how many signatures are missing and from which keyids; once all
+are met it publishes the staged roots, targets and delegated roles, then a new snapshot and
+timestamp signed with the online keys.
+
+A new root must be signed by the threshold of the *previous* root and by its own (TUF 5.3.4),
+which is what lets a device that trusts an old root follow each rotation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from securesystemslib.signer import Key, Signer
+from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from .errors import UserError
+from .keys import TOP_ROLES, KeyConfig, RoleKeys
+from .repository import (
+    Repository,
+    SignedFile,
+    add_delegation,
+    empty_role,
+    signature_report,
+)
+
+__all__ = ["staged_files", "stage", "sign_staged", "stage_rotation", "stage_delegation", "commit_staged", "STAGED_DIR"]
+
+STAGED_DIR = "staged"
+_NAME = re.compile(r"^(\d+)\.([A-Za-z0-9_.-]+)\.json$")
+
+
+def staged_files(keys_dir: Path) -> list[Path]:
+    """Staged metadata in publish order: roots by version, then targets, then delegated roles."""
+    d = Path(keys_dir) / STAGED_DIR
+    if not d.is_dir():
+        return []
+    found = [(p, _NAME.match(p.name)) for p in d.iterdir()]
+    order = {"root": 0, "targets": 1}
+    return [p for p, m in sorted(((p, m) for p, m in found if m),
+                                 key=lambda pm: (order.get(pm[1][2], 2), pm[1][2], int(pm[1][1])))]
+
+
+def _write(path: Path, md: Metadata) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(md.to_bytes(JSONSerializer(compact=False)))
+    os.replace(tmp, path)
+
+
+def stage(keys_dir: Path, md: Metadata, role: str) -> Path:
+    path = Path(keys_dir) / STAGED_DIR / f"{md.signed.version}.{role}.json"
+    _write(path, md)
+    return path
+
+
+def _load(path: Path) -> Metadata:
+    try:
+        return Metadata.from_bytes(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"no staged metadata at {path}") from None
+    except DeserializationError as e:
+        raise UserError(f"{path} is not TUF metadata: {e}") from None
+
+
+def sign_staged(path: Path, signer: Signer) -> dict:
+    """Append ``signer``'s signature to a staged file (the signed part is not touched)."""
+    md = _load(path)
+    m = _NAME.match(Path(path).name)
+    role = m[2] if m else md.signed.type
+    keyid = signer.public_key.keyid
+    md.sign(signer, append=True)
+    _write(Path(path), md)
+    return {"file": str(path), "role": role, "version": md.signed.version, "keyid": keyid,
+            "signatures": sorted(md.signatures)}
+
+
+def _sign_available(md: Metadata, config: KeyConfig, role: str, keys: dict[str, Key]) -> list[str]:
+    """Append signatures of every key of ``keys`` that ``config`` can reach; return their keyids."""
+    done = []
+    for s in config.signers(role, keys):
+        md.sign(s, append=True)
+        done.append(s.public_key.keyid)
+    return done
+
+
+def _root_keys(root: Root) -> dict[str, Key]:
+    return {kid: root.keys[kid] for kid in root.roles["root"].keyids}
+
+
+def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[tuple[Key, str]] = (),
+                   revoke: list[str] = (), threshold: int | None = None,
+                   now: datetime | None = None) -> list[Path]:
+    """Stage new keys / revocations / a new threshold for ``role``.
+
+    A top-level role changes root (staged ``N+1.root.json``, signed here by the old and the
+    new root keys this machine holds); a delegated role changes targets (``N+1.targets.json``).
+    New key URIs are added to keys.json now; revoked ones are dropped from it.
+    """
+    now = now or datetime.now(timezone.utc)
+    if role in TOP_ROLES:
+        md = repo.next_root(now=now, days=config.expiry("root"))
+        holder, days_role = md.signed, "root"
+    else:
+        repo.role(role)  # raises for an unknown role
+        md = repo.next_targets(now=now, days=config.expiry("targets"))
+        holder, days_role = md.signed, "targets"
+    current, _ = repo.role_keys(role)
+    for kid in revoke:
+        if kid not in current:
+            match = [k for k in current if k.startswith(kid)]
+            if len(match) != 1:
+                raise UserError(f"{kid} is not a key of role {role}", hint=f"its keyids: {', '.join(sorted(current))}")
+            kid = match[0]
+        holder.revoke_key(kid, role)
+    for key, _uri in add:
+        holder.add_key(key, role)
+    r = holder.roles[role] if role in TOP_ROLES else holder.delegations.roles[role]
+    if threshold is not None:
+        r.threshold = threshold
+    if not 1 <= r.threshold <= len(r.keyids):
+        raise UserError(f"role {role} would have threshold {r.threshold} with {len(r.keyids)} key(s)",
+                        hint="add keys or lower the threshold")
+    # keys.json: learn the new URIs (before signing: a new root key signs the new root)
+    entries = [k for k in config.roles.get(role, []) if k.keyid not in set(revoke)]
+    entries += [RoleKeys(key.keyid, uri) for key, uri in add if key.keyid not in {k.keyid for k in entries}]
+    if days_role == "root":
+        signing = {**_root_keys(repo.root.signed), **_root_keys(md.signed)}
+        _sign_available(md, _with(config, role, entries) if role == "root" else config, "root", signing)
+    else:
+        keys, _ = repo.role_keys("targets")
+        _sign_available(md, config, "targets", keys)
+    path = stage(config.dir, md, days_role)
+    config.roles[role] = entries
+    config.save()
+    return [path]
+
+
+def _with(config: KeyConfig, role: str, entries: list[RoleKeys]) -> KeyConfig:
+    c = KeyConfig(config.path, dict(config.roles), config.expiry_days)
+    c.roles[role] = [*config.roles.get(role, []), *entries]
+    return c
+
+
+def stage_delegation(repo: Repository, config: KeyConfig, product: str, keys: list[tuple[Key, str]], *,
+                     threshold: int = 1, now: datetime | None = None) -> list[Path]:
+    """Stage targets N+1 delegating ``<product>/*`` to a role named ``product`` with ``keys``.
+
+    The product's targets already in top-level targets move to the new role on commit."""
+    now = now or datetime.now(timezone.utc)
+    if product in TOP_ROLES:
+        raise UserError(f"{product!r} is the name of a top-level role", hint="choose another product name")
+    if not keys:
+        raise UserError("a delegation needs at least one key", hint="pass --key URI (or --generate)")
+    if not 1 <= threshold <= len(keys):
+        raise UserError(f"threshold {threshold} with {len(keys)} key(s)")
+    md = repo.next_targets(now=now, days=config.expiry("targets"))
+    role = add_delegation(md, product, [k for k, _ in keys], threshold)
+    for path in [p for p in md.signed.targets if role.is_delegated_path(p)]:
+        del md.signed.targets[path]
+    _sign_available(md, config, "targets", repo.role_keys("targets")[0])
+    staged = stage(config.dir, md, "targets")
+    config.roles[product] = [RoleKeys(k.keyid, uri) for k, uri in keys]
+    config.save()
+    return [staged]
+
+
+def commit_staged(repo: Repository, config: KeyConfig, *, now: datetime | None = None) -> list[SignedFile]:
+    """Check every staged file against its threshold and return what to publish, in order:
+    roots, targets, delegated roles (moved targets, re-signed after a key change), snapshot,
+    timestamp. Raises :class:`UserError` naming the role, the missing count and keyids."""
+    now = now or datetime.now(timezone.utc)
+    files = staged_files(config.dir)
+    if not files:
+        raise UserError(f"nothing is staged in {config.dir / STAGED_DIR}")
+    out: list[SignedFile] = []
+    old_targets = repo.targets
+    for path in files:
+        md = _load(path)
+        role = _NAME.match(path.name)[2]
+        current = repo.role(role) if role in ("root", "targets") or role in repo.delegated else None
+        if current is not None and md.signed.version != current.signed.version + 1:
+            raise UserError(f"staged {path.name} is not the next version of {role} (the repository is at "
+                            f"v{current.signed.version})", hint="the repository changed since: stage the change again")
+        if role == "root":
+            if not isinstance(md.signed, Root):
+                raise UserError(f"{path.name} is not root metadata")
+            result = md.signed.get_root_verification_result(repo.root.signed, md.signed_bytes, md.signatures)
+            if not result.verified:
+                raise UserError(signature_report("root", result, md.signed.version),
+                                hint=f"each key holder runs 'abflip repo sign {path} --key ...'")
+            repo.root = md
+            repo.root_history.append(md)
+            out.append(SignedFile(f"{md.signed.version}.root.json", md.to_bytes(), True))
+            continue
+        if not isinstance(md.signed, Targets):
+            raise UserError(f"{path.name} is not targets metadata")
+        delegator = repo.root if role == "targets" else repo.targets
+        result = delegator.signed.get_verification_result(role, md.signed_bytes, md.signatures)
+        if not result.verified:
+            raise UserError(signature_report(role, result, md.signed.version),
+                            hint=f"each key holder runs 'abflip repo sign {path} --key ...'")
+        if role == "targets":
+            repo.targets = md
+        else:
+            repo.delegated[role] = md
+        out.append(SignedFile(f"{md.signed.version}.{role}.json", md.to_bytes(), True))
+    if "targets" not in {_NAME.match(p.name)[2] for p in files} and not repo.verification("targets").verified:
+        repo.mark_changed("targets")  # its keys changed in root: re-sign with the new keys configured here
+    # delegated roles after a targets change: new ones (with the targets they take over),
+    # removed ones, and ones whose keys changed (re-signed with the keys configured here)
+    roles = repo.targets.signed.delegations.roles if repo.targets.signed.delegations else {}
+    for name in list(repo.delegated):
+        if name not in roles:
+            del repo.delegated[name]
+    for name, role in roles.items():
+        md = repo.delegated.get(name)
+        if md is None:
+            md = repo.delegated[name] = empty_role(repo.targets.signed.expires)
+            moved = {p: t for p, t in old_targets.signed.targets.items()
+                     if role.is_delegated_path(p) and p not in repo.targets.signed.targets}
+            if moved:
+                md.signed.targets.update(moved)
+                repo.mark_changed(name)
+        elif md.signed.version > 0 and not repo.verification(name).verified:
+            repo.mark_changed(name)
+    try:
+        out += repo.signed_files(config, now=now)
+    except UserError as e:
+        raise UserError(f"cannot re-sign after the staged change: {e.message}", hint=e.hint) from None
+    return out
+
+
+def clear_staged(keys_dir: Path) -> None:
+    for p in staged_files(keys_dir):
+        p.unlink()
