@@ -9,6 +9,7 @@ bad data; 4 transport failure; 5 device (or local storage) problem; 6 refused by
 from __future__ import annotations
 
 from .commands import demo, device, producer, repo  # noqa: F401  (they register their commands)
+from .commands import audit as _audit  # noqa: F401  (repo verify, repo gc)
 from .commands._common import app
 
 

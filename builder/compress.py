@@ -7,6 +7,8 @@ a 540 MB erofs image at level 9: one stream 159.6 MB, zstd CLI (-T0 --long=27) 1
 32 MiB chunks without a dictionary 167.0 MB (+3.5 %), 32 MiB chunks with a 32 MiB
 dictionary 161.2 MB (0.999x the CLI). Frames compress in parallel threads (zstandard
 releases the GIL), and at most ``2 * threads`` compressed frames are held in memory.
+The window is clamped to what zstd indexes at the level (:func:`indexable_window`: 16 MiB at
+level 9), which changes no output byte and saves loading the rest.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import zstandard
 
 from metadata.manifest import Chunk, Compression
 
-__all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW"]
+__all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW", "DEFAULT_THREADS",
+           "DEFAULT_LDM"]
 
 DEFAULT_LEVEL = 9
 DEFAULT_CHUNK = 32 << 20
 DEFAULT_WINDOW = 32 << 20
+DEFAULT_THREADS = 0  # one per CPU
+DEFAULT_LDM = False
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,23 @@ class CompressResult:
     compressed_size: int
 
 
-def _params(level: int, chunk_size: int, window: int) -> zstandard.ZstdCompressionParameters:
+def _params(level: int, chunk_size: int, window: int, ldm: bool = False) -> zstandard.ZstdCompressionParameters:
     window_log = max(10, (chunk_size + window - 1).bit_length())
     base = zstandard.ZstdCompressionParameters.from_level(level)
-    return zstandard.ZstdCompressionParameters.from_level(level, window_log=max(base.window_log, min(window_log, 27)))
+    extra = {"enable_ldm": True} if ldm else {}
+    return zstandard.ZstdCompressionParameters.from_level(level, window_log=max(base.window_log, min(window_log, 27)),
+                                                         **extra)
+
+
+def indexable_window(params: zstandard.ZstdCompressionParameters) -> int:
+    """The most dictionary bytes zstd (1.5.x) indexes at these parameters: it loads only the last
+    ``1 << max(hashLog + 3, chainLog + 1)`` bytes of a raw-content dictionary (without LDM)
+    (``ZSTD_loadDictionaryContent``). A larger window costs copy time here and on the device
+    and changes no output byte: measured at level 9 (16 MiB), 32 and 16 MiB windows give
+    byte-identical streams, the 16 MiB one 30 % faster."""
+    if params.enable_ldm:
+        return 1 << 31
+    return 1 << min(max(params.hash_log + 3, params.chain_log + 1), 31)
 
 
 def compress_chunk(image: bytes | memoryview, offset: int, chunk_size: int, window: int,
@@ -57,11 +75,12 @@ def compress_chunk(image: bytes | memoryview, offset: int, chunk_size: int, wind
 
 
 def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK,
-                   window: int = DEFAULT_WINDOW, threads: int = 0,
+                   window: int = DEFAULT_WINDOW, threads: int = DEFAULT_THREADS, ldm: bool = DEFAULT_LDM,
                    progress: Callable[[int, int], None] | None = None) -> CompressResult:
     """Write the chunked stream to ``out_path``; return its chunk table and the image digest."""
     threads = threads or os.cpu_count() or 1
-    params = _params(level, chunk_size, window)
+    params = _params(level, chunk_size, window, ldm)
+    window = min(window, indexable_window(params))  # the manifest records the window really used
     size = os.path.getsize(image_path)
     if size == 0:
         raise ValueError("empty image")

@@ -6,9 +6,13 @@ The order is the one DESIGN.md fixes, and it is what makes an interrupted publis
    immutable: new names nobody references yet;
 2. ``N.targets.json`` (create-only);
 3. ``N.snapshot.json`` (create-only);
-4. ``timestamp.json`` last: the one write that makes the release visible to devices.
+4. ``timestamp.json`` last: the one write that makes the release visible to devices. It is a
+   compare-and-swap against the timestamp this publish was built on (``If-Match`` on S3, a
+   locked compare locally), so a slower publisher never puts back an older snapshot.
 
-A create-only write that loses a race re-reads the repository and tries again.
+A create-only write that loses a race re-reads the repository and tries again; a lost
+timestamp swap re-reads and, if the winner's snapshot does not include this publish yet,
+signs a newer timestamp naming the newest snapshot.
 Re-publishing the same release to the same channel is a no-op.
 """
 
@@ -29,7 +33,8 @@ from metadata.repository import Repository, SignedFile
 from .errors import AlreadyExists, BuildError, StorageError
 from .storage import Storage
 
-__all__ = ["publish_release", "write_signed", "headers_for", "PublishResult", "target_key"]
+__all__ = ["publish_release", "write_signed", "headers_for", "PublishResult", "target_key", "load_tagged", "commit",
+           "settle_timestamp"]
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 RETRIES = 20
@@ -61,15 +66,45 @@ class PublishResult:
     uploaded: tuple[str, ...]
 
 
-def write_signed(storage: Storage, files: list[SignedFile]) -> None:
-    """Write signed metadata in order; versioned files create-only."""
+def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: str | None = None) -> None:
+    """Write signed metadata in order; versioned files create-only; ``timestamp.json``
+    compare-and-swapped against ``timestamp_tag`` when given (raises AlreadyExists if it moved)."""
     for f in files:
         ctype, cache = headers_for(f.name)
-        storage.put(f"metadata/{f.name}", f.data, content_type=ctype, cache_control=cache, create_only=f.create_only)
+        kw = {"if_match": timestamp_tag} if (f.name == "timestamp.json" and timestamp_tag) else {}
+        storage.put(f"metadata/{f.name}", f.data, content_type=ctype, cache_control=cache, create_only=f.create_only,
+                    **kw)
 
 
 def _reader(storage: Storage) -> Callable[[str], bytes | None]:
     return lambda name: storage.get(f"metadata/{name}")
+
+
+def load_tagged(storage: Storage) -> tuple[Repository, str | None]:
+    """Load the repository and the tag of the ``timestamp.json`` it was built from."""
+    ts, tag = storage.get_tagged("metadata/timestamp.json")
+    return Repository.load(lambda n: ts if n == "timestamp.json" else storage.get(f"metadata/{n}")), tag
+
+
+def commit(storage: Storage, keys: KeyConfig, repo: Repository, tag: str | None, *, now: datetime | None = None) -> bool:
+    """Sign ``repo``'s edited targets and write targets, snapshot, timestamp (in that order).
+
+    Returns False when another publisher created the same metadata version first (the
+    caller re-reads and redoes its edit). A lost timestamp swap is settled here.
+    """
+    signed = repo.signed_files(keys, now=now)
+    versioned = [f for f in signed if f.name != "timestamp.json"]
+    timestamp = [f for f in signed if f.name == "timestamp.json"]
+    try:
+        write_signed(storage, versioned)
+    except AlreadyExists:
+        return False
+    try:
+        write_signed(storage, timestamp, timestamp_tag=tag)
+    except AlreadyExists:
+        pass  # another publisher's timestamp went in since we read it; make sure ours is covered
+    settle_timestamp(storage, keys, now)
+    return True
 
 
 def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, channel: str,
@@ -96,7 +131,7 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
 
     uploaded: list[str] = []
     for attempt in range(RETRIES):
-        repo = Repository.load(_reader(storage))
+        repo, tag = load_tagged(storage)
         current = repo.target_files
         for path, t in targets.items():
             old = current.get(path)
@@ -122,24 +157,24 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
             uploaded.append(key)
         repo.add_target(pointer_target)
         # 2.-4. metadata in publish order
-        signed = repo.signed_files(keys, now=now)
-        try:
-            write_signed(storage, signed)
-        except AlreadyExists:
+        if not commit(storage, keys, repo, tag, now=now):
             time.sleep(min(0.05 * (attempt + 1), 1.0))  # another publisher won; re-read and retry
             continue
-        _settle_timestamp(storage, keys, now)
         return PublishResult(release.product, str(release.version), channel, True,
                              repo.timestamp.signed.version, tuple(uploaded))
     raise StorageError(f"gave up publishing after {RETRIES} conflicting concurrent publishes",
                        hint="retry; the repository is consistent")
 
 
-def _settle_timestamp(storage: Storage, keys: KeyConfig, now: datetime | None) -> None:
-    """Concurrent publishers overwrite ``timestamp.json`` in any order; if a slower one put back
-    a timestamp naming an older snapshot, sign one naming the newest (versions only go up)."""
+def settle_timestamp(storage: Storage, keys: KeyConfig, now: datetime | None) -> None:
+    """Make ``timestamp.json`` name the newest snapshot (a concurrent publisher's timestamp may
+    name an older one than ours); compare-and-swap, so versions only go up."""
     for _ in range(RETRIES):
-        repo = Repository.load(_reader(storage))
+        repo, tag = load_tagged(storage)
         if repo.timestamp.signed.snapshot_meta.version == repo.snapshot.signed.version:
             return
-        write_signed(storage, [repo.signed_timestamp(keys, now=now)])
+        try:
+            write_signed(storage, [repo.signed_timestamp(keys, now=now)], timestamp_tag=tag)
+        except AlreadyExists:
+            continue
+    raise StorageError("gave up settling timestamp.json after concurrent publishes", hint="retry the publish")

@@ -144,12 +144,19 @@ class BootFile:
 
 @dataclass(frozen=True)
 class Boot:
-    kernel: BootFile
+    """Boot files for the Type #1 entry: a kernel (+ initrd), or a unified kernel image
+    (``uki``, entry line ``efi``); ``kernel`` is None exactly when ``uki`` is given."""
+
+    kernel: BootFile | None
     initrd: BootFile | None
     options: str
+    uki: BootFile | None = None
 
     def files(self) -> dict[str, BootFile]:
         """ESP file name -> boot file."""
+        if self.uki is not None:
+            return {"uki.efi": self.uki}
+        assert self.kernel is not None
         out = {"vmlinuz": self.kernel}
         if self.initrd is not None:
             out["initrd.img"] = self.initrd
@@ -184,6 +191,8 @@ class Release:
         d["version"] = str(self.version)
         d["compatible"] = list(self.compatible)
         d["image"]["chunks"] = [asdict(c) for c in self.image.chunks]
+        if d["boot"]["uki"] is None:
+            del d["boot"]["uki"]  # kernel releases keep the original schema, byte for byte
         return {"schema": self.schema, **{k: v for k, v in d.items() if k != "schema"}}
 
     def to_bytes(self) -> bytes:
@@ -211,11 +220,16 @@ def _parse_boot_file(d: object, what: str, limits: Limits) -> BootFile:
 
 
 def _parse_boot(d: dict, limits: Limits) -> Boot:
-    kernel = _parse_boot_file(d.get("kernel"), "boot.kernel", limits)
+    uki = None if d.get("uki") is None else _parse_boot_file(d.get("uki"), "boot.uki", limits)
+    if uki is not None:
+        _need(d.get("kernel") is None and d.get("initrd") is None, "boot.uki excludes boot.kernel and boot.initrd")
+        kernel = None
+    else:
+        kernel = _parse_boot_file(d.get("kernel"), "boot.kernel", limits)
     initrd = None if d.get("initrd") is None else _parse_boot_file(d.get("initrd"), "boot.initrd", limits)
     options = d.get("options", "")
     _need(isinstance(options, str) and len(options) <= 4096 and "\n" not in options, "boot.options is malformed")
-    return Boot(kernel, initrd, options)
+    return Boot(kernel, initrd, options, uki)
 
 
 def _parse_image(d: dict, limits: Limits) -> Image:

@@ -1,29 +1,63 @@
-"""Producer commands: image build, release create, publish, serve."""
+"""Producer commands: image build, release create, publish, channel promote, serve."""
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ._common import JSON_OPT, app, image_app, release_app, run
+from ._common import JSON_OPT, app, channel_app, image_app, release_app, run
+
+# S3 options shared by every command that takes a repository (--to / --repo). Without them
+# boto3's standard chain applies (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL_S3, roles...).
+ENDPOINT_OPT = typer.Option(None, "--endpoint-url", envvar="ABFLIP_ENDPOINT_URL",
+                            help="S3-compatible endpoint (MinIO, R2, a local server)")
+REGION_OPT = typer.Option(None, "--region", envvar="ABFLIP_REGION", help="S3 region")
+PROFILE_OPT = typer.Option(None, "--profile", envvar="ABFLIP_PROFILE", help="AWS profile (shared config)")
+
+
+def storage_for(url: str, endpoint_url: Optional[str], region: Optional[str], profile: Optional[str]):
+    from builder.storage import open_storage
+
+    if url.startswith("s3://"):
+        return open_storage(url, endpoint_url=endpoint_url, region=region, profile=profile)
+    return open_storage(url)
 
 
 @image_app.command("build")
 def image_build(
-    rootfs: Path = typer.Argument(..., help="root filesystem directory"),
+    rootfs: Path = typer.Argument(..., help="root filesystem: a directory or a tarball (.tar, .tar.gz, .tar.zst, .tar.xz)"),
     output: Path = typer.Option(..., "-o", "--output", help="image file to write"),
-    fstype: str = typer.Option("erofs", help="filesystem type"),
+    fstype: str = typer.Option("erofs", help="filesystem type: erofs, squashfs or ext4"),
     source_date_epoch: Optional[int] = typer.Option(None, help="timestamp for every file (default: $SOURCE_DATE_EPOCH or 0)"),
     max_size: Optional[int] = typer.Option(None, help="refuse an image larger than this (the slot size, bytes)"),
+    xattrs: bool = typer.Option(True, help="keep extended attributes (file capabilities, SELinux labels)"),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Build a reproducible read-only image from a directory."""
+    """Build a reproducible image from a directory or a tarball."""
     from builder.image import build_image
 
-    run(lambda: build_image(rootfs, output, fstype=fstype, source_date_epoch=source_date_epoch, max_size=max_size).__dict__,
-         as_json, lambda r: f"{r['path']}: {r['fstype']}, {r['size']} bytes, sha256 {r['sha256']}")
+    run(lambda: build_image(rootfs, output, fstype=fstype, source_date_epoch=source_date_epoch, max_size=max_size,
+                            xattrs=xattrs).__dict__,
+        as_json, lambda r: f"{r['path']}: {r['fstype']}, {r['size']} bytes, sha256 {r['sha256']}")
+
+
+@contextmanager
+def _progress(description: str, enabled: bool):
+    """A rich progress bar on a terminal (stderr), nothing otherwise; yields a (done, total) callback."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @release_app.command("create")
@@ -32,13 +66,15 @@ def release_create(
     product: str = typer.Option(...),
     version: str = typer.Option(..., help="semantic version, e.g. 1.2.0"),
     compatible: list[str] = typer.Option(..., help="hardware id this release runs on (repeat for more)"),
-    kernel: Path = typer.Option(..., help="kernel for the Type #1 boot entry"),
+    kernel: Optional[Path] = typer.Option(None, help="kernel for the Type #1 boot entry"),
     initrd: Optional[Path] = typer.Option(None),
+    uki: Optional[Path] = typer.Option(None, help="unified kernel image (instead of --kernel/--initrd)"),
     options: str = typer.Option("ro", help="kernel options (root= and abflip.slot= are added on the device)"),
     fstype: str = typer.Option("erofs"),
     level: int = typer.Option(9, help="zstd level"),
     chunk_size: int = typer.Option(32 << 20, help="image bytes per chunk (zstd frame)"),
     window: int = typer.Option(32 << 20, help="bytes before a chunk used as its dictionary"),
+    threads: int = typer.Option(0, help="compression threads (0: one per CPU)"),
     output: Path = typer.Option(..., "-o", "--output", help="release directory to write"),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -46,11 +82,13 @@ def release_create(
     from builder.release import create_release
 
     def go() -> dict:
-        r = create_release(image, output, product=product, version=version, compatible=compatible, kernel=kernel,
-                           initrd=initrd, options=options, fstype=fstype, level=level, chunk_size=chunk_size,
-                           window=window).release
+        with _progress("compressing", not as_json) as progress:
+            r = create_release(image, output, product=product, version=version, compatible=compatible, kernel=kernel,
+                               initrd=initrd, uki=uki, options=options, fstype=fstype, level=level,
+                               chunk_size=chunk_size, window=window, threads=threads, progress=progress).release
         return {"dir": str(output), "product": r.product, "version": str(r.version), "image_size": r.image.size,
-                "compressed_size": r.image.compressed_size, "chunks": len(r.image.chunks), "sha256": r.image.sha256}
+                "compressed_size": r.image.compressed_size, "chunks": len(r.image.chunks), "sha256": r.image.sha256,
+                "boot": sorted(r.boot.files())}
 
     run(go, as_json, lambda r: f"{r['dir']}: {r['product']} {r['version']}, {r['image_size']} -> {r['compressed_size']} "
                                 f"bytes in {r['chunks']} chunk(s)")
@@ -62,16 +100,41 @@ def publish(
     to: str = typer.Option(..., "--to", help="repository: a directory or s3://bucket/prefix"),
     keys: Path = typer.Option(..., help="keys directory (keys.json)"),
     channel: str = typer.Option("stable", help="channel to point at this release"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Upload a release and sign it into the repository (targets, snapshot, timestamp last)."""
     from builder.publish import publish_release
-    from builder.storage import open_storage
     from metadata.keys import KeyConfig
 
-    run(lambda: publish_release(release_dir, open_storage(to), KeyConfig.load(keys), channel=channel).__dict__, as_json,
-         lambda r: (f"published {r['product']} {r['version']} to channel {r['channel']} (timestamp v{r['timestamp_version']})"
-                    if r["changed"] else f"{r['product']} {r['version']} is already published on {r['channel']}: nothing to do"))
+    run(lambda: publish_release(release_dir, storage_for(to, endpoint_url, region, profile), KeyConfig.load(keys),
+                                channel=channel).__dict__, as_json,
+        lambda r: (f"published {r['product']} {r['version']} to channel {r['channel']} (timestamp v{r['timestamp_version']})"
+                   if r["changed"] else f"{r['product']} {r['version']} is already published on {r['channel']}: nothing to do"))
+
+
+@channel_app.command("promote")
+def channel_promote(
+    product: str = typer.Argument(...),
+    version: str = typer.Argument(..., help="a version already published in the repository"),
+    to_channel: str = typer.Option(..., "--to", help="channel to point at the version"),
+    repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
+    keys: Path = typer.Option(..., help="keys directory (keys.json)"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Point a channel at a published release (no image is uploaded again)."""
+    from builder.channels import promote
+    from metadata.keys import KeyConfig
+
+    run(lambda: promote(storage_for(repo, endpoint_url, region, profile), KeyConfig.load(keys), product=product,
+                        version=version, channel=to_channel).__dict__, as_json,
+        lambda r: (f"channel {r['channel']} of {r['product']} now points at {r['version']}"
+                   + ("" if r["changed"] else " (it already did)")))
 
 
 @app.command("serve")

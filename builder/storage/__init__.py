@@ -4,11 +4,14 @@ Every backend keeps the same semantics:
 - ``put(..., create_only=True)`` never replaces an existing object (O_EXCL / conditional put)
   and raises :class:`~builder.errors.AlreadyExists` instead: versioned metadata and
   hash-prefixed targets are immutable.
-- other puts replace the object atomically (readers see the old or the new bytes).
+- other puts replace the object atomically (readers see the old or the new bytes);
+  ``put(..., if_match=tag)`` replaces it only if it is still what ``get_tagged`` returned
+  with ``tag`` (compare-and-swap), else raises ``AlreadyExists``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -18,9 +21,14 @@ __all__ = ["Storage", "open_storage"]
 class Storage(Protocol):
     def get(self, key: str) -> bytes | None: ...
 
+    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]: ...
+
+    def stream(self, key: str, piece: int = ...) -> Iterator[bytes] | None: ...
+
     def exists(self, key: str) -> bool: ...
 
-    def put(self, key: str, data: bytes, *, content_type: str, cache_control: str, create_only: bool = False) -> None: ...
+    def put(self, key: str, data: bytes, *, content_type: str, cache_control: str, create_only: bool = False,
+            if_match: str | None = None) -> None: ...
 
     def put_file(self, key: str, path: Path, *, content_type: str, cache_control: str) -> None: ...
 
@@ -32,10 +40,19 @@ class Storage(Protocol):
 
 
 def open_storage(url: str, **s3_options: object) -> Storage:
-    """``s3://bucket/prefix`` -> S3 (needs the ``publish`` extra), anything else -> a directory."""
+    """``s3://bucket/prefix`` -> S3 (needs the ``publish`` extra), anything else -> a directory.
+
+    S3 options not given (None) default to ``$ABFLIP_ENDPOINT_URL``, ``$ABFLIP_REGION`` and
+    ``$ABFLIP_PROFILE``; without those boto3's own chain applies (``AWS_ENDPOINT_URL_S3``,
+    ``AWS_REGION``, ``AWS_PROFILE``, instance roles ...)."""
     if url.startswith("s3://"):
+        import os
+
         from .s3 import S3Storage  # boto3 is imported only there
 
+        for opt, env in (("endpoint_url", "ABFLIP_ENDPOINT_URL"), ("region", "ABFLIP_REGION"), ("profile", "ABFLIP_PROFILE")):
+            if s3_options.get(opt) is None and os.environ.get(env):
+                s3_options[opt] = os.environ[env]
         return S3Storage.from_url(url, **s3_options)  # type: ignore[arg-type]
     from .local import LocalStorage
 

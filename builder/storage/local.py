@@ -3,13 +3,18 @@
 Writes go to a temporary file in the target directory, are fsynced, then put in place by
 ``os.replace`` (replaceable objects) or ``os.link`` (create-only: fails if the name exists,
 so two publishers on one file system cannot both create ``5.targets.json``).
+``put(if_match=tag)`` (compare-and-swap of ``timestamp.json``) holds an advisory lock on
+``<root>/.lock`` while it compares the current bytes' sha256 with ``tag`` and replaces.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import AlreadyExists, StorageError
@@ -36,6 +41,26 @@ class LocalStorage:
             return None
         except OSError as e:
             raise StorageError(f"cannot read {self._path(key)}: {e}") from None
+
+    def stream(self, key: str, piece: int = 8 << 20) -> Iterator[bytes] | None:
+        """The object's bytes in pieces (bounded memory), None if absent."""
+        try:
+            f = open(self._path(key), "rb")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"cannot read {self._path(key)}: {e}") from None
+
+        def pieces() -> Iterator[bytes]:
+            with f:
+                while b := f.read(piece):
+                    yield b
+        return pieces()
+
+    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """The bytes and a tag (their sha256) for a later ``put(if_match=tag)``."""
+        data = self.get(key)
+        return data, (hashlib.sha256(data).hexdigest() if data is not None else None)
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
@@ -74,13 +99,28 @@ class LocalStorage:
             raise StorageError(f"cannot write {path}: {e}") from None
 
     def put(self, key: str, data: bytes, *, content_type: str = "", cache_control: str = "",
-            create_only: bool = False) -> None:
+            create_only: bool = False, if_match: str | None = None) -> None:
         path = self._path(key)
         try:
             tmp = self._stage(path, lambda f: f.write(data))
         except OSError as e:
             raise StorageError(f"cannot write {path}: {e}") from None
-        self._commit(tmp, path, create_only)
+        if if_match is None or create_only:
+            self._commit(tmp, path, create_only)
+            return
+        try:
+            lock = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            os.unlink(tmp)
+            raise StorageError(f"cannot lock {self.root}: {e}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.get_tagged(key)[1] != if_match:
+                os.unlink(tmp)
+                raise AlreadyExists(f"{path} changed since it was read")
+            self._commit(tmp, path, create_only=False)
+        finally:
+            os.close(lock)
 
     def put_file(self, key: str, src: Path, *, content_type: str = "", cache_control: str = "") -> None:
         path = self._path(key)
@@ -98,7 +138,7 @@ class LocalStorage:
         out = []
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if not name.startswith(".tmp-"):
+                if not name.startswith("."):  # .tmp-* staging files, the .lock file
                     out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
         return sorted(out)
 

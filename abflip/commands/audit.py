@@ -1,0 +1,75 @@
+"""Repository upkeep commands: repo verify (audit as a device reads it) and repo gc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import JSON_OPT, repo_app, run
+from .producer import ENDPOINT_OPT, PROFILE_OPT, REGION_OPT, storage_for
+
+
+@repo_app.command("verify")
+def repo_verify(
+    location: str = typer.Argument(..., help="repository: a directory, s3://bucket/prefix or http(s):// URL"),
+    deep: bool = typer.Option(False, "--deep", help="download every chunk, verify, decompress, check the image sha256"),
+    root: Optional[Path] = typer.Option(None, "--root", help="trusted root.json (default: the repository's 1.root.json)"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Read the repository as a device would and check every channel's release; report role expiries."""
+    from ..audit import AuditFailed, audit, render
+
+    def go() -> dict:
+        trusted = None
+        if root is not None:
+            try:
+                trusted = root.read_bytes()
+            except OSError as e:
+                from metadata.errors import UserError
+
+                raise UserError(f"cannot read --root {root}: {e}") from None
+        report = audit(location, deep=deep, trusted_root=trusted, endpoint_url=endpoint_url, region=region,
+                       profile=profile)
+        if not report["ok"]:
+            if not as_json:
+                print(render(report))
+            raise AuditFailed(report)
+        return report
+
+    run(go, as_json, render)
+
+
+@repo_app.command("gc")
+def repo_gc(
+    repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
+    keys: Optional[Path] = typer.Option(None, help="keys directory (keys.json); not needed with --dry-run"),
+    keep: int = typer.Option(..., "--keep", help="newest releases to keep per product (channel targets always stay)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed; change nothing"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Remove old releases (targets entries, re-signed) and then their objects and stale metadata."""
+    from builder.gc import collect_garbage
+    from metadata.keys import KeyConfig
+
+    def go() -> dict:
+        cfg = KeyConfig.load(keys) if keys is not None else None
+        return collect_garbage(storage_for(repo, endpoint_url, region, profile), cfg, keep=keep, dry_run=dry_run).__dict__
+
+    def render(r: dict) -> str:
+        verb = "would remove" if r["dry_run"] else "removed"
+        lines = [f"{product}: keep {', '.join(v) or '-'}" + (f"; {verb} {', '.join(r['removed_versions'][product])}"
+                                                            if r["removed_versions"].get(product) else "")
+                 for product, v in sorted(r["kept"].items())]
+        lines.append(f"{verb} {len(r['removed_targets'])} target(s) and {len(r['deleted_objects'])} object(s)")
+        lines += [f"  {k}" for k in r["deleted_objects"]] if r["dry_run"] else []
+        return "\n".join(lines)
+
+    run(go, as_json, render)

@@ -1,0 +1,138 @@
+"""Garbage collection: drop old releases from the repository and delete objects nobody needs.
+
+What stays, per product: the ``keep`` newest released versions, plus every version a channel
+points at (whatever its age). Everything else:
+
+1. its target entries are removed from the targets metadata, and targets, snapshot and
+   timestamp are re-signed and written in the publish order (:func:`builder.publish.commit`),
+   so devices stop seeing it first;
+2. only then are its objects deleted (image, boot files, manifest), with the superseded
+   channel-pointer objects;
+3. versioned metadata older than the previous version of each role is deleted
+   (``N.targets.json``, ``N.snapshot.json``, delegated ``N.<role>.json``): a device that
+   read the timestamp just before step 1 can still fetch what it names. Root versions are
+   never deleted: devices walk the root chain from the root they ship with.
+
+Nothing the current snapshot or any channel references is deleted: the set of live objects
+is recomputed from the metadata written in step 1. Objects under a release that is still
+listed are kept even if unreferenced (they may belong to a publish in progress).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from metadata.errors import UserError
+from metadata.keys import KeyConfig
+from metadata.manifest import Channel
+from metadata.repository import Repository
+from metadata.version import Version
+
+from .errors import StorageError
+from .publish import RETRIES, commit, load_tagged, target_key
+from .storage import Storage
+
+__all__ = ["collect_garbage", "GcResult"]
+
+_RELEASE = re.compile(r"^(?P<product>[^/]+)/releases/(?P<version>[^/]+)/[^/]+$")
+_CHANNEL = re.compile(r"^(?P<product>[^/]+)/channels/(?P<channel>[^/]+)\.json$")
+_VERSIONED = re.compile(r"^metadata/(?P<n>\d+)\.(?P<role>.+)\.json$")
+_STORED = re.compile(r"^targets/(?P<dir>.+/)?[0-9a-f]{64}\.(?P<name>[^/]+)$")
+
+
+@dataclass
+class GcResult:
+    dry_run: bool
+    kept: dict[str, list[str]] = field(default_factory=dict)  # product -> versions kept
+    removed_versions: dict[str, list[str]] = field(default_factory=dict)
+    removed_targets: list[str] = field(default_factory=list)
+    deleted_objects: list[str] = field(default_factory=list)
+    timestamp_version: int | None = None
+
+
+def _plan(storage: Storage, repo: Repository, keep: int) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    releases: dict[str, set[str]] = {}
+    pinned: dict[str, set[str]] = {}
+    for path, t in repo.target_files.items():
+        if m := _RELEASE.match(path):
+            releases.setdefault(m["product"], set()).add(m["version"])
+        elif m := _CHANNEL.match(path):
+            data = storage.get(target_key(t))
+            if data is None:
+                raise StorageError(f"channel pointer {path} is listed but its object {target_key(t)} is missing",
+                                   hint="re-publish or promote the channel before collecting garbage")
+            pinned.setdefault(m["product"], set()).add(str(Channel.from_bytes(data).version))
+    kept: dict[str, list[str]] = {}
+    removed: dict[str, list[str]] = {}
+    for product, versions in releases.items():
+        ordered = sorted(versions, key=Version.parse, reverse=True)
+        keep_set = set(ordered[:keep]) | pinned.get(product, set())
+        kept[product] = [v for v in ordered if v in keep_set]
+        removed[product] = [v for v in ordered if v not in keep_set]
+    paths = [p for p in repo.target_files if (m := _RELEASE.match(p)) and m["version"] in removed.get(m["product"], [])]
+    return kept, removed, sorted(paths)
+
+
+def _dead_objects(storage: Storage, repo: Repository, removed: dict[str, list[str]],
+                  removed_paths: frozenset[str] = frozenset()) -> list[str]:
+    """Objects no longer needed once ``removed_paths`` are gone from ``repo``'s targets (a dry
+    run passes them; after the commit they are gone already)."""
+    targets = {p: t for p, t in repo.target_files.items() if p not in removed_paths}
+    live = {target_key(t) for t in targets.values()}
+    listed_releases = {(m["product"], m["version"]) for p in targets if (m := _RELEASE.match(p))}
+    current_pointers = {p for p in targets if _CHANNEL.match(p)}
+    dead = []
+    for key in storage.list("targets/"):
+        if key in live or not (m := _STORED.match(key)):
+            continue
+        path = (m["dir"] or "") + m["name"]
+        if (r := _RELEASE.match(path)) and (r["product"], r["version"]) not in listed_releases \
+                and r["version"] in removed.get(r["product"], []):
+            dead.append(key)
+        elif path in current_pointers:  # a superseded version of a pointer that is still current
+            dead.append(key)
+    # versioned metadata: keep the current and the previous version of every role but root
+    current: dict[str, int] = {"snapshot": repo.snapshot.signed.version}
+    for name, meta in repo.snapshot.signed.meta.items():
+        current[name[:-len(".json")]] = meta.version
+    for key in storage.list("metadata/"):
+        m = _VERSIONED.match(key)
+        if m and m["role"] != "root" and m["role"] in current and int(m["n"]) < current[m["role"]] - 1:
+            dead.append(key)
+    return sorted(dead)
+
+
+def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_run: bool = False,
+                    now: datetime | None = None) -> GcResult:
+    if keep < 1:
+        raise UserError(f"--keep {keep}: at least one release per product must stay")
+    result = GcResult(dry_run)
+    for attempt in range(RETRIES):
+        repo, tag = load_tagged(storage)
+        kept, removed, paths = _plan(storage, repo, keep)
+        result.kept, result.removed_versions, result.removed_targets = kept, {p: v for p, v in removed.items() if v}, paths
+        if dry_run:
+            result.deleted_objects = _dead_objects(storage, repo, removed, frozenset(paths))
+            result.timestamp_version = repo.timestamp.signed.version
+            return result
+        if paths:
+            if keys is None:
+                raise UserError("removing releases needs the signing keys (--keys)")
+            for p in paths:
+                repo.remove_target(p)
+            if not commit(storage, keys, repo, tag, now=now):
+                time.sleep(min(0.05 * (attempt + 1), 1.0))
+                continue
+        break
+    else:
+        raise StorageError(f"gave up after {RETRIES} conflicting concurrent publishes", hint="retry gc later")
+    # Step 2-3 from what is current now (devices no longer see the removed releases).
+    repo, _ = load_tagged(storage)
+    result.timestamp_version = repo.timestamp.signed.version
+    result.deleted_objects = _dead_objects(storage, repo, removed)
+    for key in result.deleted_objects:
+        storage.delete(key)
+    return result
