@@ -459,7 +459,8 @@ def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: I
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"abflip install failed ({proc.returncode}): {proc.stderr.strip()}")
-    result = json.loads(proc.stdout)
+    # `install --json` prints JSON lines: progress events, then {"event": "result", "result": {...}}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])["result"]
     after = tree_bytes(dev.root, SLOTS)
     outside = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))}
     sha = slot_sha256(dev.slot_path(result["slot"]), img.size)
