@@ -32,11 +32,9 @@ the old slot while ``pending``/``trial`` -> ``rolled-back`` (version recorded as
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +51,7 @@ from metadata.manifest import (
 )
 
 from . import boot
+from .atomic import write_atomic
 from .boot import Entry
 from .client import UpdateClient
 from .config import Config
@@ -420,8 +419,8 @@ class Device:
             for name, bf in release.boot.files().items():
                 if _sha256_file(staged / name) != bf.sha256:
                     _, data = client.fetch_target(bf.target, limits.max_boot_file)
-                    _write_atomic(staged / name, data)
-            _write_atomic(staged / "release.json", rel_bytes)
+                    write_atomic(staged / name, data)
+            write_atomic(staged / "release.json", rel_bytes)
         except OSError as e:
             raise DeviceError(f"cannot keep the staged boot files in {staged}: {e}") from None
         state.state = "staged"
@@ -720,14 +719,3 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

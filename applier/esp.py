@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Protocol
+
+from .atomic import fsync_dir, write_atomic
 
 __all__ = ["Esp", "DirectoryEsp"]
 
@@ -27,14 +28,6 @@ class Esp(Protocol):
     def makedirs(self, path: str) -> None: ...
     def sync(self) -> None: ...
     def free_bytes(self) -> int: ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirectoryEsp:
@@ -65,21 +58,11 @@ class DirectoryEsp:
     def write_atomic(self, path: str, data: bytes) -> None:
         dst = self._p(path)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".abflip-tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(dst.parent)
+        write_atomic(dst, data)
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(self._p(src), self._p(dst))
-        _fsync_dir(self._p(dst).parent)
+        fsync_dir(self._p(dst).parent)
 
     def remove(self, path: str) -> None:
         self._p(path).unlink(missing_ok=True)
@@ -93,7 +76,7 @@ class DirectoryEsp:
     def sync(self) -> None:
         for d in (self.root, self.root / "loader" / "entries"):
             if d.is_dir():
-                _fsync_dir(d)
+                fsync_dir(d)
         os.sync()
 
     def free_bytes(self) -> int:

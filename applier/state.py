@@ -8,13 +8,13 @@ starts from a fresh state, in which the inactive slot is unknown and will be re-
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from metadata.errors import DeviceError
+
+from .atomic import write_atomic
 
 __all__ = ["STATES", "SlotState", "State", "Target", "load_state", "save_state"]
 
@@ -95,17 +95,7 @@ def save_state(state_dir: Path, state: State) -> None:
     state_dir = Path(state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(state.to_json(), f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_path(state_dir))
-        dfd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        data = json.dumps(state.to_json(), indent=1, sort_keys=True) + "\n"
+        write_atomic(state_path(state_dir), data.encode(), prefix=".state-")
     except OSError as e:
         raise DeviceError(f"cannot write the state file in {state_dir}: {e}") from None

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_agent_lifecycle import agent, assert_untouched
+from helpers import assert_untouched
+from test_agent_lifecycle import agent
 
 from abflip.httpserver import RepoHandler
 from metadata.manifest import Release

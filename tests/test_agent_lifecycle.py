@@ -14,7 +14,7 @@ from abflip.sim import SimDevice
 from applier.agent import Device
 from applier.hooks import HookError
 from metadata.errors import DeviceError, PolicyError
-from metadata.manifest import Release
+from helpers import assert_untouched, release_of  # noqa: F401  (re-exported for other tests)
 
 FRIDAY = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 SATURDAY_2AM = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
@@ -41,16 +41,6 @@ def agent(world, name="dev", *, windows=WINDOWS, clock=None, hook_timeout=10.0, 
     dev.mark_good()
     dev.reboots = reboots  # type: ignore[attr-defined]
     return sim, dev
-
-
-def release_of(world, version: str) -> Release:
-    return Release.from_bytes((world.built[version] / "release.json").read_bytes())
-
-
-def assert_untouched(sim, dev) -> None:
-    assert [e for e in sim.entries() if "-b" in e] == []
-    assert sim.boot().slot == "a"
-    assert dev.status()["pending_entry"] is None
 
 
 def test_download_any_time_apply_only_in_the_window(world):

@@ -12,18 +12,7 @@ import pytest
 
 from abflip.httpserver import RepoHandler
 from metadata.errors import DeviceError, PolicyError, RepositoryError, TransportError
-from metadata.manifest import Release
-
-
-def release_of(world, version: str) -> Release:
-    return Release.from_bytes((world.built[version] / "release.json").read_bytes())
-
-
-def assert_untouched(sim, dev) -> None:
-    """The device still boots slot a and nothing points at slot b."""
-    assert [e for e in sim.entries() if "-b" in e] == []
-    assert sim.boot().slot == "a"
-    assert dev.status()["pending_entry"] is None
+from helpers import assert_untouched, release_of  # noqa: F401  (re-exported for other tests)
 
 
 def test_install_update_boot_and_bless(world):

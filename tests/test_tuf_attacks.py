@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from securesystemslib.signer import CryptoSigner
-from test_install import assert_untouched
+from helpers import assert_untouched
 from tuf.api.metadata import Metadata, MetaFile
 
 import metadata.repository as repository

@@ -1,0 +1,17 @@
+"""Assertions and lookups shared by the device tests."""
+
+from __future__ import annotations
+
+from metadata.manifest import Release
+
+
+def release_of(world, version: str) -> Release:
+    """The manifest of a release built by the session fixture."""
+    return Release.from_bytes((world.built[version] / "release.json").read_bytes())
+
+
+def assert_untouched(sim, dev) -> None:
+    """The device still boots slot a and nothing points at slot b."""
+    assert [e for e in sim.entries() if "-b" in e] == []
+    assert sim.boot().slot == "a"
+    assert dev.status()["pending_entry"] is None
