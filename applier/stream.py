@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 
 import zstandard
@@ -116,7 +117,8 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
 
     ``on_chunk(i, downloaded_bytes)`` runs after chunk ``i`` is written (the caller persists
     progress there; the slot is flushed once at the end, and a resume re-verifies the chunks
-    it counts as done, so a power cut that lost written pages costs only their re-download). Returns the compressed bytes downloaded by this call.
+    it counts as done, so a power cut that lost written pages costs only their re-download).
+    Returns the compressed bytes downloaded by this call.
     Raises :class:`ChunkError` / :class:`RepositoryError` for bad data (never retried) and
     :class:`TransportError` once ``retries`` reconnects in a row have failed.
     """
@@ -124,14 +126,34 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
         raise DeviceError(f"the image decompresses to {image.size} bytes; slot {slot.name} holds only {slot.capacity}",
                           hint="this release does not fit this device's slots")
     i, h = verified_prefix(image, slot, chunks_done)
-    total = image.compressed_size
-    window = image.compression.window
-    downloaded = 0
-    failures = 0
     # Two output buffers, alternating: chunk i decompresses into one while the other still
     # holds chunk i-1, its dictionary. Reusing them spares a fresh 32 MiB mapping per chunk.
     biggest = max(c.out_length for c in image.chunks)
     buffers = (bytearray(biggest), bytearray(biggest))
+    # The whole-image hash runs in a second thread (hashlib lets go of the GIL) while the next
+    # chunk downloads and decompresses; a buffer is reused only once its hash is done.
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="abflip-hash")
+    hashing: list[Future | None] = [None, None]
+    try:
+        downloaded = _write_chunks(image, slot, opener, i, h, retries, on_chunk, backoff, buffers, hasher, hashing)
+        for f in hashing:
+            if f is not None:
+                f.result()
+    finally:
+        hasher.shutdown(wait=True)
+    slot.sync()
+    if h.hexdigest() != image.sha256:
+        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)")
+    return downloaded
+
+
+def _write_chunks(image: Image, slot: SlotDevice, opener: Opener, i: int, h, retries: int,
+                  on_chunk: Callable[[int, int], None] | None, backoff: float, buffers: tuple[bytearray, bytearray],
+                  hasher: ThreadPoolExecutor, hashing: list) -> int:
+    total = image.compressed_size
+    window = image.compression.window
+    downloaded = 0
+    failures = 0
     prev: memoryview | None = None
     prev_end = -1
     while i < len(image.chunks):
@@ -153,10 +175,12 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                         dictionary = prev[len(prev) - (ch.out_offset - lo):]  # the chunk just written
                     else:
                         dictionary = slot.pread(lo, ch.out_offset - lo)  # resuming: read it back
+                if hashing[i % 2] is not None:
+                    hashing[i % 2].result()  # the buffer's previous chunk is hashed: reuse it
                 out = decompress_chunk(i, ch, data, dictionary, buffers[i % 2])
                 del data, dictionary
                 slot.pwrite(ch.out_offset, out)  # flushed once at the end: the kernel writes back
-                h.update(out)                    # meanwhile; a resume re-verifies what it finds
+                hashing[i % 2] = hasher.submit(h.update, out)  # meanwhile; a resume re-verifies
                 prev, prev_end = out, ch.out_offset + ch.out_length
                 failures = 0
                 if on_chunk:
@@ -171,7 +195,4 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
             time.sleep(backoff * failures)
         else:
             downloaded += reader.received
-    slot.sync()
-    if h.hexdigest() != image.sha256:
-        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)")
     return downloaded
