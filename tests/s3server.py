@@ -129,3 +129,11 @@ def make_device(root: Path, url: str, trusted_root: bytes, built: dict[str, Path
     dev = Device(sim.config)
     dev.mark_good()
     return sim, dev
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path, built):
+    """A repository world on either backend: .storage, .url, .publish(), .device()."""
+    if request.param == "local":
+        return request.getfixturevalue("world")
+    return S3World(tmp_path, built, request.getfixturevalue("moto"))

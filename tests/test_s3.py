@@ -18,17 +18,9 @@ from metadata.errors import UserError
 from metadata.keys import KeyConfig
 from metadata.repository import Repository
 
-from s3server import DUMMY_ENV, MotoServer, S3World, moto  # noqa: F401  (fixture)
+from s3server import DUMMY_ENV, MotoServer, S3World, backend, moto  # noqa: F401  (fixtures)
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
-
-
-@pytest.fixture(params=["local", "s3"])
-def backend(request, tmp_path, built):
-    """A repository world on either backend: .storage, .url, .publish(), .device()."""
-    if request.param == "local":
-        return request.getfixturevalue("world")
-    return S3World(tmp_path, built, request.getfixturevalue("moto"))
 
 
 def _load(storage) -> Repository:
