@@ -35,15 +35,50 @@ __all__ = [
     "Limits",
     "release_target_dir",
     "channel_target_path",
+    "check_name",
+    "NAME_RE",
+    "HWID_RE",
+    "FSTYPES",
+    "OPTIONS_MAX",
+    "DEVICE_OWNED_PARAMS",
+    "kernel_params",
+    "device_owned_param",
+    "boot_options_problem",
+    "name_problem",
+    "hwid_problem",
+    "compatible_problem",
+    "target_problem",
+    "compression_problem",
+    "image_size_problem",
+    "boot_file_problem",
 ]
 
 RELEASE_SCHEMA = "abflip-release/1"
 CHANNEL_SCHEMA = "abflip-channel/1"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-HWID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_TARGET = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
+# ``\Z``, not ``$``: ``$`` also matches before a final newline, so "demo\n" would pass.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+HWID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}\Z")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_TARGET = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*\Z")
+TARGET_MAX = 512
 FSTYPES = ("erofs", "squashfs", "ext4")
+ZSTD_LEVELS = (-131072, 22)  # ZSTD_minCLevel() .. ZSTD_maxCLevel() of libzstd 1.5
+MAX_COMPATIBLE = 256
+# Boot options: the x86 kernel command line is 2048 bytes (COMMAND_LINE_SIZE) and the device
+# puts ``root=PARTLABEL=... abflip.slot=...`` in front, so a release gets half of it.
+OPTIONS_MAX = 1024
+# Parameters that say which root (slot) boots. The device writes ``root=`` and ``abflip.slot=``
+# itself; the kernel and systemd take the *last* of repeated parameters, so a release that set
+# any of these could boot one slot while abflip believes it booted the other, then write the
+# next release over the mounted root. A trailing ``*`` matches any name with that prefix.
+# Names compare as the kernel and systemd compare them: '-' equals '_', and an ``rd.`` prefix
+# (the initrd's copy of a systemd parameter) is ignored.
+DEVICE_OWNED_PARAMS = (
+    "root", "abflip.*",
+    "mount.usr", "mount.usrfstype", "mount.usrflags", "usr",
+    "roothash", "usrhash", "systemd.verity*",
+    "systemd.gpt_auto", "systemd.image_policy", "systemd.mount-extra",
+)
 
 
 class ManifestError(RepositoryError):
@@ -64,15 +99,152 @@ class Limits:
     max_boot_file: int = 512 << 20
 
 
+# -- validators ------------------------------------------------------------------------------
+# One pure function per kind of value: it returns what is wrong (a phrase naming the value) or
+# None. The device wraps the answer in ManifestError (the repository's fault), the producer's
+# `release create` in UserError (the user's input), so both halves apply the same rules.
+
+def kernel_params(options: str) -> list[str]:
+    """Split ``options`` into parameters as the kernel does (``lib/cmdline.c:next_arg``):
+    whitespace separates them except inside double quotes. Raise ValueError on an unbalanced
+    quote (the kernel would silently take the rest of the line as one parameter)."""
+    params: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    for ch in options:
+        if ch == '"':
+            quoted = not quoted
+        if ch.isspace() and not quoted:
+            if cur:
+                params.append("".join(cur))
+                cur = []
+            continue
+        cur.append(ch)
+    if quoted:
+        raise ValueError("has an unbalanced double quote")
+    if cur:
+        params.append("".join(cur))
+    return params
+
+
+def _param_key(param: str) -> str:
+    """The name a parameter sets, as the kernel and systemd compare it: quotes removed (systemd
+    unquotes the whole word), '-' as '_', without an ``rd.`` prefix."""
+    name = param.replace('"', "").split("=", 1)[0].replace("-", "_")
+    return name[3:] if name.startswith("rd.") else name
+
+
+def device_owned_param(param: str) -> str | None:
+    """The entry of :data:`DEVICE_OWNED_PARAMS` that ``param`` (``name[=value]``) would set, or None."""
+    key = _param_key(param)
+    for owned in DEVICE_OWNED_PARAMS:
+        o = owned.replace("-", "_")
+        if (o.endswith("*") and key.startswith(o[:-1])) or key == o:
+            return owned
+    return None
+
+
+def boot_options_problem(options: object) -> str | None:
+    """What is wrong with a release's kernel options, or None.
+
+    Refused: anything but a string of at most :data:`OPTIONS_MAX` printable ASCII characters
+    (0x20-0x7e; systemd-boot ends an entry line at ``\\r`` as well as ``\\n``, so one control
+    character would let the release add ``efi``/``options`` lines), an unbalanced double quote,
+    and any parameter in :data:`DEVICE_OWNED_PARAMS`."""
+    if not isinstance(options, str):
+        return "boot.options is not a string"
+    if len(options) > OPTIONS_MAX:
+        return f"boot.options is {len(options)} characters, more than {OPTIONS_MAX}"
+    bad = next((ch for ch in options if not " " <= ch <= "~"), None)
+    if bad is not None:
+        return f"boot.options contains the control or non-ASCII character {bad!r} (only printable ASCII is allowed)"
+    try:
+        params = kernel_params(options)
+    except ValueError as e:
+        return f"boot.options {e}"
+    for p in params:
+        if (owned := device_owned_param(p)) is not None:
+            name = p.replace('"', "").split("=", 1)[0]
+            return (f"boot.options sets {name!r} ({owned}), which the device owns: "
+                    "it names the slot that boots")
+    return None
+
+
+def name_problem(kind: str, value: object) -> str | None:
+    """A product or channel name: lowercase letters, digits, '.', '_', '-', at most 64."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        return f"{kind} {value!r} is malformed (lowercase letters, digits, '.', '_' or '-', at most 64)"
+    return None
+
+
+def hwid_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not HWID_RE.match(value):
+        return f"hardware id {value!r} is malformed (letters, digits and ._:/+-, at most 128, no spaces)"
+    return None
+
+
+def compatible_problem(values: object) -> str | None:
+    if not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_COMPATIBLE:
+        return f"compatible must list 1 to {MAX_COMPATIBLE} hardware ids"
+    return next((p for v in values if (p := hwid_problem(v))), None)
+
+
+def target_problem(kind: str, value: object) -> str | None:
+    """A target path: '/'-separated words of [A-Za-z0-9._+-], no '.' or '..' word, at most
+    :data:`TARGET_MAX` characters."""
+    if not isinstance(value, str) or len(value) > TARGET_MAX or not _TARGET.match(value) \
+            or any(part in (".", "..") for part in value.split("/")):
+        return f"{kind} {value!r} is malformed"
+    return None
+
+
+def _int_problem(key: str, v: object, lo: int, hi: int) -> str | None:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        return f"{key}={v!r} is not an integer in [{lo}, {hi}]"
+    return None
+
+
+def compression_problem(level: object, chunk_size: object, window: object, limits: Limits) -> str | None:
+    """zstd level, chunk size and dictionary window as the device accepts them."""
+    return (_int_problem("level", level, *ZSTD_LEVELS)
+            or _int_problem("chunk_size", chunk_size, 4096, limits.max_chunk_out)
+            or _int_problem("window", window, 0, limits.max_window))
+
+
+def image_size_problem(size: int, chunk_size: int, limits: Limits) -> str | None:
+    """An image of ``size`` bytes cut into ``chunk_size`` chunks: not empty, within the limits."""
+    if size < 1:
+        return "the image is empty"
+    if size > limits.max_image_size:
+        return f"the image is {size} bytes, more than the limit {limits.max_image_size}"
+    n = -(-size // chunk_size)
+    if n > limits.max_chunks:
+        return (f"{size} bytes in chunks of {chunk_size} make {n} chunks, more than the limit {limits.max_chunks}"
+                f" (use a chunk size of at least {-(-size // limits.max_chunks)})")
+    return None
+
+
+def boot_file_problem(name: str, length: int, limits: Limits) -> str | None:
+    if not 1 <= length <= limits.max_boot_file:
+        return f"boot file {name} is {length} bytes, not in [1, {limits.max_boot_file}]"
+    return None
+
+
+
 def _need(cond: bool, what: str) -> None:
     if not cond:
         raise ManifestError(f"release manifest is invalid: {what}")
 
 
+def _check(problem: str | None) -> None:
+    if problem is not None:
+        raise ManifestError(f"release manifest is invalid: {problem}")
+
+
 def _int(d: dict, key: str, lo: int, hi: int) -> int:
     v = d.get(key)
-    _need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"{key}={v!r} is not an integer in [{lo}, {hi}]")
-    return v
+    _check(_int_problem(key, v, lo, hi))
+    return v  # type: ignore[return-value]
 
 
 def _str(d: dict, key: str, pattern: re.Pattern[str]) -> str:
@@ -205,18 +377,23 @@ class Release:
         product = _str(d, "product", NAME_RE)
         version = _version(d)
         compatible = d.get("compatible")
-        _need(isinstance(compatible, list) and 1 <= len(compatible) <= 256, "compatible must list 1 to 256 hardware ids")
-        for hw in compatible:  # type: ignore[union-attr]
-            _need(isinstance(hw, str) and bool(HWID_RE.match(hw)), f"hardware id {hw!r} is malformed")
+        _need(isinstance(compatible, list), "compatible is not a list")
+        _check(compatible_problem(compatible))
         created = _int(d, "created", 0, 1 << 40)
         image = _parse_image(_obj(d.get("image"), "image"), limits)
         boot = _parse_boot(_obj(d.get("boot"), "boot"), limits)
         return cls(product, version, tuple(compatible), created, image, boot)  # type: ignore[arg-type]
 
 
+def _target(d: dict, what: str) -> str:
+    v = d.get("target")
+    _check(target_problem(f"{what}.target", v))
+    return v  # type: ignore[return-value]
+
+
 def _parse_boot_file(d: object, what: str, limits: Limits) -> BootFile:
     d = _obj(d, what)
-    return BootFile(_str(d, "target", _TARGET), _str(d, "sha256", _HEX64), _int(d, "length", 1, limits.max_boot_file))
+    return BootFile(_target(d, what), _str(d, "sha256", _HEX64), _int(d, "length", 1, limits.max_boot_file))
 
 
 def _parse_boot(d: dict, limits: Limits) -> Boot:
@@ -228,20 +405,20 @@ def _parse_boot(d: dict, limits: Limits) -> Boot:
         kernel = _parse_boot_file(d.get("kernel"), "boot.kernel", limits)
     initrd = None if d.get("initrd") is None else _parse_boot_file(d.get("initrd"), "boot.initrd", limits)
     options = d.get("options", "")
-    _need(isinstance(options, str) and len(options) <= 4096 and "\n" not in options, "boot.options is malformed")
+    _check(boot_options_problem(options))
     return Boot(kernel, initrd, options, uki)
 
 
 def _parse_image(d: dict, limits: Limits) -> Image:
-    target = _str(d, "target", _TARGET)
+    target = _target(d, "image")
     fstype = d.get("fstype")
     _need(fstype in FSTYPES, f"fstype {fstype!r} is not one of {FSTYPES}")
     size = _int(d, "size", 1, limits.max_image_size)
     sha = _str(d, "sha256", _HEX64)
     c = _obj(d.get("compression"), "image.compression")
     _need(c.get("format") == "zstd", f"compression format {c.get('format')!r} is not zstd")
-    comp = Compression("zstd", _int(c, "level", -131072, 22), _int(c, "chunk_size", 4096, limits.max_chunk_out),
-                       _int(c, "window", 0, limits.max_window))
+    _check(compression_problem(c.get("level"), c.get("chunk_size"), c.get("window"), limits))
+    comp = Compression("zstd", c["level"], c["chunk_size"], c["window"])
     raw = d.get("chunks")
     _need(isinstance(raw, list) and 1 <= len(raw) <= limits.max_chunks, f"chunks must list 1 to {limits.max_chunks} chunks")
     chunks = []
@@ -253,6 +430,8 @@ def _parse_image(d: dict, limits: Limits) -> Image:
             _int(r, "out_offset", 0, 1 << 62), _int(r, "out_length", 1, limits.max_chunk_out), _str(r, "out_sha256", _HEX64),
         )
         _need(ch.offset == offset and ch.out_offset == out_offset, f"chunk {i} is not contiguous with the one before it")
+        _need(ch.out_length <= comp.chunk_size, f"chunk {i} decompresses to {ch.out_length} bytes, more than the "
+                                                f"chunk size {comp.chunk_size}")
         offset += ch.length
         out_offset += ch.out_length
         chunks.append(ch)
@@ -277,7 +456,10 @@ class Channel:
     def from_bytes(cls, data: bytes, limits: Limits = Limits()) -> Channel:
         d = _load_json(data, limits.channel_max_bytes, "channel pointer")
         _need(d.get("schema") == CHANNEL_SCHEMA, f"channel schema {d.get('schema')!r} is not {CHANNEL_SCHEMA!r}")
-        return cls(_str(d, "product", NAME_RE), _str(d, "channel", NAME_RE), _version(d), _str(d, "release", _TARGET))
+        product, channel, version = _str(d, "product", NAME_RE), _str(d, "channel", NAME_RE), _version(d)
+        release = d.get("release")
+        _check(target_problem("release", release))
+        return cls(product, channel, version, release)  # type: ignore[arg-type]
 
 
 def check_name(kind: str, value: str) -> str:

@@ -13,7 +13,7 @@ __all__ = ["Version"]
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z"  # \Z: "$" would also match before a final newline
 )
 MAX_LENGTH = 64
 
@@ -30,7 +30,7 @@ class Version:
     @classmethod
     def parse(cls, text: str) -> Version:
         """Parse ``text`` or raise :class:`UserError` (callers re-root it when it came from a repository)."""
-        if not isinstance(text, str) or len(text) > MAX_LENGTH or not (m := _SEMVER.match(text)):
+        if not isinstance(text, str) or len(text) > MAX_LENGTH or not (m := _SEMVER.fullmatch(text)):
             raise UserError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH[-PRE][+BUILD])",
                             hint="use a version like 1.4.0 or 2.0.0-rc.1")
         pre = tuple(m.group(4).split(".")) if m.group(4) else ()
