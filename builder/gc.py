@@ -16,6 +16,11 @@ points at (whatever its age). Everything else:
 Nothing the current snapshot or any channel references is deleted: the set of live objects
 is recomputed from the metadata written in step 1. Objects under a release that is still
 listed are kept even if unreferenced (they may belong to a publish in progress).
+
+What gc cannot parse it skips and reports (``GcResult.skipped``), never stopping for the whole
+repository: a release path whose version is not a semantic version is left alone (neither
+kept nor removed), and a channel pointer that is missing or does not parse makes gc remove
+nothing of that product (it cannot know which release the pointer pins).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from datetime import datetime
 
 from metadata.errors import UserError
 from metadata.keys import KeyConfig
-from metadata.manifest import Channel
+from metadata.manifest import Channel, ManifestError
 from metadata.repository import Repository
 from metadata.version import Version
 
@@ -51,25 +56,42 @@ class GcResult:
     removed_targets: list[str] = field(default_factory=list)
     deleted_objects: list[str] = field(default_factory=list)
     timestamp_version: int | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: left alone
 
 
-def _plan(storage: Storage, repo: Repository, keep: int) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str, str]]
+          ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """What to keep and remove; appends what it cannot parse to ``skipped``."""
     releases: dict[str, set[str]] = {}
     pinned: dict[str, set[str]] = {}
-    for path, t in repo.target_files.items():
+    frozen: set[str] = set()  # products with a channel pointer gc cannot read: remove nothing
+    for path, t in sorted(repo.target_files.items()):
         if m := _RELEASE.match(path):
+            try:
+                Version.parse(m["version"])
+            except UserError:
+                skipped.append({"path": path, "reason": f"{m['version']!r} is not a semantic version; left alone"})
+                continue
             releases.setdefault(m["product"], set()).add(m["version"])
         elif m := _CHANNEL.match(path):
             data = storage.get(target_key(t))
+            reason = None
             if data is None:
-                raise StorageError(f"channel pointer {path} is listed but its object {target_key(t)} is missing",
-                                   hint="re-publish or promote the channel before collecting garbage")
-            pinned.setdefault(m["product"], set()).add(str(Channel.from_bytes(data).version))
+                reason = f"its object {target_key(t)} is missing"
+            else:
+                try:
+                    pinned.setdefault(m["product"], set()).add(str(Channel.from_bytes(data).version))
+                except ManifestError as e:
+                    reason = e.message
+            if reason is not None:
+                frozen.add(m["product"])
+                skipped.append({"path": path, "reason": f"channel pointer unreadable ({reason}); nothing of "
+                                                        f"{m['product']} is removed"})
     kept: dict[str, list[str]] = {}
     removed: dict[str, list[str]] = {}
     for product, versions in releases.items():
         ordered = sorted(versions, key=Version.parse, reverse=True)
-        keep_set = set(ordered[:keep]) | pinned.get(product, set())
+        keep_set = set(ordered) if product in frozen else set(ordered[:keep]) | pinned.get(product, set())
         kept[product] = [v for v in ordered if v in keep_set]
         removed[product] = [v for v in ordered if v not in keep_set]
     paths = [p for p in repo.target_files if (m := _RELEASE.match(p)) and m["version"] in removed.get(m["product"], [])]
@@ -112,7 +134,8 @@ def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_
     result = GcResult(dry_run)
     for attempt in range(RETRIES):
         repo, tag = load_tagged(storage)
-        kept, removed, paths = _plan(storage, repo, keep)
+        result.skipped = []
+        kept, removed, paths = _plan(storage, repo, keep, result.skipped)
         result.kept, result.removed_versions, result.removed_targets = kept, {p: v for p, v in removed.items() if v}, paths
         if dry_run:
             result.deleted_objects = _dead_objects(storage, repo, removed, frozenset(paths))

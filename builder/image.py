@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -127,9 +130,14 @@ def _source_tree(src: Path, scratch: Path) -> Iterator[Path]:
         raise ToolMissing("tar", "tar")
     if src.name.endswith((".tar.zst", ".tzst")) and not _find("zstd"):
         raise ToolMissing("zstd", "zstd")
-    tree = Path(tempfile.mkdtemp(prefix=".abflip-rootfs-", dir=scratch))
+    # The tree holds the archive's setuid files and device nodes with their owners: it lives in
+    # a private (0700) directory, so no other user can reach it while the image is built. The
+    # tree root itself takes the archive's "./" mode and owner (the image's root directory).
+    private = Path(tempfile.mkdtemp(prefix=".abflip-rootfs-", dir=scratch))
+    tree = private / "rootfs"
     try:
-        os.chmod(tree, 0o755)
+        os.chmod(private, 0o700)
+        tree.mkdir(mode=0o755)
         owners = ["--same-owner", "--numeric-owner"] if os.geteuid() == 0 else ["--no-same-owner"]
         cmd = [tar, "-x", "-p", *owners, "--xattrs", "--xattrs-include=*", "--acls", "-f", str(src), "-C", str(tree)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -139,36 +147,50 @@ def _source_tree(src: Path, scratch: Path) -> Iterator[Path]:
         # the archive's "./" entry, if any, set the tree root's mode and owner: keep them
         yield tree
     finally:
-        shutil.rmtree(tree, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def fs_uuid(source_date_epoch: int, label: str = "") -> str:
     return str(uuid.UUID(bytes=hashlib.sha256(f"abflip:{label}:{source_date_epoch}".encode()).digest()[:16]))
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _run(cmd: list[str], env: dict[str, str] | None = None, max_size: int | None = None) -> subprocess.CompletedProcess:
+    """Run a tool; with ``max_size``, no file it writes may grow past it (``RLIMIT_FSIZE``: the
+    write fails with EFBIG / SIGXFSZ), and it dumps no core."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if max_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_size, max_size))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit)
+    if max_size is not None and proc.returncode != 0 and (
+            proc.returncode == -signal.SIGXFSZ or "file too large" in (proc.stderr + proc.stdout).lower()):
+        raise BuildError(f"the image is larger than the slot size {max_size} ({os.path.basename(cmd[0])} was stopped "
+                         "when it reached it)", hint="shrink the root filesystem or raise --max-size to the real slot size")
+    return proc
 
 
 def _fail(tool: str, proc: subprocess.CompletedProcess) -> BuildError:
     return BuildError(f"{os.path.basename(tool)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}")
 
 
-def _mkfs_erofs(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, xattrs: bool) -> None:
+def _mkfs_erofs(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, xattrs: bool,
+                max_size: int | None) -> None:
     cmd = [tools[0], "--quiet", f"-T{epoch}", f"-U{fsid}", "--ignore-mtime", *([] if xattrs else ["-x-1"]), str(tmp), str(tree)]
     # mkfs.erofs 1.5 reads SOURCE_DATE_EPOCH as "clamp newer mtimes", which keeps older ones:
     # drop it and let -T with --ignore-mtime give every inode the same time.
     env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
-    proc = _run(cmd, env)
+    proc = _run(cmd, env, max_size)
     if proc.returncode != 0:
         raise _fail(tools[0], proc)
 
 
-def _mkfs_squashfs(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, xattrs: bool) -> None:
+def _mkfs_squashfs(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, xattrs: bool,
+                   max_size: int | None) -> None:
     cmd = [tools[0], str(tree), str(tmp), "-noappend", "-reproducible", "-mkfs-time", str(epoch), "-all-time", str(epoch),
            "-comp", "zstd", "-no-progress", "-quiet", *([] if xattrs else ["-no-xattrs"])]
     env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
-    proc = _run(cmd, env)
+    proc = _run(cmd, env, max_size)
     if proc.returncode != 0:
         raise _fail(tools[0], proc)
 
@@ -189,7 +211,8 @@ def _tree_usage(tree: Path) -> tuple[int, int]:
     return blocks * 4096, inodes
 
 
-def _mkfs_ext4(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, xattrs: bool) -> None:
+def _mkfs_ext4(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, xattrs: bool,
+               max_size: int | None) -> None:
     mke2fs, debugfs, dumpe2fs = tools
     data, inodes = _tree_usage(tree)
     n_inodes = max(128, inodes + inodes // 8 + 64)
@@ -202,11 +225,13 @@ def _mkfs_ext4(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, x
                    MKE2FS_DEVICE_SECTSIZE="512", MKE2FS_DEVICE_PHYS_SECTSIZE="4096")
         for _ in range(6):
             size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
+            if max_size is not None and size > max_size:  # mke2fs makes an image of exactly this size
+                raise _too_big(f"the image would be {size} bytes", max_size)
             tmp.unlink(missing_ok=True)
             cmd = [mke2fs, "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-N", str(n_inodes), "-m", "0",
                    "-U", fsid, "-E", f"hash_seed={fsid},nodiscard,lazy_itable_init=0,lazy_journal_init=0",
                    "-d", str(tree), str(tmp), f"{size // 1024}k"]
-            proc = _run(cmd, env)
+            proc = _run(cmd, env, max_size)
             if proc.returncode == 0:
                 break
             err = (proc.stderr + proc.stdout).lower()
@@ -238,26 +263,99 @@ def _mkfs_ext4(tools: list[str], tree: Path, tmp: Path, epoch: int, fsid: str, x
 _MKFS = {"erofs": _mkfs_erofs, "squashfs": _mkfs_squashfs, "ext4": _mkfs_ext4}
 
 
+def _tar_data_bytes(src: Path) -> int | None:
+    """Apparent bytes of the regular files an archive holds (sparse members at their full size),
+    read from the member headers without extracting; None if Python cannot read it (then tar
+    reports the problem)."""
+    import tarfile
+
+    import zstandard
+
+    total = 0
+    try:
+        with open(src, "rb") as raw:
+            if src.name.endswith((".tar.zst", ".tzst")):
+                stream = zstandard.ZstdDecompressor().stream_reader(raw)
+            else:
+                stream = raw
+            with tarfile.open(fileobj=stream, mode="r|*") as tf:
+                for member in tf:
+                    if member.isreg():
+                        total += member.size
+    except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError, ValueError):
+        return None
+    return total
+
+
+def _tree_data_bytes(tree: Path) -> int:
+    """Apparent bytes of the regular files of a tree (sparse files at their full size), hard links once."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, _dirs, files in os.walk(tree):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def _too_big(what: str, max_size: int) -> BuildError:
+    return BuildError(f"{what}, larger than the slot size {max_size}",
+                      hint="shrink the root filesystem or raise --max-size to the real slot size")
+
+
+# Types that store file data as it is (no compression): the image is at least as large as the
+# files' apparent sizes, so a tree over --max-size is refused before mkfs runs.
+_STORES_DATA_AS_IS = ("erofs", "ext4")
+
+
 def build_image(src: Path, out: Path, *, fstype: str = "erofs", source_date_epoch: int | None = None,
                 fs_id: str | None = None, max_size: int | None = None, xattrs: bool = True) -> ImageInfo:
-    """Build ``out`` from the tree or tarball ``src``; refuse an image larger than ``max_size``."""
+    """Build ``out`` from the tree or tarball ``src``; refuse an image larger than ``max_size``.
+
+    The size bound holds before and during the work, not only after it: for erofs and ext4
+    (which store file data as it is) the archive's member sizes and then the tree's apparent
+    size are checked before mkfs runs, and every mkfs run is confined by ``RLIMIT_FSIZE`` so
+    it cannot write an image larger than ``max_size`` whatever it is given (a squashfs tree
+    compresses, so only that limit applies to it). Every path reaches an external tool
+    absolute, so a name beginning with '-' is never read as an option."""
     tools = _tools(fstype)
-    src = Path(src)
-    out = Path(out)
+    # absolute, not resolved: "-o" stays a file name, a symlinked directory stays where it is
+    src = Path(src).absolute()
+    out = Path(out).absolute()
+    if max_size is not None and (isinstance(max_size, bool) or max_size < 1):
+        raise BuildError(f"--max-size {max_size} must be a positive number of bytes", hint="pass the slot size")
     if not src.exists() and not src.is_symlink():
         raise BuildError(f"root filesystem {src} does not exist", hint="pass a directory or a tarball")
-    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) if source_date_epoch is None else source_date_epoch
+    if out.is_dir():
+        raise BuildError(f"output {out} is a directory", hint="pass the image file to write with -o")
+    if not out.parent.is_dir():
+        raise BuildError(f"the directory of the output {out} does not exist", hint="create it first")
+    try:
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) if source_date_epoch is None else source_date_epoch
+    except ValueError:
+        raise BuildError(f"SOURCE_DATE_EPOCH={os.environ['SOURCE_DATE_EPOCH']!r} is not an integer") from None
+    if not 0 <= epoch <= 0xFFFFFFFF:  # squashfs and ext4 store 32-bit times
+        raise BuildError(f"source date epoch {epoch} is out of range [0, {0xFFFFFFFF}]")
     fsid = fs_id or fs_uuid(epoch)
+    if max_size is not None and fstype in _STORES_DATA_AS_IS and is_tarball(src):
+        data = _tar_data_bytes(src)
+        if data is not None and data > max_size:
+            raise _too_big(f"the files in {src.name} add up to {data} bytes", max_size)
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     try:
         with _source_tree(src, out.parent) as tree:
             _check_tree(tree)
-            _MKFS[fstype](tools, tree, tmp, epoch, fsid, xattrs)
+            if max_size is not None and fstype in _STORES_DATA_AS_IS:
+                data = _tree_data_bytes(tree)
+                if data > max_size:
+                    raise _too_big(f"the root filesystem's files add up to {data} bytes", max_size)
+            _MKFS[fstype](tools, tree, tmp, epoch, fsid, xattrs, max_size)
         size = tmp.stat().st_size
         if max_size is not None and size > max_size:
-            raise BuildError(f"the image is {size} bytes, larger than the slot size {max_size}",
-                             hint="shrink the root filesystem or raise --max-size to the real slot size")
+            raise _too_big(f"the image is {size} bytes", max_size)
         h = hashlib.sha256()
         with open(tmp, "rb") as f:
             while b := f.read(1 << 20):
