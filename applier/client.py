@@ -19,30 +19,54 @@ from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
-from metadata.errors import RepositoryError, TransportError, UserError
+from metadata.errors import DeviceError, RepositoryError, TransportError, UserError
 
-from .fetch import HttpFetcher
+from .fetch import HttpFetcher, http_hint
 
 __all__ = ["UpdateClient", "translate_errors"]
 
 
 class _Naming(FetcherInterface):
     """Passes ngclient's requests to the device's fetcher and remembers the last file asked
-    for, so a length or transport error during a refresh can say which metadata it was."""
+    for (its URL and the first bytes that came back), so a length, transport or parse error
+    during a refresh can say which metadata it was and what arrived instead."""
 
     def __init__(self, inner: FetcherInterface) -> None:
         self.inner = inner
         self.last = ""
+        self.url = ""
+        self.head = b""
 
     def fetch(self, url: str) -> Iterator[bytes]:
         self.last = url.rsplit("/", 1)[-1]
-        return self.inner.fetch(url)
+        self.url = url
+        self.head = b""
+        return self._keep_head(self.inner.fetch(url))
+
+    def _keep_head(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        for data in pieces:
+            if len(self.head) < _HEAD:
+                self.head += bytes(data[:_HEAD - len(self.head)])
+            yield data
 
     def _fetch(self, url: str) -> Iterator[bytes]:  # abstract in FetcherInterface; fetch() above is used
         return self.inner._fetch(url)
+
+    def describe(self) -> str:
+        """'timestamp.json from http://…/timestamp.json, which starts with b'<!DOCTYPE html>…''"""
+        if not self.url:
+            return ""
+        text = f"{self.last} from {self.url}"
+        if self.head and not self.head.lstrip().startswith(b"{"):
+            text += f", which starts with {self.head!r} (not JSON: a web page or an error body?)"
+        return text
+
+
+_HEAD = 40
 
 
 _EXPIRED_ROLE = re.compile(r"(?:New |Final )?([\w.-]+?)(?:\.json)? is expired")
@@ -59,15 +83,20 @@ def _expired_message(e: Exception, expiry_of: Callable[[str], datetime | None] |
 
 @contextlib.contextmanager
 def translate_errors(what: str, expiry_of: Callable[[str], datetime | None] | None = None,
-                     fetching: Callable[[], str] | None = None) -> Iterator[None]:
+                     fetching: Callable[[], str] | None = None, *, local: str | None = None,
+                     received: Callable[[], str] | None = None) -> Iterator[None]:
     """Re-root python-tuf's exceptions by blame. ``expiry_of(role)`` tells when a role expired;
-    ``fetching()`` names the file being downloaded when a transport or length error struck."""
+    ``fetching()`` names the file being downloaded when a transport, length or parse error
+    struck, ``received()`` says what arrived when it did not parse; ``local`` names the local place written meanwhile (a local ``OSError`` becomes a
+    :class:`DeviceError` naming it). Transport messages start with the URL (applier.fetch)."""
     try:
         try:
             yield
-        except tuf_exc.DownloadError as e:
+        except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
             name = fetching() if fetching else ""
-            if name and name not in str(e):
+            if received is not None and isinstance(e, DeserializationError):
+                name = received() or name
+            if name and name not in str(e) and not isinstance(e, tuf_exc.ExpiredMetadataError):
                 e.args = (f"{name}: {e}",)
             raise
     except tuf_exc.ExpiredMetadataError as e:
@@ -76,19 +105,34 @@ def translate_errors(what: str, expiry_of: Callable[[str], datetime | None] | No
                               "the publisher must re-sign it ('abflip repo refresh' for snapshot/timestamp, "
                               "the offline key holders for root/targets)") from None
     except tuf_exc.SlowRetrievalError as e:
-        raise TransportError(f"{what}: the server was too slow: {e}") from None
+        raise TransportError(f"{what}: the server was too slow: {e}",
+                             hint="the server or the link is too slow or stalled; retry later (a later run "
+                             "resumes), or raise network.timeout / deadline / lower network.low_speed_limit"
+                             ) from None
     except tuf_exc.DownloadHTTPError as e:
-        raise TransportError(f"{what}: the server answered HTTP {e.status_code}") from None
+        raise TransportError(f"{what}: {e}", hint=http_hint(e.status_code)) from None
     except tuf_exc.DownloadLengthMismatchError as e:
         raise RepositoryError(f"{what}: {e}") from None
     except tuf_exc.DownloadError as e:
-        cause = e.__cause__ or e.__context__
-        raise TransportError(f"{what}: {e}{f' ({cause})' if cause else ''}") from None
+        raise TransportError(f"{what}: {e}") from None
     except tuf_exc.UnsignedMetadataError as e:
         raise RepositoryError(f"{what}: {e}: below the role's signature threshold of trusted keys "
                               "(bad signature, wrong or revoked key, or too few signatures)") from None
     except tuf_exc.RepositoryError as e:
         raise RepositoryError(f"{what}: {type(e).__name__}: {e}") from None
+    except OSError as e:
+        raise DeviceError(f"{what}: {local or 'a local file'} cannot be written: {_os_text(e)}",
+                          hint="free space on the state directory's filesystem, and check that "
+                          "paths.state_dir and what is inside it are writable directories") from None
+
+
+def _os_text(e: OSError) -> str:
+    """'No space left on device (/var/lib/abflip/tuf/tmpab12)'"""
+    text = e.strerror or str(e)
+    name = e.filename if e.filename is not None else ""
+    if e.filename2 is not None:
+        name = f"{name} -> {e.filename2}"
+    return f"{text} ({name})" if name else text
 
 
 class UpdateClient:
@@ -99,11 +143,13 @@ class UpdateClient:
         except OSError as e:
             raise UserError(f"cannot read the trusted root {trusted_root}: {e}",
                             hint="repository.trusted_root must name the root.json the device trusts") from None
-        metadata_dir.mkdir(parents=True, exist_ok=True)
         self.fetcher = fetcher
         self.targets_url = targets_url if targets_url.endswith("/") else targets_url + "/"
-        with translate_errors("the trusted root is invalid"):
-            self._naming = _Naming(fetcher)
+        self._cache = f"the TUF metadata cache {metadata_dir}"
+        self._naming = _Naming(fetcher)
+        with translate_errors("preparing the TUF client failed", local=self._cache):
+            metadata_dir.mkdir(parents=True, exist_ok=True)
+        with translate_errors("the trusted root is invalid", local=self._cache):
             self.updater = Updater(str(metadata_dir), metadata_url, None, self.targets_url, self._naming,
                                    updater_config or UpdaterConfig(), bootstrap=bootstrap)
 
@@ -118,11 +164,13 @@ class UpdateClient:
         return md.expires if md is not None else None
 
     def refresh(self) -> None:
-        with translate_errors("refreshing TUF metadata failed", self._expiry_of, lambda: self._naming.last):
+        with translate_errors("refreshing TUF metadata failed", self._expiry_of, lambda: self._naming.last,
+                              local=self._cache, received=self._naming.describe):
             self.updater.refresh()
 
     def target_info(self, path: str) -> TargetFile:
-        with translate_errors(f"looking up {path}", self._expiry_of, lambda: self._naming.last):
+        with translate_errors(f"looking up {path}", self._expiry_of, lambda: self._naming.last,
+                              local=self._cache, received=self._naming.describe):
             info = self.updater.get_targetinfo(path)
         if info is None:
             raise RepositoryError(f"{path} is not in the repository's signed targets")
@@ -165,7 +213,7 @@ class UpdateClient:
         tmp = dest.with_name(f".{dest.name}.part")
         got = 0
         try:
-            with translate_errors(f"downloading {info.path}"), open(tmp, "wb") as out:
+            with translate_errors(f"downloading {info.path}", local=str(tmp)), open(tmp, "wb") as out:
                 for data in self.fetcher.fetch(self.target_url(info)):  # with the slow-retrieval deadline
                     got += len(data)
                     if got > info.length:
@@ -180,7 +228,8 @@ class UpdateClient:
             for name, h in algos.items():
                 if h.hexdigest() != info.hashes[name]:
                     raise RepositoryError(f"{info.path} does not match the signed targets metadata ({name})")
-            os.replace(tmp, dest)
+            with translate_errors(f"downloading {info.path}", local=str(dest)):
+                os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest

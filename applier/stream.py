@@ -3,8 +3,11 @@
 The order is the invariant (DESIGN.md 4): a chunk's compressed bytes are hashed and
 compared with the signed chunk table *before* the decompressor sees them. Chunk ``i > 0``
 needs the ``window`` image bytes before it as its dictionary; they are read back from the
-slot, where they were written (and verified) before. Memory is one compressed chunk, one
-dictionary and one decompressed chunk, whatever the image size (invariant 5).
+slot, where they were written (and verified) before, or taken from the chunk just written.
+Memory is bounded by the chunk table, whatever the image size (invariant 5):
+:func:`memory_needed` says how much, so a device can refuse a release beyond its budget
+before downloading anything. The compressed stream is read exactly chunk by chunk, so a
+kill re-downloads at most the chunk it interrupted.
 
 :func:`verify_chunk` and :func:`decompress_chunk` are pure; :func:`write_image` owns the I/O.
 """
@@ -12,6 +15,7 @@ dictionary and one decompressed chunk, whatever the image size (invariant 5).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
@@ -22,13 +26,15 @@ from tuf.api import exceptions as tuf_exc
 from metadata.errors import DeviceError, RepositoryError, TransportError
 from metadata.manifest import Chunk, Image
 
+from .fetch import READ_SIZE, http_hint
 from .slots import SlotDevice
 
-__all__ = ["verify_chunk", "decompress_chunk", "write_image", "ChunkError", "Opener"]
+__all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener"]
 
 # Opener(start, end) -> an iterable of byte pieces of the compressed image from ``start``.
 Opener = Callable[[int, int], Iterable[bytes]]
 MAX_WINDOW_LOG = 27
+DECODER_OVERHEAD = 1 << 20  # zstd's decompression context and input block, generously
 
 
 class ChunkError(RepositoryError):
@@ -75,27 +81,42 @@ def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, diction
 
 
 class _Reader:
-    """Cut a stream of pieces into exact lengths (one copy per chunk)."""
+    """Cut a byte source into exact lengths, into one reused buffer (no joined copies).
 
-    def __init__(self, pieces: Iterable[bytes]) -> None:
-        self._it: Iterator[bytes] = iter(pieces)
-        self._parts: list[bytes] = []
-        self._have = 0
+    A source with ``read(n)`` (:class:`applier.fetch.RangeStream`) is asked for exactly
+    what the chunk in hand still needs, so nothing past the chunk being processed ever
+    leaves the socket: a process killed at any point re-downloads at most that chunk.
+    Any other iterable of pieces is cut as it comes (its pieces may run ahead)."""
+
+    def __init__(self, source: Iterable[bytes], buf: bytearray) -> None:
+        self._read: Callable[[int], bytes] | None = getattr(source, "read", None)
+        self._it: Iterator[bytes] | None = None if self._read is not None else iter(source)
+        self._left = memoryview(b"")
+        self._buf = buf
+        self.url: str = getattr(source, "url", "")
         self.received = 0  # bytes that came off the wire, used or not
 
+    def _piece(self, want: int) -> memoryview:
+        if not self._left:
+            if self._read is not None:
+                data = self._read(want)
+            else:
+                data = next(self._it, b"")  # type: ignore[arg-type]
+            self.received += len(data)
+            self._left = memoryview(data)
+        piece, self._left = self._left[:want], self._left[want:]
+        return piece
+
     def take(self, n: int) -> memoryview | None:
-        while self._have < n:
-            piece = next(self._it, None)
-            if piece is None:
+        out = memoryview(self._buf)[:n]
+        got = 0
+        while got < n:
+            piece = self._piece(n - got)
+            if not piece:
                 return None
-            self.received += len(piece)
-            self._parts.append(piece)
-            self._have += len(piece)
-        data = b"".join(self._parts)
-        rest = data[n:]
-        self._parts = [rest] if rest else []
-        self._have = len(rest)
-        return memoryview(data)[:n]
+            out[got:got + len(piece)] = piece
+            got += len(piece)
+        return out
 
 
 def verified_prefix(image: Image, slot: SlotDevice, chunks_done: int) -> tuple[int, hashlib._Hash]:
@@ -111,6 +132,31 @@ def verified_prefix(image: Image, slot: SlotDevice, chunks_done: int) -> tuple[i
     return min(chunks_done, len(image.chunks)), h
 
 
+def memory_needed(image: Image) -> int:
+    """The peak bytes :func:`write_image` holds for ``image`` (pure; the agent compares it with
+    ``limits.memory`` before it downloads anything). Apart from the interpreter itself:
+
+    - two output buffers of the largest decompressed chunk (chunk ``i`` decompresses into one
+      while the other holds chunk ``i-1``, its dictionary, and is being hashed);
+    - one buffer of the largest compressed chunk (the bytes being verified);
+    - the dictionary: python-zstandard copies the ``window`` bytes it is given, and when the
+      window is larger than an output buffer they are read back from the slot into a buffer
+      of their own (never more than once per chunk, and reused);
+    - the decompressor: its window (at most the chunk, at most ``2**MAX_WINDOW_LOG``) plus
+      ``DECODER_OVERHEAD`` for its context and input block;
+    - one network read (``READ_SIZE``).
+    """
+    chunks = image.chunks
+    if not chunks:
+        return 0
+    out = max(c.out_length for c in chunks)
+    compressed = max(c.length for c in chunks)
+    window = min(image.compression.window, max(c.out_offset for c in chunks))
+    dict_buffer = window if window > out else 0
+    decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
+    return 2 * out + compressed + window + dict_buffer + decoder + READ_SIZE
+
+
 def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: int = 0, retries: int = 5,
                 on_chunk: Callable[[int, int], None] | None = None, backoff: float = 0.5) -> int:
     """Write ``image`` into ``slot`` starting after ``chunks_done`` verified chunks.
@@ -118,6 +164,9 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     ``on_chunk(i, downloaded_bytes)`` runs after chunk ``i`` is written (the caller persists
     progress there; the slot is flushed once at the end, and a resume re-verifies the chunks
     it counts as done, so a power cut that lost written pages costs only their re-download).
+    An opener returning a stream with ``read(n)`` is read exactly chunk by chunk: at
+    ``on_chunk(i, …)`` nothing past chunk ``i`` has been downloaded, so a kill costs at
+    most the one chunk it interrupted. Peak memory is :func:`memory_needed`.
     Returns the compressed bytes downloaded by this call.
     Raises :class:`ChunkError` / :class:`RepositoryError` for bad data (never retried) and
     :class:`TransportError` once ``retries`` reconnects in a row have failed.
@@ -130,12 +179,14 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     # holds chunk i-1, its dictionary. Reusing them spares a fresh 32 MiB mapping per chunk.
     biggest = max(c.out_length for c in image.chunks)
     buffers = (bytearray(biggest), bytearray(biggest))
+    inbuf = bytearray(max(c.length for c in image.chunks))  # the compressed chunk, reused
     # The whole-image hash runs in a second thread (hashlib lets go of the GIL) while the next
     # chunk downloads and decompresses; a buffer is reused only once its hash is done.
     hasher = ThreadPoolExecutor(1, thread_name_prefix="abflip-hash")
     hashing: list[Future | None] = [None, None]
     try:
-        downloaded = _write_chunks(image, slot, opener, i, h, retries, on_chunk, backoff, buffers, hasher, hashing)
+        downloaded = _write_chunks(image, slot, opener, i, h, retries, on_chunk, backoff, buffers, inbuf, hasher,
+                                   hashing)
         for f in hashing:
             if f is not None:
                 f.result()
@@ -147,34 +198,58 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     return downloaded
 
 
+def _read_back(slot: SlotDevice, offset: int, into: memoryview) -> None:
+    """Fill ``into`` from the slot at ``offset`` (the dictionary of a resumed chunk)."""
+    done = 0
+    try:
+        while done < len(into):
+            n = os.preadv(slot.fd, [into[done:]], offset + done)
+            if not n:
+                raise DeviceError(f"slot {slot.name} ends at {offset + done}, cannot read {len(into)} bytes at {offset}")
+            done += n
+    except OSError as e:
+        raise DeviceError(f"reading slot {slot.name} at byte {offset + done} failed: {e}") from None
+
+
 def _write_chunks(image: Image, slot: SlotDevice, opener: Opener, i: int, h, retries: int,
                   on_chunk: Callable[[int, int], None] | None, backoff: float, buffers: tuple[bytearray, bytearray],
-                  hasher: ThreadPoolExecutor, hashing: list) -> int:
+                  inbuf: bytearray, hasher: ThreadPoolExecutor, hashing: list) -> int:
     total = image.compressed_size
     window = image.compression.window
     downloaded = 0
     failures = 0
     prev: memoryview | None = None
     prev_end = -1
+    dict_buf: bytearray | None = None  # only for a window larger than an output buffer
     while i < len(image.chunks):
         start = image.chunks[i].offset
-        reader = _Reader(())
+        reader = _Reader((), inbuf)
         try:
-            reader = _Reader(opener(start, total))
+            reader = _Reader(opener(start, total), inbuf)
             while i < len(image.chunks):
                 ch = image.chunks[i]
                 data = reader.take(ch.length)
                 if data is None:
-                    raise RepositoryError(f"the image ended before chunk {i}: the server sent fewer than its signed "
-                                          f"{total} bytes")
+                    where = f" {reader.url}" if reader.url else ""
+                    raise RepositoryError(f"the image{where} ended before chunk {i}: the server has fewer than its "
+                                          f"signed {total} bytes")
                 verify_chunk(i, ch, data)
                 dictionary: bytes | memoryview | None = None
                 if window and ch.out_offset:
                     lo = max(0, ch.out_offset - window)
-                    if prev is not None and prev_end == ch.out_offset and len(prev) >= ch.out_offset - lo:
-                        dictionary = prev[len(prev) - (ch.out_offset - lo):]  # the chunk just written
-                    else:
-                        dictionary = slot.pread(lo, ch.out_offset - lo)  # resuming: read it back
+                    need = ch.out_offset - lo
+                    if prev is not None and prev_end == ch.out_offset and len(prev) >= need:
+                        dictionary = prev[len(prev) - need:]  # the chunk just written
+                    else:  # resuming, or a window wider than a chunk: read it back from the slot
+                        if need <= len(buffers[(i + 1) % 2]):
+                            if hashing[(i + 1) % 2] is not None:
+                                hashing[(i + 1) % 2].result()
+                            dictionary = memoryview(buffers[(i + 1) % 2])[:need]  # the idle buffer
+                        else:
+                            if dict_buf is None or len(dict_buf) < need:
+                                dict_buf = bytearray(min(window, image.chunks[-1].out_offset))
+                            dictionary = memoryview(dict_buf)[:need]
+                        _read_back(slot, lo, dictionary)
                 if hashing[i % 2] is not None:
                     hashing[i % 2].result()  # the buffer's previous chunk is hashed: reuse it
                 out = decompress_chunk(i, ch, data, dictionary, buffers[i % 2])
@@ -191,7 +266,9 @@ def _write_chunks(image: Image, slot: SlotDevice, opener: Opener, i: int, h, ret
             reader.received = 0
             failures += 1
             if failures > retries:
-                raise TransportError(f"downloading the image failed at chunk {i} after {retries} retries: {e}") from None
+                hint = http_hint(e.status_code) if isinstance(e, tuf_exc.DownloadHTTPError) else None
+                raise TransportError(f"downloading the image failed at chunk {i} after {retries} retries: {e}",
+                                     hint=hint) from None
             time.sleep(backoff * failures)
         else:
             downloaded += reader.received
