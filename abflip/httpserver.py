@@ -4,23 +4,41 @@ For the demo, the tests and local trials (``abflip serve DIR``). Production repo
 are served by S3, a CDN or any web server; this one exists so devices can fetch over real
 HTTP on loopback. Headers follow DESIGN.md: ``timestamp.json`` no-store, everything else
 immutable; 404s not cacheable; no Content-Encoding.
+
+What it keeps, whoever connects (docs/producer.md, "abflip serve"):
+
+- Only regular files under the served root: the decoded path may not hold ``.``/``..``
+  segments, NUL bytes or any segment starting with ``.`` (the storage's ``.lock`` and
+  ``.tmp-*`` files), and its real path (symlinks resolved) must lie inside the root's real
+  path. Anything else is a plain 404.
+- At most ``max_connections`` connections are served at once; a connection that finds no free
+  slot within :data:`BUSY_WAIT` seconds is answered ``503`` (``Retry-After``) and closed.
+  Every socket operation has a ``timeout``, so an idle or stalled client frees its slot.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
+import socket
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 from builder.publish import headers_for
+from metadata.errors import UserError
 
 __all__ = ["RepoHandler", "serve", "Server"]
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+MAX_CONNECTIONS = 64  # served at once
+TIMEOUT = 60.0  # seconds any one socket read or write may take
+BUSY_WAIT = 1.0  # seconds a connection waits for a free slot before it is answered 503
 
 
 class RepoHandler(BaseHTTPRequestHandler):
@@ -32,12 +50,16 @@ class RepoHandler(BaseHTTPRequestHandler):
         pass
 
     def resolve(self) -> Path | None:
-        rel = self.path.split("?", 1)[0].lstrip("/")
+        """The regular file the request names, inside the root; None for anything else."""
+        rel = unquote(self.path.split("?", 1)[0].split("#", 1)[0], errors="strict")
         parts = [p for p in rel.split("/") if p]
-        if any(p in (".", "..") for p in parts):
+        if any(p.startswith(".") or "\0" in p for p in parts):  # ., .., dotfiles (.lock, .tmp-*)
             return None
-        p = self.root.joinpath(*parts)
-        return p if p.is_file() else None
+        root = os.path.realpath(self.root)
+        p = os.path.realpath(os.path.join(root, *parts))
+        if os.path.commonpath([root, p]) != root or not os.path.isfile(p):
+            return None
+        return self.root.joinpath(*parts)
 
     def body(self, path: Path) -> bytes | mmap.mmap:
         """The object's bytes (mapped, so a large image costs no heap). Tests override this."""
@@ -55,7 +77,10 @@ class RepoHandler(BaseHTTPRequestHandler):
         self.do_GET(head=True)
 
     def do_GET(self, head: bool = False) -> None:
-        path = self.resolve()
+        try:
+            path = self.resolve()
+        except (UnicodeDecodeError, ValueError):
+            path = None
         if path is None:
             self.send_response(HTTPStatus.NOT_FOUND)
             self.send_header("Cache-Control", "no-store")
@@ -96,14 +121,64 @@ class RepoHandler(BaseHTTPRequestHandler):
                 pass
 
 
+class _Httpd(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[RepoHandler], *, max_connections: int) -> None:
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self.slots.acquire(timeout=BUSY_WAIT):
+            self._busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _busy(self, request: socket.socket) -> None:
+        """503 without a thread: read what the client already sent (so closing does not reset
+        the connection under the answer), answer, close."""
+        try:
+            request.setblocking(False)
+            try:
+                request.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                pass
+            request.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                         b"Cache-Control: no-store\r\nConnection: close\r\n\r\n")
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        import sys
+
+        if isinstance(sys.exc_info()[1], OSError):  # a client that went away or stalled past the timeout
+            return
+        super().handle_error(request, client_address)
+
+
 class Server:
     """A running server on 127.0.0.1 (ephemeral port by default), in a thread."""
 
     def __init__(self, root: Path, handler: type[RepoHandler] = RepoHandler, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
-        cls = type("BoundHandler", (handler,), {"root": Path(root)})
-        self.httpd = ThreadingHTTPServer((host, port), cls)
-        self.httpd.daemon_threads = True
+                 port: int = 0, *, max_connections: int = MAX_CONNECTIONS, timeout: float = TIMEOUT) -> None:
+        attrs: dict[str, object] = {"root": Path(root)}
+        if handler.timeout is None:
+            attrs["timeout"] = timeout
+        cls = type("BoundHandler", (handler,), attrs)
+        self.httpd = _Httpd((host, port), cls, max_connections=max_connections)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -120,10 +195,28 @@ class Server:
         self.httpd.server_close()
 
 
-def serve(root: Path, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until interrupted (foreground)."""
-    srv = Server(root, host=host, port=port)
-    print(f"serving {os.path.abspath(root)} at {srv.url}", flush=True)
+def serve(root: Path, host: str = "127.0.0.1", port: int = 8080, *, max_connections: int = MAX_CONNECTIONS,
+          timeout: float = TIMEOUT, ready: Callable[[str], None] | None = None) -> None:
+    """Serve ``root`` until interrupted (foreground); ``ready(url)`` once listening.
+
+    Raises :class:`UserError` for a root that is not a directory, bad limits, or an address it
+    cannot listen on."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: " + ("not a directory" if root.exists() else "no such directory"),
+                        hint="give the repository's directory (the one holding metadata/ and targets/)")
+    if max_connections < 1 or not timeout > 0:
+        raise UserError("--max-connections must be at least 1 and --timeout more than 0 seconds")
+    try:
+        srv = Server(root, host=host, port=port, max_connections=max_connections, timeout=timeout)
+    except OSError as e:
+        what = {errno.EADDRINUSE: "address already in use"}.get(e.errno, e.strerror or str(e))
+        hint = {errno.EADDRINUSE: f"another process listens on port {port}; choose another with --port",
+                errno.EACCES: "ports below 1024 need root; choose another with --port"}.get(
+                    e.errno, "check --host and --port")
+        raise UserError(f"cannot listen on {host}:{port}: {what.lower()}", hint=hint) from None
+    if ready is not None:
+        ready(srv.url)
     try:
         srv.httpd.serve_forever()
     except KeyboardInterrupt:

@@ -138,8 +138,17 @@ def channel_promote(
 
 
 @app.command("serve")
-def serve_cmd(directory: Path = typer.Argument(...), host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve a repository directory over HTTP (with Range) for local trials."""
+def serve_cmd(
+    directory: Path = typer.Argument(..., help="the repository directory (holding metadata/ and targets/)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8080, help="port to listen on"),
+    max_connections: int = typer.Option(64, help="connections served at once; more wait a second, then get 503"),
+    timeout: float = typer.Option(60.0, help="seconds a client may stay silent (or not read) before it is dropped"),
+) -> None:
+    """Serve a repository directory over HTTP (with Range) for local trials. Dotfiles and
+    anything whose real path leaves the directory are never served."""
     from ..httpserver import serve
 
-    serve(directory, host, port)
+    run(lambda: serve(directory, host, port, max_connections=max_connections, timeout=timeout,
+                      ready=lambda url: print(f"serving {directory.resolve()} at {url}", flush=True)),
+        False, lambda _: "")
