@@ -1,77 +1,56 @@
-"""The device's state machine: check, download (stage), apply, run, boot-check, mark-good, rollback.
+"""The device agent: what it is, what is booted, what is on offer, and the verbs.
 
-States (DESIGN.md): ``idle -> downloading -> staged -> pending -> (reboot) -> trial ->
-committed | rolled-back``. ``download`` may run any time; ``apply`` only in a maintenance
-window (or ``--now``); ``install`` is ``download`` then ``apply --now``.
+The verbs live one concept a file, over this shared core: :mod:`applier.install` (download,
+apply: writing the inactive slot and making it bootable), :mod:`applier.mark` (boot-check,
+mark-good, rollback: judging a boot). :mod:`applier.lifecycle` holds the transition table,
+the write order of each verb, and the reconciliation with the boot loader.
 
-Download order (the invariants of DESIGN.md, in the order they are kept):
-1. Find the booted slot; refuse if unknown. The target is the *other* slot (never the booted one).
-   Refuse while the booted slot is on trial or a requested rollback waits for its reboot: the
-   inactive slot is then the fallback and must not be overwritten.
-2. Refresh TUF metadata; fetch the channel pointer and the release manifest, both verified
-   against signed targets metadata and bounded in size.
-3. Policy: product, hardware id, version floor, versions that failed before.
-4. Remove every boot entry that points at the target slot, and sync (invariant 2).
-5. Stream: verify each chunk, decompress, write; persist progress after each chunk.
-6. Whole-image sha256 matches the manifest; the verified manifest and boot files are kept in
-   ``<state_dir>/staged/`` -> ``staged``. No entry yet: nothing can boot the slot.
-
-Apply order:
-1. Something is staged for the inactive slot; we are in a maintenance window (or ``now``).
-2. Re-read the staged manifest (its sha256 is pinned in the state) and re-hash the whole slot
-   and the boot files: a slot modified behind the agent's back goes back to ``downloading``.
-3. ``pre-install`` hooks; boot files to the ESP (room checked first), synced; the entry with a
-   tries counter, written atomically -> ``pending`` (invariant 3); ``post-install`` hooks (a
-   failure removes the entry again -> ``staged``); stale entries and boot files pruned.
-
-After the reboot (``boot-check``, the health unit): the booted entry tells what happened:
-the new slot -> ``trial`` -> ``health-check`` hooks -> bless -> ``committed`` (floor raised);
-the old slot while ``pending``/``trial`` -> ``rolled-back`` (version recorded as failed).
+Every command that changes anything holds ``<state_dir>/lock`` (one agent at a time),
+removes what killed runs left behind (temp files by their prefixes), and loads the state
+reconciled with the boot loader (:func:`applier.lifecycle.reconcile`): the entries on the
+ESP and the loader variables outrank the state file. An error exit means nothing changed,
+or its message says exactly what did (docs/invariants.md).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import errno
+import fcntl
+import os
 import re
-import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
-from metadata.manifest import (
-    HWID_RE,
-    Channel,
-    Image,
-    Limits,
-    Release,
-    channel_target_path,
-)
+from metadata.manifest import HWID_RE, Channel, Limits, Release, channel_target_path
 
 from . import boot
-from .atomic import write_atomic
 from .boot import Entry
 from .client import UpdateClient
 from .config import Config
 from .context import Context
 from .esp import DirectoryEsp, Esp
 from .fetch import HttpFetcher
-from .hooks import run_hooks
+from .lifecycle import BootFacts, rebuild, reconcile
 from .policy import check_release, floor_of
-from .slots import SlotDevice, booted_slot, other_slot
-from .state import SlotState, State, Target, load_state, save_state
-from .stream import write_image
+from .slots import booted_slot, other_slot
+from .state import State, load_state, quarantine_state, save_state
 from .windows import in_window, next_window
 
 __all__ = ["ApplyResult", "Device", "DownloadResult", "InstallResult"]
 
 #: A progress event (a JSON object; see docs/device.md "Progress events").
 ProgressFn = Callable[[dict], None]
-VERIFY_PIECE = 4 << 20
-ESP_MARGIN = 64 << 10  # room left on the ESP besides the boot files (directory entries, temp names)
-STAGED_DIR = "staged"
+LOCK_FILE = "lock"
+#: Names that only a killed run leaves behind, per directory (see :meth:`Device.sweep`).
+_STATE_TEMPS = re.compile(r"^\.state-")
+_TUF_TEMPS = re.compile(r"^tmp[a-z0-9_]{6,}$")
+_STAGED_TEMPS = re.compile(r"^(\.abflip-tmp-|\..+\.part$)")
+_ESP_TEMPS = re.compile(r"(^\.abflip-tmp-|\.abflip-tmp(-case)?$|\.~a[bc]$)", re.IGNORECASE)
 
 
 @dataclass
@@ -139,6 +118,7 @@ class Device:
     progress: ProgressFn | None = None
 
     _verified_now: tuple[str, str] | None = field(default=None, init=False, repr=False)
+    _locked: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -156,7 +136,8 @@ class Device:
             self.esp = DirectoryEsp(root)
         if self.fetcher is None:
             self.fetcher = HttpFetcher(timeout=cfg.http_timeout, deadline=cfg.metadata_deadline,
-                                       rate_limit=cfg.bandwidth_limit)
+                                       rate_limit=cfg.bandwidth_limit,
+                                       **_low_speed(cfg))
         if self.reboot is None:
             self.reboot = (lambda: _run_command(cfg.reboot_command)) if cfg.reboot_command else None
 
@@ -177,69 +158,137 @@ class Device:
                               hint=f"set device.hardware_id in {self.config.path}")
         return value
 
-    def booted_entry(self, slot: str) -> Entry | None:
+    def entries(self) -> list[Entry]:
+        try:
+            return boot.list_entries(self.esp)
+        except OSError as e:
+            raise DeviceError(f"cannot list the boot entries on the ESP {self.esp!r}: {e}",
+                              hint="check that the ESP is mounted and readable") from None
+
+    def booted_entry(self, slot: str, entries: list[Entry] | None = None) -> Entry | None:
+        entries = self.entries() if entries is None else entries
         for var in ("LoaderBootCountPath", "LoaderEntrySelected"):
             value = self.ctx.loader_var(var)
             if value:
                 name = value.replace("\\", "/").rsplit("/", 1)[-1]
-                e = Entry.parse(name)
+                e = Entry.parse(name) or Entry.parse(name.lower())
                 if e:
                     # systemd-boot may have renamed it since (counting): find the current file
-                    for cur in boot.list_entries(self.esp):  # LoaderEntrySelected comes lowercased
+                    for cur in entries:  # LoaderEntrySelected comes lowercased
                         if cur.version.lower() == e.version.lower() and cur.slot == e.slot:
                             return cur
                     return e
-        candidates = [e for e in boot.list_entries(self.esp) if e.slot == slot]
+        candidates = [e for e in entries if e.slot == slot]
         return candidates[0] if len(candidates) == 1 else None
 
-    def _booted_version(self, state: State, slot: str) -> str | None:
-        entry = self.booted_entry(slot)
-        return entry.version if entry else state.slots[slot].version
+    def facts(self, slot: str) -> BootFacts:
+        entries = self.entries()
+        return BootFacts(slot, self.booted_entry(slot, entries), tuple(entries))
 
-    def _reconcile(self, state: State, slot: str) -> State:
-        """Fold what the boot loader did since the last run into the state (in memory)."""
-        rb = state.rollback
-        if rb is not None:
-            if slot == rb.get("to_slot"):
-                state.rollback = None
-                state.state = "rolled-back"
-                frm = rb.get("from_slot")
-                if frm in state.slots:
-                    state.slots[frm].status = "bad"
-                v = rb.get("from_version")
-                if v and v not in state.failed_versions:
-                    state.failed_versions.append(v)
-            return state
-        t = state.target
-        if t is None or state.state not in ("pending", "trial"):
-            return state
-        if slot == t.slot:
-            state.state = "trial"
-            return state
-        entries = [e for e in boot.list_entries(self.esp) if e.slot == t.slot]
-        if not entries or all(e.exhausted for e in entries) or state.state == "trial":
-            state.state = "rolled-back"
-            state.slots[t.slot].status = "bad"
-            if t.version not in state.failed_versions:
-                state.failed_versions.append(t.version)
-        return state
+    def _booted_version(self, state: State, booted: str) -> str | None:
+        entry = self.booted_entry(booted)
+        return entry.version if entry else state.slots[booted].version
 
-    def _load(self) -> tuple[State, str]:
+    # -- the state, reconciled -------------------------------------------------------------
+    def _load(self, *, mutating: bool = True) -> tuple[State, str]:
+        """The state reconciled with the boot loader. A missing file is rebuilt from the boot
+        loader (a device's first run); an invalid one too, but a mutating command refuses it."""
         slot = booted_slot(self.config, self.ctx)
-        state = load_state(self.config.state_dir)
-        return self._reconcile(state, slot), slot
+        raw = load_state(self.config.state_dir)
+        facts = self.facts(slot)
+        if raw is None or raw.invalid:
+            state = rebuild(facts, raw.invalid if raw else None)
+            if mutating and state.invalid:
+                raise DeviceError(f"the state file is invalid: {state.invalid}",
+                                  hint="`abflip reset-state` rebuilds it from the boot entries (the bad file is kept as "
+                                       "state.json.invalid); boot-check does so by itself at the next boot")
+            return state, slot
+        return reconcile(raw, facts), slot
 
     def _save(self, state: State) -> None:
         save_state(self.config.state_dir, state)
 
-    def _guarded(self, state: State, fn: Callable[[], object]):
-        """Run ``fn``; on an abflip error record it as ``last_error`` in the state, then re-raise."""
+    def _record_error(self, e: Error) -> None:
+        """Best effort: ``last_error`` into the state *as it is on disk*, never a half-changed
+        copy from memory (an error path must not write what the failed step meant to)."""
         try:
-            return fn()
-        except Error as e:
-            state.last_error = e.to_json()
-            self._save(state)
-            raise
+            raw = load_state(self.config.state_dir)
+            if raw is None or raw.invalid:
+                return
+            raw.last_error = e.to_json()
+            save_state(self.config.state_dir, raw)
+        except (Error, OSError):
+            pass  # the error itself is what the caller reports
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One mutating command at a time (``flock`` on ``<state_dir>/lock``); then sweep."""
+        if self._locked:
+            self._locked += 1
+            try:
+                yield
+            finally:
+                self._locked -= 1
+            return
+        d = self.config.state_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise DeviceError(f"cannot use the state directory {d}: {e.strerror or e}",
+                              hint=f"check paths.state_dir in {self.config.path}: it must be a writable directory") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise DeviceError("another abflip command is running on this device (it holds "
+                                      f"{d / LOCK_FILE})", hint="wait for it to finish, then retry") from None
+                raise DeviceError(f"cannot lock {d / LOCK_FILE}: {e}") from None
+            self._locked = 1
+            self.sweep()
+            yield
+        finally:
+            self._locked = 0
+            os.close(fd)
+
+    def guarded(self, fn: Callable[[], object]):
+        """Run a mutating verb under the lock; an abflip error is recorded as ``last_error``."""
+        with self.locked():
+            try:
+                return fn()
+            except Error as e:
+                self._record_error(e)
+                raise
+
+    def sweep(self) -> list[str]:
+        """Remove what killed runs left behind, by the prefixes only abflip's writers use:
+        ``state/.state-*``, ``state/tuf/tmp*`` (python-tuf), ``state/staged/.abflip-tmp-*`` and
+        ``.*.part``, and the ESP's ``.abflip-tmp`` names in ``loader/entries`` and ``abflip/*``.
+        Runs under the lock, so no other abflip command is writing them. Best effort."""
+        removed: list[str] = []
+        sd = self.config.state_dir
+        for d, pattern in ((sd, _STATE_TEMPS), (sd / "tuf", _TUF_TEMPS), (sd / "staged", _STAGED_TEMPS)):
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for n in names:
+                if pattern.search(n) and (d / n).is_file() and not (d / n).is_symlink():
+                    with contextlib.suppress(OSError):
+                        (d / n).unlink()
+                        removed.append(str(d / n))
+        esp = self.esp
+        try:
+            dirs = [boot.ENTRIES_DIR] + [f"abflip/{n}" for n in esp.listdir("abflip")]
+            for d in dirs:
+                for n in esp.listdir(d):
+                    if _ESP_TEMPS.search(n):
+                        esp.remove(f"{d}/{n}")
+                        removed.append(f"esp:{d}/{n}")
+        except (OSError, ValueError):
+            pass
+        return removed
 
     # -- status ----------------------------------------------------------------------------
     def window_info(self) -> dict | None:
@@ -252,15 +301,16 @@ class Device:
         return {"start": start.isoformat(), "end": end.isoformat(), "open": start <= now.astimezone(UTC) < end}
 
     def status(self) -> dict:
-        state = load_state(self.config.state_dir)
         try:
             slot: str | None = booted_slot(self.config, self.ctx)
         except DeviceError:
             slot = None
+        entries = self.entries() if self.esp.exists(boot.ENTRIES_DIR) else []
         if slot:
-            state = self._reconcile(state, slot)
-        entry = self.booted_entry(slot) if slot else None
-        entries = boot.list_entries(self.esp) if self.esp.exists(boot.ENTRIES_DIR) else []
+            state, _ = self._load(mutating=False)
+        else:
+            state = load_state(self.config.state_dir) or State()
+        entry = self.booted_entry(slot, entries) if slot else None
         booted_version = entry.version if entry else (state.slots[slot].version if slot else None)
         try:
             hwid: str | None = self.hardware_id
@@ -276,7 +326,8 @@ class Device:
             "slots": {k: {**v.__dict__, "device": str(self.config.slots[k].device), "booted": k == slot}
                       for k, v in state.slots.items()},
             "target": state.target.__dict__ if state.target else None,
-            "pending_entry": next((e.name for e in entries if e.counting and not e.exhausted), None),
+            "pending_entry": next((e.name for e in entries if e.counting and not e.exhausted
+                                   and not (entry is not None and e.name == entry.name)), None),
             "entries": [e.to_json() for e in entries],
             "failed_versions": state.failed_versions,
             "last_error": state.last_error,
@@ -287,7 +338,20 @@ class Device:
             "windows": [w.text for w in self.config.windows],
             "next_window": self.window_info(),
             "rollback": state.rollback,
+            # (issue 9) why the state file was not trusted, if it was not
+            "state_invalid": state.invalid,
         }
+
+    def reset_state(self) -> dict:
+        """Rebuild the state from the boot loader; an invalid file is kept as ``state.json.invalid``."""
+        with self.locked():
+            slot = booted_slot(self.config, self.ctx)
+            raw = load_state(self.config.state_dir)
+            state = rebuild(self.facts(slot), raw.invalid if raw else None)
+            if raw is not None:
+                quarantine_state(self.config.state_dir)
+            self._save(state)
+        return {**self.status(), "action": "rebuilt"}
 
     # -- the release on offer --------------------------------------------------------------
     def _client(self) -> UpdateClient:
@@ -301,7 +365,16 @@ class Device:
         self._emit(phase="refresh")
         client = self._client()
         client.refresh()
-        _, chan_bytes = client.fetch_target(channel_target_path(cfg.product, cfg.channel), limits.channel_max_bytes)
+        path = channel_target_path(cfg.product, cfg.channel)
+        try:
+            _, chan_bytes = client.fetch_target(path, limits.channel_max_bytes)
+        except RepositoryError as e:
+            if "is not in the repository's signed targets" not in e.message:
+                raise
+            known = client.channels(cfg.product) if hasattr(client, "channels") else []
+            raise UserError(f"channel {cfg.channel!r} of {cfg.product} is not in the repository"
+                            + (f"; it has: {', '.join(known)}" if known else ""),
+                            hint=f"check device.channel (and device.product) in {cfg.path}") from None
         channel = Channel.from_bytes(chan_bytes, limits)
         _, rel_bytes = client.fetch_target(channel.release, limits.manifest_max_bytes)
         release = Release.from_bytes(rel_bytes, limits)
@@ -315,7 +388,8 @@ class Device:
                       floor=floor_of(state.floor, self._booted_version(state, booted)),
                       failed_versions=state.failed_versions, allow_downgrade=allow_downgrade, retry_failed=retry_failed)
 
-    def _refuse_if_fallback_needed(self, state: State, booted: str) -> None:
+    def refuse_if_fallback_needed(self, state: State, booted: str) -> None:
+        """The inactive slot must not be written while it is the only way back."""
         if state.rollback is not None and booted == state.rollback.get("from_slot"):
             raise PolicyError(f"a rollback to slot {state.rollback.get('to_slot')} waits for a reboot; slot "
                               f"{state.rollback.get('to_slot')} must not be overwritten",
@@ -327,7 +401,9 @@ class Device:
     # -- check -----------------------------------------------------------------------------
     def check(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> dict:
         """Is there a release for this device? Never changes the slots or the ESP."""
-        state, booted = self._load()
+        import hashlib
+
+        state, booted = self._load(mutating=False)
         _, channel, release, rel_bytes = self._offer()
         manifest_sha = hashlib.sha256(rel_bytes).hexdigest()
         t = state.target
@@ -342,238 +418,48 @@ class Device:
                 "current": self._booted_version(state, booted), "reason": reason, "staged": staged,
                 "state": state.state, "next_window": self.window_info()}
 
-    # -- download (stage) ------------------------------------------------------------------
+    # -- the verbs (their own modules) -------------------------------------------------------
     def download(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> DownloadResult:
-        state, booted = self._load()
-        return self._guarded(state, lambda: self._download(state, booted, allow_downgrade, retry_failed))
+        from .install import download
 
-    def _staged_dir(self) -> Path:
-        return self.config.state_dir / STAGED_DIR
+        return self.guarded(lambda: download(self, allow_downgrade=allow_downgrade, retry_failed=retry_failed))
 
-    def _download(self, state: State, booted: str, allow_downgrade: bool, retry_failed: bool) -> DownloadResult:
-        cfg, limits = self.config, self.limits
-        self._refuse_if_fallback_needed(state, booted)
-        target_slot = other_slot(booted)
-        client, channel, release, rel_bytes = self._offer()
-        self._policy(state, booted, channel, release, allow_downgrade=allow_downgrade, retry_failed=retry_failed)
-        image_info = client.target_info(release.image.target)
-        if image_info.length != release.image.compressed_size:
-            raise RepositoryError(f"the image target is {image_info.length} bytes, its chunk table adds up to "
-                                  f"{release.image.compressed_size}")
-        for name, bf in release.boot.files().items():
-            info = client.target_info(bf.target)
-            if info.hashes.get("sha256") != bf.sha256 or info.length != bf.length:
-                raise RepositoryError(f"boot file {name} differs between the manifest and the targets metadata")
-        version = str(release.version)
-        manifest_sha = hashlib.sha256(rel_bytes).hexdigest()
-        slot_cfg = cfg.slots[target_slot]
-        t = state.target
-        same = t is not None and t.manifest_sha256 == manifest_sha and t.slot == target_slot
-        if same and state.state in ("staged", "pending") and self._staged_files_present(release):
-            return DownloadResult(version, target_slot, t.chunks_done, 0, already=True)  # type: ignore[union-attr]
-        nchunks = len(release.image.chunks)
-        with SlotDevice(target_slot, slot_cfg.device, write=True) as dev:
-            if release.image.size > dev.capacity:
-                raise DeviceError(f"{release.product} {version} needs {release.image.size} bytes; slot {target_slot} "
-                                  f"({slot_cfg.device}) holds only {dev.capacity}", hint="this release does not fit "
-                                  "this device's slots; nothing was changed")
-            resume = same and state.state in ("downloading", "staged", "pending") and state.target is not None
-            start = state.target.chunks_done if resume else 0  # type: ignore[union-attr]
-            # Invariant 2: nothing may boot the slot while it is being written.
-            boot.remove_slot_entries(self.esp, target_slot)
-            if not resume:
-                state.target = Target(version, target_slot, manifest_sha, 0, nchunks, 0)
-                shutil.rmtree(self._staged_dir(), ignore_errors=True)
-            state.state = "downloading"
-            state.slots[target_slot] = SlotState(version, None, "writing")
-            state.last_error = None
-            self._save(state)
-            target = state.target
-            assert target is not None
-            base_downloaded = target.bytes_downloaded
-            total_bytes = release.image.compressed_size
-            first: list[int] = []  # the first chunk written: where the verified prefix really ended
-
-            def on_chunk(i: int, downloaded: int) -> None:
-                if not first:
-                    first.append(i)
-                target.chunks_done = i + 1
-                target.bytes_downloaded = base_downloaded + downloaded
-                self._save(state)
-                self._emit(phase="download", version=version, slot=target_slot, chunk=i + 1, chunks=nchunks,
-                           bytes=release.image.chunks[i].offset + release.image.chunks[i].length,
-                           total_bytes=total_bytes)
-
-            url = client.target_url(image_info)
-            downloaded = write_image(release.image, dev, lambda s, e: self.fetcher.open_range(url, s, e),
-                                     chunks_done=start, retries=cfg.retries, on_chunk=on_chunk)
-        # write_image hashed every byte it wrote and flushed the slot: install() applies right
-        # after without re-reading it; a separate apply (any later call) re-verifies.
-        self._verified_now = (target_slot, release.image.sha256)
-        target.chunks_done = nchunks
-        # The verified manifest and boot files, so apply needs no network (and no re-fetch).
-        self._emit(phase="boot-files", version=version)
-        staged = self._staged_dir()
-        try:
-            staged.mkdir(parents=True, exist_ok=True)
-            for name, bf in release.boot.files().items():
-                if _sha256_file(staged / name) != bf.sha256:
-                    _, data = client.fetch_target(bf.target, limits.max_boot_file)
-                    write_atomic(staged / name, data)
-            write_atomic(staged / "release.json", rel_bytes)
-        except OSError as e:
-            raise DeviceError(f"cannot keep the staged boot files in {staged}: {e}") from None
-        state.state = "staged"
-        state.slots[target_slot] = SlotState(version, release.image.sha256, "staged", release.image.size)
-        self._save(state)
-        return DownloadResult(version, target_slot, first[0] if first else nchunks, downloaded)
-
-    def _staged_files_present(self, release: Release) -> bool:
-        staged = self._staged_dir()
-        return all(_sha256_file(staged / n) == bf.sha256 for n, bf in release.boot.files().items())
-
-    # -- apply -----------------------------------------------------------------------------
     def apply(self, *, now: bool = False, _just_verified: tuple[str, str] | None = None) -> ApplyResult:
-        state, booted = self._load()
-        return self._guarded(state, lambda: self._apply(state, booted, now, _just_verified))
+        from .install import apply
 
-    def _check_esp(self) -> None:
-        root = getattr(self.esp, "root", None)
-        if isinstance(self.esp, DirectoryEsp) and not Path(root).is_dir():
-            raise DeviceError(f"the ESP {root} does not exist or is not a directory",
-                              hint=f"mount the ESP, or fix paths.esp in {self.config.path}")
+        return self.guarded(lambda: apply(self, now=now, just_verified=_just_verified))
 
-    def _apply(self, state: State, booted: str, now: bool, just_verified: tuple[str, str] | None = None) -> ApplyResult:
-        cfg, esp = self.config, self.esp
-        t = state.target
-        if state.state == "pending" and t is not None and t.slot != booted:
-            entry = next((e for e in boot.list_entries(esp) if e.slot == t.slot and e.version == t.version
-                          and e.counting and not e.exhausted), None)
-            if entry is not None:
-                return ApplyResult(t.version, t.slot, entry.name, already=True)
-        if state.state != "staged" or t is None:
-            raise UserError(f"nothing is staged (state {state.state})", hint="run `abflip download` first")
-        if t.slot == booted:
-            raise DeviceError(f"the staged slot {t.slot} is the booted one", hint="run `abflip download` again")
-        if not now and not in_window(cfg.windows, self.clock()):
-            nxt = self.window_info()
-            raise PolicyError(f"outside the maintenance windows ({'; '.join(w.text for w in cfg.windows)}); the next "
-                              f"opens {nxt['start'] if nxt else 'never'}", hint="it is applied then; pass --now to "
-                              "apply it anyway")
-        self._check_esp()
-        release = self._staged_release(t)
-        version = t.version
-        # Re-verify what we are about to make bootable: the slot and the boot files.
-        if just_verified != (t.slot, release.image.sha256) and not self._slot_matches(t.slot, release.image):
-            state.state = "downloading"
-            state.slots[t.slot] = SlotState(version, None, "writing")
-            self._save(state)
-            raise DeviceError(f"slot {t.slot} was modified after {version} was staged: its sha256 no longer matches",
-                              hint="run `abflip download` to repair it (changed chunks are written again)")
-        files = {}
-        for name, bf in release.boot.files().items():
-            try:
-                data = (self._staged_dir() / name).read_bytes()
-            except OSError:
-                data = b""
-            if hashlib.sha256(data).hexdigest() != bf.sha256:
-                state.state = "downloading"
-                self._save(state)
-                raise DeviceError(f"the staged boot file {name} of {version} is missing or modified",
-                                  hint="run `abflip download` to fetch it again")
-            files[name] = data
-        need = sum(len(d) for d in files.values()) + ESP_MARGIN
-        existing = sum(len(esp.read(f"{boot.boot_dir(version)}/{n}")) for n in files
-                       if esp.exists(f"{boot.boot_dir(version)}/{n}"))
-        try:
-            free = esp.free_bytes()
-        except OSError as e:
-            raise DeviceError(f"cannot read the ESP's free space: {e}") from None
-        if free + existing < need:
-            raise DeviceError(f"the ESP has {free} bytes free; {version}'s boot files need {need}",
-                              hint="free space on the ESP (other operating systems' files are never removed by abflip)")
-        env = self._hook_env(state, booted, t)
-        run_hooks(cfg.hooks_dir, "pre-install", env=env, timeout=cfg.hook_timeout)
-        # Boot files, then the entry: the slot becomes bootable only now (invariant 3).
-        self._emit(phase="apply", version=version, slot=t.slot)
-        try:
-            for name, data in files.items():
-                esp.write_atomic(f"{boot.boot_dir(version)}/{name}", data)
-            esp.sync()
-        except OSError as e:
-            self._prune(state, booted)
-            raise DeviceError(f"writing boot files to the ESP failed: {e}",
-                              hint="check the ESP is mounted and has room; nothing boots the new slot") from None
-        entry = Entry.new(version, t.slot, cfg.tries)
-        boot.write_entry(esp, entry, boot.entry_text(product=release.product, version=version, slot=t.slot,
-                                                     partlabel=cfg.slots[t.slot].partlabel,
-                                                     options=release.boot.options,
-                                                     has_initrd=release.boot.initrd is not None,
-                                                     uki=release.boot.uki is not None))
-        state.state = "pending"
-        state.last_error = None
-        self._save(state)
-        try:
-            run_hooks(cfg.hooks_dir, "post-install", env=env, timeout=cfg.hook_timeout)
-        except Error:
-            boot.remove_slot_entries(esp, t.slot)
-            state.state = "staged"
-            self._save(state)
-            raise
-        self._prune(state, booted)
-        return ApplyResult(version, t.slot, entry.name)
-
-    def _staged_release(self, t: Target) -> Release:
-        path = self._staged_dir() / "release.json"
-        try:
-            raw = path.read_bytes()
-        except OSError:
-            raw = b""
-        if hashlib.sha256(raw).hexdigest() != t.manifest_sha256:
-            raise DeviceError(f"the staged manifest {path} is missing or does not match the state",
-                              hint="run `abflip download` again")
-        return Release.from_bytes(raw, self.limits)
-
-    def _slot_matches(self, slot: str, image: Image) -> bool:
-        return self._slot_hash_ok(slot, image.sha256, image.size)
-
-    def _hook_env(self, state: State, booted: str, t: Target | None) -> dict[str, str]:
-        env = {"ABFLIP_BOOTED_SLOT": booted, "ABFLIP_STATE": state.state, "ABFLIP_CONFIG": str(self.config.path)}
-        if t is not None:
-            env.update(ABFLIP_VERSION=t.version, ABFLIP_SLOT=t.slot,
-                       ABFLIP_SLOT_DEVICE=str(self.config.slots[t.slot].device))
-        return env
-
-    def _prune(self, state: State, booted: str) -> None:
-        """ESP hygiene: only entries and boot files of the two slots' current versions remain."""
-        keep: dict[str, str | None] = {booted: self._booted_version(state, booted)}
-        other = other_slot(booted)
-        s = state.slots[other]
-        t = state.target
-        if s.status == "good" and s.version:
-            keep[other] = s.version
-        elif state.state in ("pending", "trial") and t is not None and t.slot == other:
-            keep[other] = t.version
-        elif s.status == "unknown" and state.rollback is None:
-            keep[other] = None  # never judged: leave it alone
-        # bad, writing, staged (no entry yet): no entry may point at it
-        try:
-            boot.prune_entries(self.esp, keep)
-            boot.prune_boot_files(self.esp)
-        except DeviceError:
-            pass  # hygiene must not fail an otherwise good operation
-
-    # -- install = download + apply --now ---------------------------------------------------
     def install(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> InstallResult:
-        self._verified_now = None
-        d = self.download(allow_downgrade=allow_downgrade, retry_failed=retry_failed)
-        a = self.apply(now=True, _just_verified=self._verified_now)
+        """download + apply --now, under one lock."""
+        with self.locked():
+            self._verified_now = None
+            d = self.download(allow_downgrade=allow_downgrade, retry_failed=retry_failed)
+            a = self.apply(now=True, _just_verified=self._verified_now)
         return InstallResult(a.version, a.slot, a.entry, d.resumed_at_chunk, d.bytes_downloaded,
                              already=d.already and a.already)
+
+    def mark_good(self, *, health: bool = True) -> dict:
+        from .mark import mark_good
+
+        return self.guarded(lambda: mark_good(self, health=health))
+
+    def boot_check(self) -> dict:
+        from .mark import boot_check
+
+        return self.guarded(lambda: boot_check(self))
+
+    def rollback(self) -> dict:
+        from .mark import rollback
+
+        return self.guarded(lambda: rollback(self))
 
     # -- run: what the timer calls ---------------------------------------------------------
     def run(self, *, allow_downgrade: bool = False, retry_failed: bool = False, reboot: bool = True) -> dict:
         """One pass: check -> download -> apply if in a window -> reboot. Idempotent."""
+        with self.locked():
+            return self._run(allow_downgrade, retry_failed, reboot)
+
+    def _run(self, allow_downgrade: bool, retry_failed: bool, reboot: bool) -> dict:
         out: dict = {"schema": 1, "check": None, "download": None, "apply": None, "rebooted": False}
         state, booted = self._load()
         if state.state == "trial" or (state.rollback and booted == state.rollback.get("from_slot")):
@@ -604,118 +490,36 @@ class Device:
         out["next_window"] = self.window_info()
         return out
 
-    # -- after the reboot ------------------------------------------------------------------
-    def mark_good(self, *, health: bool = True) -> dict:
-        """Run the health-check hooks (on a trial boot), then bless the booted entry; commit a
-        trial update. Idempotent."""
-        state, slot = self._load()
-        return self._guarded(state, lambda: self._mark_good(state, slot, health))
-
-    def _mark_good(self, state: State, slot: str, health: bool) -> dict:
-        t = state.target
-        trial = state.state == "trial" and t is not None and t.slot == slot
-        if trial and health:
-            run_hooks(self.config.hooks_dir, "health-check", env=self._hook_env(state, slot, t),
-                      timeout=self.config.hook_timeout)
-        entry = self.booted_entry(slot)
-        if entry is not None and entry.counting:
-            entry = boot.bless(self.esp, entry)
-        if trial:
-            state.state = "committed"
-            state.floor = t.version
-            state.slots[slot].status = "good"
-            state.last_error = None
-        elif state.slots[slot].status in ("unknown", "staged"):
-            state.slots[slot].status = "good"
-            if entry is not None:
-                state.slots[slot].version = entry.version
-        self._save(state)
-        if trial:
-            self._prune(state, slot)
-        return self.status()
-
-    def boot_check(self) -> dict:
-        """What the health unit runs on every boot (before boot-complete.target).
-
-        Records what the boot loader did; on the trial boot of a new slot runs the
-        ``health-check`` hooks and blesses it (-> committed), or, if they fail, marks its entry
-        bad (tries used up), records the version as failed, runs the reboot command and raises.
-        """
-        state, slot = self._load()
-        self._save(state)
-        if state.state == "trial" and state.target is not None and state.target.slot == slot:
-            try:
-                return self.mark_good()
-            except Error as e:
-                state, slot = self._load()
-                entry = self.booted_entry(slot)
-                if entry is not None and entry.counting:
-                    boot.mark_bad(self.esp, entry)
-                t = state.target
-                state.rollback = {"from_slot": slot, "from_version": t.version if t else None,
-                                  "to_slot": other_slot(slot), "to_version": state.slots[other_slot(slot)].version}
-                state.last_error = e.to_json()
-                self._save(state)
-                if self.reboot is not None:
-                    self.reboot()
-                raise
-        if state.state in ("committed", "rolled-back", "idle"):
-            self._prune(state, slot)
-        return self.status()
-
-    # -- rollback --------------------------------------------------------------------------
-    def rollback(self) -> dict:
-        """Make the other slot the next boot (or cancel a pending update). See docs/device.md."""
-        state, slot = self._load()
-        return self._guarded(state, lambda: self._rollback(state, slot))
-
-    def _rollback(self, state: State, slot: str) -> dict:
-        esp = self.esp
-        other = other_slot(slot)
-        t = state.target
-        if state.rollback is not None and state.rollback.get("from_slot") == slot:
-            return {**self.status(), "action": "already-requested"}
-        if state.state == "pending" and t is not None and t.slot == other:
-            # Not booted yet: withdraw the update. The version is recorded as failed (not retried by itself).
-            boot.remove_slot_entries(esp, other)
-            state.state = "rolled-back"
-            if t.version not in state.failed_versions:
-                state.failed_versions.append(t.version)
-            state.slots[other].status = "bad"
-            self._save(state)
-            self._prune(state, slot)
-            return {**self.status(), "action": "cancelled-pending"}
+    # -- ESP hygiene -----------------------------------------------------------------------
+    def prune(self, state: State, booted: str) -> None:
+        """Only entries of the two slots' current versions remain, and only boot files an
+        entry references. Hygiene never fails an otherwise good operation."""
+        keep: dict[str, str | None] = {booted: self._booted_version(state, booted)}
+        other = other_slot(booted)
         s = state.slots[other]
-        other_entries = [e for e in boot.list_entries(esp) if e.slot == other and not e.exhausted]
-        if s.status != "good" or not other_entries:
-            raise DeviceError(f"slot {other} holds no verified, bootable system to roll back to (status {s.status}, "
-                              f"{len(other_entries)} usable boot entries)", hint="nothing was changed")
-        if s.sha256 and s.size and not self._slot_hash_ok(other, s.sha256, s.size):
-            raise DeviceError(f"slot {other} no longer matches the sha256 it was verified with",
-                              hint="nothing was changed; it cannot be rolled back to")
-        entry = self.booted_entry(slot)
-        if entry is None:
-            raise DeviceError(f"cannot find the boot entry of the booted slot {slot}", hint="nothing was changed")
-        boot.mark_bad(esp, entry)  # sorts last: systemd-boot now picks the other slot, this one stays a last resort
-        state.rollback = {"from_slot": slot, "from_version": entry.version, "to_slot": other, "to_version": s.version}
-        self._save(state)
-        return {**self.status(), "action": "rollback-on-reboot"}
-
-    def _slot_hash_ok(self, slot: str, sha: str, size: int) -> bool:
-        h = hashlib.sha256()
-        with SlotDevice(slot, self.config.slots[slot].device, write=False) as dev:
-            if dev.capacity < size:
-                return False
-            for off in range(0, size, VERIFY_PIECE):
-                h.update(dev.pread(off, min(VERIFY_PIECE, size - off)))
-                self._emit(phase="verify", slot=slot, bytes=min(size, off + VERIFY_PIECE), total_bytes=size)
-        return h.hexdigest() == sha
+        t = state.target
+        if s.status == "good" and s.version:
+            keep[other] = s.version
+        elif state.state in ("pending", "trial") and t is not None and t.slot == other:
+            keep[other] = t.version
+        elif s.status == "unknown" and state.rollback is None:
+            keep[other] = None  # never judged: leave it alone
+        # bad, writing, staged (no entry yet): no entry may point at it
+        try:
+            boot.prune_entries(self.esp, keep)
+            boot.prune_boot_files(self.esp)
+        except (Error, OSError):
+            pass
 
 
-def _sha256_file(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
+def _low_speed(cfg: Config) -> dict:
+    """The low-speed rule's settings, where this fetcher and config know them."""
+    import inspect
 
+    params = inspect.signature(HttpFetcher.__init__).parameters
+    out = {}
+    for name in ("low_speed_limit", "low_speed_time"):
+        if name in params and hasattr(cfg, name):
+            out[name] = getattr(cfg, name)
+    return out
 

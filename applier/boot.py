@@ -1,7 +1,13 @@
 """systemd-boot Type #1 entries with boot counting (Boot Loader Specification).
 
-Entry file: ``/loader/entries/abflip-<version>-<slot>[+<left>[-<done>]].conf``, boot files
-under ``/abflip/<version>/``. Every abflip entry carries ``sort-key abflip`` and ``version``:
+Entry file: ``/loader/entries/abflip-<name>-<slot>[+<left>[-<done>]].conf``, boot files
+under ``/abflip/<name>-<slot>/``, where ``<name>`` is the version with ``+`` (semver build
+metadata) written as ``_``: systemd-boot reads the *last* ``+`` of a file name as the start of
+its boot counter, so a ``+`` in the version must not reach the ESP (``_`` is not a semver
+character, so the mapping is reversible). Boot files live per slot *and* version: the ESP is
+FAT, where ``2.0.0-RC`` and ``2.0.0-rc`` name one directory, and a slot holds one version at a
+time, so one slot's install can never write over the other slot's kernel. Cleanup removes only
+files no remaining entry references (read from the entries themselves, case-insensitively). Every abflip entry carries ``sort-key abflip`` and ``version``:
 systemd-boot (252) orders by version only when every entry has a sort-key, so the newest
 version is the default, and an entry whose tries are used up (``+0-N``) sorts last, so the
 other slot boots by itself. Blessing renames the entry without its counter, exactly as
@@ -17,15 +23,19 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from metadata.errors import DeviceError
+from metadata.errors import DeviceError, RepositoryError
+from metadata.manifest import boot_options_problem
 
 from .esp import Esp
+from .policy import same_version
 
 __all__ = [
     "ENTRIES_DIR",
     "Entry",
     "bless",
     "boot_dir",
+    "esp_name",
+    "referenced_paths",
     "entry_text",
     "list_entries",
     "mark_bad",
@@ -36,7 +46,18 @@ __all__ = [
 ]
 
 ENTRIES_DIR = "loader/entries"
-_NAME = re.compile(r"^abflip-(?P<version>.+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf$")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+_PATH_KEYS = ("linux", "initrd", "efi", "devicetree")
+_NAME = re.compile(r"^abflip-(?P<version>[0-9A-Za-z._-]+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf$")
+
+
+def esp_name(version: str) -> str:
+    """The version as it appears in ESP names (``+`` -> ``_``; see the module docstring)."""
+    return version.replace("+", "_")
+
+
+def _from_esp_name(name: str) -> str:
+    return name.replace("_", "+")
 
 
 @dataclass(frozen=True)
@@ -53,7 +74,7 @@ class Entry:
 
     @property
     def blessed_name(self) -> str:
-        return f"abflip-{self.version}-{self.slot}.conf"
+        return f"abflip-{esp_name(self.version)}-{self.slot}.conf"
 
     @property
     def counting(self) -> bool:
@@ -69,20 +90,20 @@ class Entry:
         if not m:
             return None
         left = m.group("left")
-        return cls(name, m.group("version"), m.group("slot"), None if left is None else int(left),
+        return cls(name, _from_esp_name(m.group("version")), m.group("slot"), None if left is None else int(left),
                    int(m.group("done") or 0))
 
     @classmethod
     def new(cls, version: str, slot: str, tries: int) -> Entry:
-        return cls(f"abflip-{version}-{slot}+{tries}.conf", version, slot, tries, 0)
+        return cls(f"abflip-{esp_name(version)}-{slot}+{tries}.conf", version, slot, tries, 0)
 
     def to_json(self) -> dict:
         return {"file": self.name, "version": self.version, "slot": self.slot, "tries_left": self.tries_left,
                 "tries_done": self.tries_done}
 
 
-def boot_dir(version: str) -> str:
-    return f"abflip/{version}"
+def boot_dir(version: str, slot: str) -> str:
+    return f"abflip/{esp_name(version)}-{slot}"
 
 
 def loader_version(version: str) -> str:
@@ -95,17 +116,29 @@ def loader_version(version: str) -> str:
 
 def entry_text(*, product: str, version: str, slot: str, partlabel: str, options: str, has_initrd: bool,
                uki: bool = False) -> str:
+    """The entry's text. Every field is checked again here (defence in depth: the manifest
+    parser refuses the same): one control character would end a line for systemd-boot
+    (``\r`` too) and let a signer add ``efi``/``options`` lines of their own."""
+    problem = boot_options_problem(options)
+    if problem is None:
+        problem = next((f"{what} {v!r} is not printable ASCII" for what, v in
+                        (("product", product), ("version", version), ("partition label", partlabel))
+                        if not _PRINTABLE.fullmatch(v)), None)
+    if problem is not None:
+        raise RepositoryError(f"refusing to write a boot entry: {problem}",
+                              hint="the release's boot fields would change what the device boots; nothing was changed")
+    bdir = boot_dir(version, slot)
     lines = [
         f"title {product} {version} (slot {slot})",
         f"version {loader_version(version)}",
         "sort-key abflip",
     ]
     if uki:  # (issue 3) a unified kernel image: Type #1 "efi" line, the UKI carries kernel + initrd
-        lines.append(f"efi /{boot_dir(version)}/uki.efi")
+        lines.append(f"efi /{bdir}/uki.efi")
     else:
-        lines.append(f"linux /{boot_dir(version)}/vmlinuz")
+        lines.append(f"linux /{bdir}/vmlinuz")
     if has_initrd and not uki:
-        lines.append(f"initrd /{boot_dir(version)}/initrd.img")
+        lines.append(f"initrd /{bdir}/initrd.img")
     lines.append(f"options root=PARTLABEL={partlabel} abflip.slot={slot} {options}".rstrip())
     return "\n".join(lines) + "\n"
 
@@ -135,15 +168,38 @@ def remove_slot_entries(esp: Esp, slot: str) -> list[str]:
     return removed
 
 
+def referenced_paths(esp: Esp) -> set[str]:
+    """Every ESP path (casefolded, without the leading '/') that an entry in
+    ``loader/entries`` names on a ``linux``/``initrd``/``efi``/``devicetree`` line, abflip's or not.
+    Lines end at ``\n`` or ``\r``, as systemd-boot reads them."""
+    refs = set()
+    for name in esp.listdir(ENTRIES_DIR):
+        if not name.lower().endswith(".conf"):
+            continue
+        try:
+            text = esp.read(f"{ENTRIES_DIR}/{name}").decode("utf-8", "replace")
+        except OSError:
+            raise DeviceError(f"cannot read the boot entry {ENTRIES_DIR}/{name}: ESP cleanup skipped",
+                              hint="check the ESP") from None
+        for line in re.split(r"[\r\n]", text):
+            key, _, value = line.strip().partition(" ")
+            if key in _PATH_KEYS and value.strip():
+                refs.add(value.strip().replace("\\", "/").lstrip("/").casefold())
+    return refs
+
+
 def prune_boot_files(esp: Esp) -> list[str]:
-    """Remove ``/abflip/<version>/`` directories no entry refers to (never other OSes' files)."""
-    keep = {e.version for e in list_entries(esp)}
+    """Remove ``/abflip/<dir>/`` directories none of whose files any entry references (never
+    other OSes' files, never a file that any remaining entry names)."""
+    refs = referenced_paths(esp)
     removed = []
     with _guard("removing stale boot files"):
-        for v in esp.listdir("abflip"):
-            if v not in keep:
-                esp.remove_tree(f"abflip/{v}")
-                removed.append(v)
+        for d in esp.listdir("abflip"):
+            prefix = f"abflip/{d}".casefold()
+            if any(r == prefix or r.startswith(prefix + "/") for r in refs):
+                continue
+            esp.remove_tree(f"abflip/{d}")
+            removed.append(d)
         if removed:
             esp.sync()
     return removed
@@ -173,7 +229,7 @@ def mark_bad(esp: Esp, entry: Entry) -> Entry:
     This is how a rollback is requested (and what systemd-boot itself leaves after a failed trial)."""
     if entry.exhausted:
         return entry
-    bad = Entry(f"abflip-{entry.version}-{entry.slot}+0-{max(1, entry.tries_done)}.conf", entry.version, entry.slot, 0,
+    bad = Entry(f"abflip-{esp_name(entry.version)}-{entry.slot}+0-{max(1, entry.tries_done)}.conf", entry.version, entry.slot, 0,
                 max(1, entry.tries_done))
     with _guard("marking the boot entry bad"):
         esp.rename(entry.path, bad.path)
@@ -192,7 +248,7 @@ def prune_entries(esp: Esp, keep: dict[str, str | None]) -> list[str]:
     removed = []
     with _guard("removing stale boot entries"):
         for e in list_entries(esp):
-            if e.slot in keep and (keep[e.slot] is None or keep[e.slot] == e.version):
+            if e.slot in keep and (keep[e.slot] is None or same_version(keep[e.slot], e.version)):
                 continue
             esp.remove(e.path)
             removed.append(e.name)

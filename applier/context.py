@@ -24,6 +24,14 @@ class Context:
     dmi: Path = Path("/sys/class/dmi/id")
     partlabels: Path = Path("/dev/disk/by-partlabel")
     esp_candidates: tuple[Path, ...] = ESP_CANDIDATES
+    root: Path = Path("/")  # the mounted root filesystem: boot-check confirms it is the slot the entry named
+
+    def root_device(self) -> int | None:
+        """The device number (st_dev) the root filesystem is mounted from; None if unreadable."""
+        try:
+            return os.stat(self.root).st_dev
+        except OSError:
+            return None
 
     def dmi_field(self, name: str) -> str | None:
         """A DMI string (``product_name``, ``board_name``, ``sys_vendor`` …), stripped; None if unreadable/empty."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,7 @@ class Esp(Protocol):
     def read(self, path: str) -> bytes: ...
     def exists(self, path: str) -> bool: ...
     def write_atomic(self, path: str, data: bytes) -> None: ...
+    def copy_in(self, path: str, src: Path) -> None: ...
     def rename(self, src: str, dst: str) -> None: ...
     def remove(self, path: str) -> None: ...
     def remove_tree(self, path: str) -> None: ...
@@ -59,6 +61,22 @@ class DirectoryEsp:
         dst = self._p(path)
         dst.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(dst, data)
+
+    def copy_in(self, path: str, src: Path) -> None:
+        """Stream the local file ``src`` to ``path`` atomically (temp, fsync, rename, fsync dir)."""
+        dst = self._p(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".abflip-tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(dst.parent)
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(self._p(src), self._p(dst))

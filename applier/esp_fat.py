@@ -247,6 +247,17 @@ class FatImageEsp:
             self._run("mcopy", ["-D", "o", local.name, self._target(tmp)], path=tmp)
         self._rename_over(tmp, path)
 
+    def copy_in(self, path: str, src: os.PathLike[str] | str) -> None:
+        """Copy the local file ``src`` to ``path`` (mcopy streams it), through a temp name."""
+        path = _normalize(path)
+        parent, name = _split(path)
+        self.makedirs(parent)
+        if self._kind(path) == "dir":
+            raise IsADirectoryError(errno.EISDIR, f"is a directory on ESP {self!r}", path)
+        tmp = f"{parent}/{_temp_name(name)}" if parent else _temp_name(name)
+        self._run("mcopy", ["-D", "o", os.fspath(src), self._target(tmp)], path=tmp)
+        self._rename_over(tmp, path)
+
     def rename(self, src: str, dst: str) -> None:
         """Rename `src` to `dst`, replacing a file at `dst`.
 

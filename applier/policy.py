@@ -5,11 +5,23 @@ No I/O and no clock: everything comes in as arguments.
 
 from __future__ import annotations
 
-from metadata.errors import PolicyError
+from metadata.errors import PolicyError, UserError
 from metadata.manifest import Channel, Release
 from metadata.version import Version
 
-__all__ = ["check_release", "floor_of"]
+__all__ = ["check_release", "floor_of", "same_version"]
+
+
+def same_version(a: str | None, b: str | None) -> bool:
+    """Semver identity: build metadata does not make another version (``2.0.0+x`` is ``2.0.0``,
+    semver 10), for failed versions, the floor and entries alike. Text that does not parse
+    compares as text, case-insensitively (systemd-boot lowercases the entry it reports)."""
+    if a is None or b is None:
+        return a is b
+    try:
+        return Version.parse(a) == Version.parse(b)
+    except UserError:
+        return a.lower() == b.lower()
 
 
 def floor_of(committed_floor: str | None, booted_version: str | None) -> Version | None:
@@ -31,6 +43,6 @@ def check_release(release: Release, channel: Channel, *, product: str, hardware_
     if not allow_downgrade and floor is not None and release.version <= floor:
         raise PolicyError(f"{release.version} is not newer than {floor}, the version this device runs or committed",
                           hint="nothing to do; pass --allow-downgrade to install an older or equal version")
-    if not retry_failed and str(release.version) in failed_versions:
+    if not retry_failed and any(same_version(str(release.version), v) for v in failed_versions):
         raise PolicyError(f"{release.version} failed to boot on this device before and is not retried by itself",
                           hint="publish a fixed version, or pass --retry-failed")

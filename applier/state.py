@@ -1,25 +1,41 @@
 """The device's persistent state (``<state_dir>/state.json``), written atomically.
 
-States (DESIGN.md): idle -> downloading -> staged -> pending -> (reboot) -> trial ->
-committed | rolled-back. A state file that cannot be read is not trusted: the device
-starts from a fresh state, in which the inactive slot is unknown and will be re-staged.
+States (docs/architecture.md): idle -> downloading -> staged -> pending -> (reboot) -> trial ->
+committed | rolled-back; the transitions and their write order are in :mod:`applier.lifecycle`.
+
+The file is validated on load against its schema, field by field (types, ranges, slot
+names, versions, hashes). A file that is missing or fails validation is never trusted:
+:func:`load_state` says why (``State.invalid``), and :mod:`applier.lifecycle` rebuilds the
+state from what the boot loader says (the entries on the ESP and the loader variables),
+which outranks the file. Mutating commands refuse to run on an invalid file until it is
+rebuilt (``abflip reset-state``, or ``boot-check`` at the next boot, which never fails on it);
+the bad file is kept as ``state.json.invalid``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from metadata.errors import DeviceError
+from metadata.errors import DeviceError, UserError
+from metadata.version import Version
 
 from .atomic import write_atomic
 
-__all__ = ["STATES", "SlotState", "State", "Target", "load_state", "save_state"]
+__all__ = ["STATES", "SlotState", "State", "StateInvalid", "Target", "load_state", "quarantine_state", "save_state"]
 
 SCHEMA = 1
 STATES = ("idle", "downloading", "staged", "pending", "trial", "committed", "rolled-back")
+SLOT_STATUSES = ("unknown", "writing", "staged", "good", "bad")
+STATE_FILE = "state.json"
+INVALID_SUFFIX = ".invalid"
+TEMP_PREFIX = ".state-"
+MAX_STATE_BYTES = 1 << 20
+MAX_FAILED = 256
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -51,43 +67,140 @@ class State:
     failed_versions: list[str] = field(default_factory=list)
     last_error: dict | None = None
     updated: str | None = None
-    recovered: bool = False  # the file was unreadable and this state was started afresh
+    recovered: bool = False  # rebuilt from the boot loader (the file was missing or invalid)
     # A requested rollback waiting for its reboot: {"from_slot", "from_version", "to_slot", "to_version"}.
     rollback: dict | None = None
+    invalid: str | None = None  # why the file on disk failed validation (None: it did not, or there was none)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["schema"] = SCHEMA
         d.pop("recovered")
+        d.pop("invalid")
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> State:
-        if d.get("schema") != SCHEMA or d.get("state") not in STATES:
-            raise ValueError("unknown schema or state")
-        slots = {k: SlotState(**v) for k, v in d["slots"].items()}
-        if set(slots) != {"a", "b"}:
-            raise ValueError("bad slots")
-        target = Target(**d["target"]) if d.get("target") else None
+    def from_json(cls, d: object) -> State:
+        """Parse and validate; raise :class:`StateInvalid` saying which field is wrong."""
+        d = _obj(d, "the file")
+        _known(d, "the file", {"schema", "state", "floor", "slots", "target", "failed_versions", "last_error",
+                               "updated", "rollback"})
+        _need(d.get("schema") == SCHEMA, f"schema is {d.get('schema')!r}, not {SCHEMA}")
+        _need(d.get("state") in STATES, f"state {d.get('state')!r} is not one of {', '.join(STATES)}")
+        slots_raw = _obj(d.get("slots"), "slots")
+        _need(set(slots_raw) == {"a", "b"}, f"slots must be exactly a and b, not {sorted(slots_raw)}")
+        slots = {k: _slot(v, f"slots.{k}") for k, v in slots_raw.items()}
+        target = None if d.get("target") is None else _target(d["target"])
+        failed = d.get("failed_versions", [])
+        _need(isinstance(failed, list) and len(failed) <= MAX_FAILED, "failed_versions is not a list (of at most "
+              f"{MAX_FAILED})")
+        for v in failed:
+            _version(v, "failed_versions[]")
         rollback = d.get("rollback")
-        if rollback is not None and not isinstance(rollback, dict):
-            raise ValueError("bad rollback")
-        return cls(d["state"], d.get("floor"), slots, target, list(d.get("failed_versions", [])), d.get("last_error"),
-                   d.get("updated"), rollback=rollback)
+        if rollback is not None:
+            rollback = _obj(rollback, "rollback")
+            _known(rollback, "rollback", {"from_slot", "from_version", "to_slot", "to_version"})
+            _need(rollback.get("from_slot") in ("a", "b") and rollback.get("to_slot") in ("a", "b")
+                  and rollback["from_slot"] != rollback["to_slot"], "rollback slots are not a and b")
+            for k in ("from_version", "to_version"):
+                if rollback.get(k) is not None:
+                    _version(rollback[k], f"rollback.{k}")
+        last_error = d.get("last_error")
+        _need(last_error is None or (isinstance(last_error, dict)
+                                     and all(isinstance(v, str) for v in last_error.values())), "last_error is malformed")
+        updated = d.get("updated")
+        _need(updated is None or isinstance(updated, str), "updated is not a string")
+        floor = d.get("floor")
+        if floor is not None:
+            _version(floor, "floor")
+        return cls(d["state"], floor, slots, target, list(failed), last_error, updated, rollback=rollback)
+
+
+class StateInvalid(ValueError):
+    """The state file exists but does not match its schema (the message says where)."""
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise StateInvalid(what)
+
+
+def _obj(v: object, what: str) -> dict:
+    _need(isinstance(v, dict), f"{what} is not a JSON object")
+    return v  # type: ignore[return-value]
+
+
+def _known(d: dict, what: str, keys: set[str]) -> None:
+    extra = sorted(set(d) - keys)
+    _need(not extra, f"{what} has unknown keys {extra}")
+
+
+def _version(v: object, what: str) -> str:
+    try:
+        Version.parse(v)  # type: ignore[arg-type]
+    except UserError:
+        raise StateInvalid(f"{what} {v!r} is not a version") from None
+    return v  # type: ignore[return-value]
+
+
+def _int(v: object, what: str, hi: int = 1 << 62) -> int:
+    _need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= hi, f"{what} {v!r} is not an integer >= 0")
+    return v  # type: ignore[return-value]
+
+
+def _slot(v: object, what: str) -> SlotState:
+    d = _obj(v, what)
+    _known(d, what, {"version", "sha256", "status", "size"})
+    _need(d.get("status", "unknown") in SLOT_STATUSES, f"{what}.status {d.get('status')!r} is not one of "
+          f"{', '.join(SLOT_STATUSES)}")
+    if d.get("version") is not None:
+        _version(d["version"], f"{what}.version")
+    _need(d.get("sha256") is None or (isinstance(d["sha256"], str) and bool(_HEX64.fullmatch(d["sha256"]))),
+          f"{what}.sha256 is not a sha256")
+    if d.get("size") is not None:
+        _int(d["size"], f"{what}.size")
+    return SlotState(d.get("version"), d.get("sha256"), d.get("status", "unknown"), d.get("size"))
+
+
+def _target(v: object) -> Target:
+    d = _obj(v, "target")
+    _known(d, "target", {"version", "slot", "manifest_sha256", "chunks_done", "chunks_total", "bytes_downloaded"})
+    _version(d.get("version"), "target.version")
+    _need(d.get("slot") in ("a", "b"), f"target.slot {d.get('slot')!r} is not a or b")
+    sha = d.get("manifest_sha256")
+    _need(isinstance(sha, str) and (sha == "" or bool(_HEX64.fullmatch(sha))), "target.manifest_sha256 is not a sha256")
+    total = _int(d.get("chunks_total", 0), "target.chunks_total", 1 << 20)
+    done = _int(d.get("chunks_done", 0), "target.chunks_done", 1 << 20)
+    _need(done <= total, f"target.chunks_done {done} is more than target.chunks_total {total}")
+    return Target(d["version"], d["slot"], sha, done, total, _int(d.get("bytes_downloaded", 0), "target.bytes_downloaded"))
 
 
 def state_path(state_dir: Path) -> Path:
-    return Path(state_dir) / "state.json"
+    return Path(state_dir) / STATE_FILE
 
 
-def load_state(state_dir: Path) -> State:
+def load_state(state_dir: Path) -> State | None:
+    """The state on disk; None when there is no file (a device's first run). A file that cannot
+    be read or does not validate gives a fresh ``State`` with ``invalid`` saying why: the caller
+    rebuilds it from the boot loader (:func:`applier.lifecycle.rebuild`)."""
     path = state_path(state_dir)
     try:
-        return State.from_json(json.loads(path.read_text()))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_STATE_BYTES + 1)
     except FileNotFoundError:
-        return State()
-    except (OSError, ValueError, TypeError, KeyError):
-        return State(recovered=True)
+        return None
+    except IsADirectoryError:
+        return State(invalid=f"{path} is a directory")
+    except OSError as e:
+        return State(invalid=f"cannot read {path}: {e.strerror or e}")
+    if len(raw) > MAX_STATE_BYTES:
+        return State(invalid=f"{path} is larger than {MAX_STATE_BYTES} bytes")
+    try:
+        return State.from_json(json.loads(raw))
+    except StateInvalid as e:
+        return State(invalid=f"{path}: {e}")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return State(invalid=f"{path} is not valid JSON ({e})")
 
 
 def save_state(state_dir: Path, state: State) -> None:
@@ -96,6 +209,27 @@ def save_state(state_dir: Path, state: State) -> None:
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         data = json.dumps(state.to_json(), indent=1, sort_keys=True) + "\n"
-        write_atomic(state_path(state_dir), data.encode(), prefix=".state-")
+        write_atomic(state_path(state_dir), data.encode(), prefix=TEMP_PREFIX)
     except OSError as e:
         raise DeviceError(f"cannot write the state file in {state_dir}: {e}") from None
+    state.invalid = None
+
+
+def quarantine_state(state_dir: Path) -> Path | None:
+    """Keep an invalid state file as ``state.json.invalid`` (evidence), out of the way."""
+    path = state_path(state_dir)
+    dest = path.with_name(STATE_FILE + INVALID_SUFFIX)
+    try:
+        if path.is_dir():
+            import shutil
+
+            if dest.exists():
+                shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink()
+            path.rename(dest)
+        else:
+            path.replace(dest)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DeviceError(f"cannot move the invalid state file {path} aside: {e}") from None
+    return dest

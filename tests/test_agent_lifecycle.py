@@ -116,7 +116,7 @@ def test_health_check_failure_rolls_back_by_itself(world):
     st = dev.boot_check()
     assert st["state"] == "rolled-back" and st["failed_versions"] == ["2.0.0"] and st["floor"] is None
     assert sim.entries() == ["abflip-1.0.0-a.conf"]  # the exhausted entry and its files are gone
-    assert not (sim.esp / "abflip" / "2.0.0").exists()
+    assert not (sim.esp / "abflip" / "2.0.0-b").exists()
     assert dev.check()["available"] is False  # not retried by itself
     r = dev.run()
     assert r["download"] is None and "failed to boot" in r["check"]["reason"]
@@ -160,7 +160,7 @@ def test_pre_install_hook_failure_changes_nothing(world):
         dev.apply(now=True)
     assert_untouched(sim, dev)
     assert dev.status()["state"] == "staged"
-    assert not (sim.esp / "abflip" / "2.0.0").exists()
+    assert not (sim.esp / "abflip" / "2.0.0-b").exists()
 
 
 def test_post_install_hook_failure_withdraws_the_entry(world):
@@ -213,7 +213,7 @@ def test_rollback_of_a_pending_update_withdraws_it(world):
     st = dev.rollback()
     assert st["action"] == "cancelled-pending" and st["state"] == "rolled-back"
     assert_untouched(sim, dev)
-    assert not (sim.esp / "abflip" / "2.0.0").exists()
+    assert not (sim.esp / "abflip" / "2.0.0-b").exists()
 
 
 def test_rollback_refused_without_a_verified_other_slot(world):
@@ -255,7 +255,7 @@ def test_esp_hygiene_removes_stale_abflip_entries_only(world):
     world.publish("2.0.0")
     dev.install()
     assert sorted(sim.entries()) == ["abflip-1.0.0-a.conf", "abflip-2.0.0-b+3.conf", "debian.conf", "notes.txt"]
-    assert sorted(p.name for p in (sim.esp / "abflip").iterdir()) == ["1.0.0", "2.0.0"]
+    assert sorted(p.name for p in (sim.esp / "abflip").iterdir()) == ["1.0.0", "2.0.0-b"]
 
 
 # -- faults: each leaves the device booting what it booted ---------------------------------------
@@ -323,6 +323,10 @@ class _TinyEsp:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         self.inner.write_atomic(path, data)
 
+    def copy_in(self, path: str, src) -> None:
+        from pathlib import Path
+        self.write_atomic(path, Path(src).read_bytes())
+
 
 @pytest.mark.parametrize("kind", ["reported-full", "enospc-mid-write"])
 def test_esp_full(world, kind):
@@ -334,7 +338,7 @@ def test_esp_full(world, kind):
     with pytest.raises(DeviceError, match="ESP has 4096 bytes free" if kind == "reported-full" else "No space left"):
         dev.apply(now=True)
     assert_untouched(sim, dev)
-    assert not (sim.esp / "abflip" / "2.0.0").exists()  # no half-written boot files left behind
+    assert not (sim.esp / "abflip" / "2.0.0-b").exists()  # no half-written boot files left behind
     assert dev.status()["state"] == "staged"
 
 
@@ -403,7 +407,7 @@ def test_booted_slot_unknown_refuses_every_write(world):
 
 
 @pytest.mark.parametrize("when", ["staged", "pending"])
-def test_corrupt_state_file_is_recovered_safely(world, when):
+def test_corrupt_state_file_is_refused_then_rebuilt_from_the_boot_loader(world, when):
     world.publish("1.0.0")
     sim, dev = agent(world)
     world.publish("2.0.0")
@@ -412,11 +416,15 @@ def test_corrupt_state_file_is_recovered_safely(world, when):
     if when == "pending":
         dev.apply(now=True)
     (sim.state_dir / "state.json").write_text("{not json")
-    st = dev.status()
-    assert st["state_recovered"] and st["state"] == "idle" and st["slots"]["b"]["status"] == "unknown"
-    from metadata.errors import UserError
-    with pytest.raises(UserError, match="nothing is staged"):
+    st = dev.status()  # status still answers, from the boot loader
+    assert st["state_recovered"] and "not valid JSON" in st["state_invalid"]
+    assert st["booted_version"] == "1.0.0" and st["slots"]["b"]["status"] == "unknown"
+    with pytest.raises(DeviceError, match="state file is invalid") as e:
         dev.apply(now=True)
+    assert "reset-state" in e.value.hint
+    assert (sim.state_dir / "state.json").read_text() == "{not json"  # the evidence is not overwritten
+    dev.reset_state()
+    assert (sim.state_dir / "state.json.invalid").read_text() == "{not json"
     d = dev.download()  # the inactive slot is unknown: staged again from scratch, its entry removed first
     assert d.resumed_at_chunk == 0 and d.bytes_downloaded == rel.image.compressed_size
     assert [e for e in sim.entries() if "-b" in e] == []

@@ -28,7 +28,7 @@ def test_install_update_boot_and_bless(world):
     text = (sim.esp / "loader/entries/abflip-2.0.0-b+3.conf").read_text()
     assert "sort-key abflip" in text and "version 2.0.0" in text
     assert "options root=PARTLABEL=root-b abflip.slot=b ro" in text
-    assert (sim.esp / "abflip/2.0.0/vmlinuz").read_bytes() == (world.built["2.0.0"] / "vmlinuz").read_bytes()
+    assert (sim.esp / "abflip/2.0.0-b/vmlinuz").read_bytes() == (world.built["2.0.0"] / "vmlinuz").read_bytes()
     assert dev.status()["state"] == "pending"
 
     booted = sim.boot()

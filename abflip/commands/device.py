@@ -45,6 +45,9 @@ def _render_status(s: dict) -> str:
         lines.append(f"failed:  {', '.join(s['failed_versions'])}")
     if "next_window" in s:
         lines.append(_window_line(s["next_window"]))
+    if s.get("state_invalid"):
+        lines.append(f"state file invalid: {s['state_invalid']} (shown: rebuilt from the boot entries; "
+                     "`abflip reset-state` keeps it so)")
     if s["last_error"]:
         lines.append(f"last error ({s['last_error']['blame']}): {s['last_error']['message']}")
     return "\n".join(lines)
@@ -197,3 +200,9 @@ def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
                    "rollback-on-reboot": f"slot {s['rollback']['to_slot'] if s.get('rollback') else '?'} boots next; reboot to roll back",
                    "already-requested": "a rollback is already requested; reboot"}.get(s.get("action"), "")
         + "\n" + _render_status(s))
+
+
+@app.command("reset-state")
+def reset_state(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
+    """Rebuild the state file from the boot entries (an invalid file is kept as state.json.invalid)."""
+    run(lambda: _device(config).reset_state(), as_json, lambda s: "state rebuilt from the boot entries\n" + _render_status(s))
