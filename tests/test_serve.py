@@ -1,0 +1,203 @@
+"""`abflip serve` as a client on the network would probe it (issue 9 item 17, issue 11 item 6):
+paths out of the served directory, dotfiles, idle and excess connections; and as a user meets it
+on the command line: a busy port, a directory that is not there. Real HTTP on 127.0.0.1; the CLI
+as a subprocess where the item is about the CLI."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from abflip.demo import HARDWARE, PRODUCT
+from abflip.httpserver import Server
+from abflip.sim import SimDevice
+from applier.agent import Device
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def raw_get(url: str, path: str) -> tuple[int | None, bytes]:
+    """(status, body) of ``GET <path>`` sent byte for byte (no client-side normalisation);
+    status None when the server closed the connection without an answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    if not data:
+        return None, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A served directory with a file, a dotfile, links in and out, and a secret beside it."""
+    root = tmp_path / "repo"
+    (root / "metadata").mkdir(parents=True)
+    (root / "metadata" / "timestamp.json").write_text("{}")
+    (root / ".lock").write_text("")
+    (root / ".tmp-123").write_text("half-written")
+    (root / "metadata" / ".hidden.json").write_text("{}")
+    (tmp_path / "secret").write_text("SECRET")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("SECRET")
+    (root / "leak").symlink_to(tmp_path / "secret")
+    (root / "metadata" / "up").symlink_to("../..")
+    (root / "outlink").symlink_to(tmp_path / "outside")
+    (root / "inlink.json").symlink_to("metadata/timestamp.json")
+    (root / "etc-passwd").symlink_to("/etc/passwd")
+    return root
+
+
+# -- paths --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [
+    "/leak", "/outlink/secret", "/metadata/up/secret", "/etc-passwd",  # symlinks out of the root
+    "/../secret", "/metadata/../../secret", "/%2e%2e/secret", "/%2E%2E%2Fsecret", "/metadata/%2e%2e/%2e%2e/secret",
+    "/..%2f..%2fsecret", "//etc/passwd", "/%2Fetc%2Fpasswd", "http://x/../secret",
+    "/metadata%00/timestamp.json", "/metadata/timestamp.json%00.png", "/%ff%fe",
+])
+def test_nothing_outside_the_served_directory_is_served(served, path):
+    with Server(served) as srv:
+        status, body = raw_get(srv.url, path)
+        assert status == 404, (status, body)
+        assert b"SECRET" not in body and b"root:" not in body
+        assert raw_get(srv.url, "/metadata/timestamp.json") == (200, b"{}")  # and it still serves
+
+
+def test_links_inside_the_directory_are_followed(served):
+    with Server(served) as srv:
+        assert raw_get(srv.url, "/inlink.json") == (200, b"{}")
+        # what counts is where the bytes are: out through a link and back in is still inside
+        assert raw_get(srv.url, "/metadata/up/repo/metadata/timestamp.json") == (200, b"{}")
+        assert raw_get(srv.url, "/metadata/up/secret")[0] == 404
+
+
+@pytest.mark.parametrize("path", ["/.lock", "/.tmp-123", "/metadata/.hidden.json", "/%2elock", "/./metadata/timestamp.json"])
+def test_dotfiles_are_never_served(served, path):
+    with Server(served) as srv:
+        assert raw_get(srv.url, path)[0] == 404
+
+
+# -- connections --------------------------------------------------------------------------------
+def test_connections_beyond_the_bound_get_503_and_the_server_recovers(served):
+    with Server(served, max_connections=2, timeout=30) as srv:
+        host, port = srv.httpd.server_address[:2]
+        idle = [socket.create_connection((host, port), timeout=30) for _ in range(2)]  # say nothing, hold a slot
+        try:
+            status, _ = raw_get(srv.url, "/metadata/timestamp.json")
+            assert status == 503
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 30
+        while raw_get(srv.url, "/metadata/timestamp.json")[0] != 200:
+            assert time.monotonic() < deadline, "slots were not freed"
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /metadata/timestamp.json HTTP/1.1\r\nHost: x\r\n"],
+                         ids=["silent", "half-a-request"])
+def test_an_idle_client_is_dropped_at_the_timeout_and_frees_its_slot(served, sent):
+    with Server(served, max_connections=1, timeout=1) as srv:
+        host, port = srv.httpd.server_address[:2]
+        with socket.create_connection((host, port), timeout=30) as s:
+            s.sendall(sent)
+            try:
+                assert s.recv(65536) == b""  # closed by the server, long before our 30 s
+            except TimeoutError:
+                pytest.fail("the server kept an idle connection open")
+        assert raw_get(srv.url, "/metadata/timestamp.json") == (200, b"{}")
+
+
+# -- the command line ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def abflip(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-m", "abflip.cli", *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"abflip {' '.join(args)} did not end (it served instead of refusing?)")
+
+
+class Serving:
+    """`abflip serve DIR --port N` in the background, until the test ends."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "abflip.cli", "serve", str(directory),
+                                      "--port", str(self.port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        line = self.proc.stdout.readline()  # printed once it listens
+        assert line.startswith(f"serving {directory.resolve()} at http://127.0.0.1:{self.port}"), (
+            line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=30)
+        return err
+
+
+def test_cli_serves_a_repository_to_a_device_but_never_its_lock_file(world, tmp_path):
+    world.publish("1.0.0")
+    world.publish("2.0.0")
+    (world.repo / ".lock").write_text("")  # LocalStorage's lock for conditional writes
+    (world.repo / "metadata" / "evil").symlink_to(tmp_path / "keys")  # the keys are beside the repo
+    srv = Serving(world.repo)
+    try:
+        assert raw_get(srv.url, "/.lock")[0] == 404
+        assert raw_get(srv.url, "/metadata/evil/root.pem")[0] == 404
+        assert raw_get(srv.url, "/metadata/evil")[0] == 404
+        sim = SimDevice.create(tmp_path / "dev", repository_url=srv.url,
+                               trusted_root=(world.repo / "metadata" / "1.root.json").read_bytes(), product=PRODUCT,
+                               hardware_id=HARDWARE, slot_size=8 << 20, retries=1, timeout=5.0)
+        sim.provision(world.built["1.0.0.img"], slot="a", version="1.0.0", product=PRODUCT)
+        dev = Device(sim.config)
+        dev.mark_good()
+        assert dev.download().version == "2.0.0"  # metadata, manifest, boot files and ranges of the image
+    finally:
+        err = srv.close()
+    assert "Traceback" not in err
+
+
+def test_cli_port_in_use_is_a_user_error(tmp_path):
+    (tmp_path / "repo").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = abflip("serve", str(tmp_path / "repo"), "--port", str(port))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"error (user): cannot listen on 127.0.0.1:{port}: address already in use\n  hint: ")
+    assert "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+def test_cli_refuses_a_directory_that_is_not_one_before_listening(tmp_path, kind):
+    target = tmp_path / "repo"
+    if kind == "a file":
+        target.write_text("")
+    port = free_port()
+    r = abflip("serve", str(target), "--port", str(port), timeout=30)
+    assert r.returncode == 2, r.stderr
+    reason = "no such directory" if kind == "missing" else "not a directory"
+    assert r.stderr.startswith(f"error (user): {target}: {reason}\n  hint: ") and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_cli_bad_limits_are_user_errors(tmp_path):
+    (tmp_path / "repo").mkdir()
+    r = abflip("serve", str(tmp_path / "repo"), "--port", str(free_port()), "--max-connections", "0", timeout=30)
+    assert r.returncode == 2 and "error (user): --max-connections must be at least 1" in r.stderr
