@@ -1,0 +1,1 @@
+"""The project's own fault campaign (issue 10); see docs/faults.md."""
