@@ -5,7 +5,7 @@ are served by S3, a CDN or any web server; this one exists so devices can fetch 
 HTTP on loopback. Headers follow DESIGN.md: ``timestamp.json`` no-store, everything else
 immutable; 404s not cacheable; no Content-Encoding.
 
-What it keeps, whoever connects (docs/producer.md, "abflip serve"):
+What it keeps, whoever connects (also in ``abflip serve --help``):
 
 - Only regular files under the served root: the decoded path may not hold ``.``/``..``
   segments, NUL bytes or any segment starting with ``.`` (the storage's ``.lock`` and
