@@ -155,7 +155,7 @@ class Config:
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> Config:
-        path = Path(path)
+        path = Path(os.path.abspath(path))  # relative paths in it are relative to it, whatever the cwd later
         return cls.from_dict(_read_toml(path), path)
 
     @classmethod
@@ -257,12 +257,12 @@ def _read_toml(path: Path) -> dict:
         raise UserError(f"no configuration file at {path}", hint=hint) from None
     except OSError as e:
         raise UserError(f"cannot read configuration {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UserError(f"configuration {path} is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}"
+                        ", not a configuration file", hint=hint)
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise UserError(f"configuration {path} is a directory, not a file", hint=hint)
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"configuration {path} is not a regular file", hint=hint)
         try:
             data = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as e:
