@@ -164,7 +164,8 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, max_size: int | None
 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit)
     if max_size is not None and proc.returncode != 0 and (
-            proc.returncode == -signal.SIGXFSZ or "file too large" in (proc.stderr + proc.stdout).lower()):
+            proc.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ)
+            or any(m in (proc.stderr + proc.stdout).lower() for m in ("file too large", "file size limit exceeded"))):
         raise BuildError(f"the image is larger than the slot size {max_size} ({os.path.basename(cmd[0])} was stopped "
                          "when it reached it)", hint="shrink the root filesystem or raise --max-size to the real slot size")
     return proc

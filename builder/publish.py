@@ -27,7 +27,7 @@ from pathlib import Path
 from tuf.api.metadata import TargetFile
 
 from metadata.keys import KeyConfig
-from metadata.manifest import Channel, Release, channel_target_path, check_name
+from metadata.manifest import Channel, ManifestError, Release, channel_target_path, check_name
 from metadata.repository import Repository, SignedFile
 
 from .errors import AlreadyExists, BuildError, StorageError
@@ -115,6 +115,9 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
         release = Release.from_bytes((release_dir / "release.json").read_bytes())
     except FileNotFoundError:
         raise BuildError(f"{release_dir} holds no release.json", hint="create it with 'abflip release create'") from None
+    except ManifestError as e:  # the user's local file, refused by the device's own parser before any upload
+        raise BuildError(f"{release_dir / 'release.json'}: {e.message}",
+                         hint="re-create the release with 'abflip release create'; nothing was published") from None
     files = {release.target_path: release_dir / "release.json", release.image.target: release_dir / "rootfs.img.zst"}
     for name, bf in release.boot.files().items():
         files[bf.target] = release_dir / name
