@@ -136,8 +136,8 @@ class Device:
             self.esp = DirectoryEsp(root)
         if self.fetcher is None:
             self.fetcher = HttpFetcher(timeout=cfg.http_timeout, deadline=cfg.metadata_deadline,
-                                       rate_limit=cfg.bandwidth_limit,
-                                       **_low_speed(cfg))
+                                       rate_limit=cfg.bandwidth_limit, low_speed_limit=cfg.low_speed_limit,
+                                       low_speed_time=cfg.low_speed_time)
         if self.reboot is None:
             self.reboot = (lambda: _run_command(cfg.reboot_command)) if cfg.reboot_command else None
 
@@ -510,16 +510,4 @@ class Device:
             boot.prune_boot_files(self.esp)
         except (Error, OSError):
             pass
-
-
-def _low_speed(cfg: Config) -> dict:
-    """The low-speed rule's settings, where this fetcher and config know them."""
-    import inspect
-
-    params = inspect.signature(HttpFetcher.__init__).parameters
-    out = {}
-    for name in ("low_speed_limit", "low_speed_time"):
-        if name in params and hasattr(cfg, name):
-            out[name] = getattr(cfg, name)
-    return out
 

@@ -42,10 +42,10 @@ from .esp import DirectoryEsp
 from .hooks import run_hooks
 from .slots import SlotDevice, other_slot
 from .state import SlotState, State, Target
-from .stream import write_image
+from .stream import memory_needed, write_image
 from .windows import in_window
 
-__all__ = ["apply", "download", "memory_needed", "slot_hash_ok"]
+__all__ = ["apply", "download", "slot_hash_ok"]
 
 VERIFY_PIECE = 4 << 20
 COPY_PIECE = 1 << 20
@@ -57,22 +57,9 @@ def staged_dir(dev) -> Path:
     return dev.config.state_dir / STAGED_DIR
 
 
-def memory_needed(image: Image) -> int:
-    """What streaming ``image`` holds in memory at its peak (applier.stream's own figure)."""
-    from . import stream
-
-    if hasattr(stream, "memory_needed"):
-        return stream.memory_needed(image)
-    biggest_out = max(c.out_length for c in image.chunks)
-    biggest_in = max(c.length for c in image.chunks)
-    return 2 * biggest_out + biggest_in + image.compression.window + COPY_PIECE
-
-
 def _check_memory(dev, release: Release) -> None:
-    budget = getattr(dev.config, "memory_budget", None)
-    if not budget:
-        return
-    need = memory_needed(release.image)
+    budget = dev.config.memory_budget
+    need = memory_needed(release.image) + COPY_PIECE  # + streaming a boot file
     if need > budget:
         raise PolicyError(f"{release.product} {release.version} needs about {need >> 20} MiB of memory to install "
                           f"(chunks of up to {max(c.out_length for c in release.image.chunks) >> 20} MiB, a "
@@ -94,10 +81,7 @@ def _sha256_file(path: Path) -> str | None:
 
 def _open_target(dev, target_slot: str, booted: str, *, write: bool) -> SlotDevice:
     slots = dev.config.slots
-    try:
-        return SlotDevice(target_slot, slots[target_slot].device, write=write, booted=slots[booted].device)
-    except TypeError:  # a SlotDevice without the identity check (older applier.slots)
-        return SlotDevice(target_slot, slots[target_slot].device, write=write)
+    return SlotDevice(target_slot, slots[target_slot].device, write=write, booted=slots[booted].device)
 
 
 # -- download ---------------------------------------------------------------------------------
