@@ -69,12 +69,14 @@ def release_create(
     kernel: Optional[Path] = typer.Option(None, help="kernel for the Type #1 boot entry"),
     initrd: Optional[Path] = typer.Option(None),
     uki: Optional[Path] = typer.Option(None, help="unified kernel image (instead of --kernel/--initrd)"),
-    options: str = typer.Option("ro", help="kernel options (root= and abflip.slot= are added on the device)"),
+    options: str = typer.Option("ro", help="kernel options: printable ASCII, at most 1024 characters; root=, abflip.*, "
+                                           "mount.usr*, roothash/usrhash, systemd.verity* and systemd.gpt_auto are the "
+                                           "device's and refused (root= and abflip.slot= are added on the device)"),
     fstype: str = typer.Option("erofs"),
     level: int = typer.Option(9, help="zstd level"),
     chunk_size: int = typer.Option(32 << 20, help="image bytes per chunk (zstd frame)"),
     window: int = typer.Option(32 << 20, help="bytes before a chunk used as its dictionary"),
-    threads: int = typer.Option(0, help="compression threads (0: one per CPU)"),
+    threads: int = typer.Option(0, help="compression threads (0: one per CPU, at most 256)"),
     output: Path = typer.Option(..., "-o", "--output", help="release directory to write"),
     as_json: bool = JSON_OPT,
 ) -> None:
