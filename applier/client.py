@@ -149,7 +149,7 @@ class UpdateClient:
         self._naming = _Naming(fetcher)
         with translate_errors("preparing the TUF client failed", local=self._cache):
             metadata_dir.mkdir(parents=True, exist_ok=True)
-        with translate_errors("the trusted root is invalid", local=self._cache):
+        with translate_errors("loading the trusted root failed", local=self._cache):
             self.updater = Updater(str(metadata_dir), metadata_url, None, self.targets_url, self._naming,
                                    updater_config or UpdaterConfig(), bootstrap=bootstrap)
 

@@ -1,0 +1,162 @@
+"""What a download may cost (issue 10 item 6, issue 9 item 15): the image stream reads exactly
+the chunk in hand, so a kill re-downloads at most the chunk it interrupted; and the memory a
+signed chunk table can make the device spend is what :func:`applier.stream.memory_needed`
+says, measured as the resident set of a real process writing a real image."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import assert_untouched, release_of
+from test_agent_lifecycle import agent
+
+from abflip.httpserver import RepoHandler, Server
+from applier.fetch import HttpFetcher
+from applier.slots import SlotDevice
+from applier.stream import memory_needed, write_image
+from builder.release import create_release
+from metadata.manifest import Release
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _image_url(world, rel) -> str:
+    return f"{world.url}/{world.object(rel.image.target).relative_to(world.repo).as_posix()}"
+
+
+def test_reads_never_run_past_the_chunk_in_hand(world, tmp_path):
+    """Over a fast server, at every chunk the device has taken off the wire exactly the bytes
+    up to the end of that chunk: no read-ahead that a kill would throw away."""
+    world.publish("2.0.0")
+    rel = release_of(world, "2.0.0")
+    chunks = rel.image.chunks
+    assert len(chunks) >= 3
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(8 << 20))
+    fetcher = HttpFetcher(timeout=5)
+    url = _image_url(world, rel)
+    for start in (0, 2):  # fresh, and resumed after two chunks
+        seen = []
+        with SlotDevice("b", slot, write=True) as dev:
+            write_image(rel.image, dev, lambda s, e: fetcher.open_range(url, s, e), chunks_done=start,
+                        on_chunk=lambda i, n: seen.append((i, n)))
+        base = chunks[start].offset
+        assert seen == [(i, chunks[i].offset + chunks[i].length - base) for i in range(start, len(chunks))]
+
+
+class _Paced(RepoHandler):
+    """Sends the image in small paced pieces and counts them; the test kills the device mid-way."""
+
+    sent = 0
+
+    def send_bytes(self, data, start, end):
+        view = memoryview(data)[start:end]
+        if not self.path.endswith(".zst"):
+            return RepoHandler.send_bytes(self, data, start, end)
+        for i in range(0, len(view), 8192):
+            self.wfile.write(view[i:i + 8192])
+            _Paced.sent += len(view[i:i + 8192])
+            time.sleep(0.01)
+
+
+def test_killed_download_lost_nothing_but_the_chunk_it_was_in(world):
+    """``abflip download`` is SIGKILLed just after chunk 1: what it had taken off the wire
+    (persisted with the progress) ends exactly at its last verified chunk, and the re-run
+    fetches the image from that chunk on; over both runs, nothing beyond the interrupted
+    chunk is fetched twice."""
+    world.publish("1.0.0")
+    sim, dev = agent(world)
+    world.publish("2.0.0")
+    rel = release_of(world, "2.0.0")
+    chunks = rel.image.chunks
+    _Paced.sent = 0
+    world.handler = _Paced
+    cmd = [sys.executable, "-m", "abflip.cli", "download", "--config", str(sim.config_path), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    watchdog = threading.Timer(90, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.strip() and json.loads(line).get("chunk") == 2:  # chunk 1 (0-based) is written
+                break
+        else:
+            pytest.fail(f"download ended before it could be killed: {proc.wait()} {proc.stderr.read()}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    assert_untouched(sim, dev)
+    target = json.loads((sim.config.state_dir / "state.json").read_text())["target"]
+    done = target["chunks_done"]
+    assert 2 <= done < len(chunks)
+    assert target["bytes_downloaded"] == chunks[done - 1].offset + chunks[done - 1].length
+
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])["result"]
+    assert result["resumed_at_chunk"] == done
+    assert result["bytes_downloaded"] == rel.image.compressed_size - chunks[done].offset
+    fetched_twice = _Paced.sent - rel.image.compressed_size  # server side, socket buffers included
+    assert 0 <= fetched_twice <= chunks[done].length + 16384
+
+
+_RSS_PROBE = r"""
+import json, re, sys
+from metadata.manifest import Release
+from applier.fetch import HttpFetcher
+from applier.slots import SlotDevice
+from applier.stream import memory_needed, write_image
+
+def rss(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read())[1]) << 10
+
+rel = Release.from_bytes(open(sys.argv[1], "rb").read())
+url, slot, done = sys.argv[2], sys.argv[3], int(sys.argv[4])
+fetcher = HttpFetcher(timeout=30)
+with SlotDevice("b", slot, write=True) as dev:
+    before = rss("VmRSS")
+    write_image(rel.image, dev, lambda s, e: fetcher.open_range(url, s, e), chunks_done=done)
+    peak = rss("VmHWM")
+print(json.dumps({"grew": peak - before, "need": memory_needed(rel.image)}))
+"""
+
+
+@pytest.mark.parametrize("chunks_done", [0, 1], ids=["fresh", "resumed"])
+def test_memory_needed_bounds_the_resident_set(tmp_path, chunks_done):
+    """A real 48 MiB image in 16 MiB chunks with a 16 MiB window, incompressible (so the
+    compressed chunk is as big as it gets), written by a separate process over HTTP: its
+    peak resident set grows by no more than memory_needed() and by at least half of it."""
+    size, chunk = 48 << 20, 16 << 20
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(os.urandom(size))
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k" * 4096)
+    out = tmp_path / "release"
+    create_release(raw, out, product="demo-os", version="9.0.0", compatible=["demo-hw"], kernel=kernel,
+                   chunk_size=chunk, window=chunk, created=1700000000)
+    rel = Release.from_bytes((out / "release.json").read_bytes())
+    assert len(rel.image.chunks) == 3
+    need = memory_needed(rel.image)
+    assert need >= 5 * chunk  # two outputs, one compressed chunk, the dictionary, the decoder's window
+    slot = tmp_path / "slot"
+    with open(slot, "wb") as f:
+        f.truncate(size)
+    if chunks_done:
+        with open(raw, "rb") as src, open(slot, "r+b") as dst:
+            dst.write(src.read(rel.image.chunks[0].out_length))  # the first chunk is already written
+    with Server(out) as srv:
+        r = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(out / "release.json"),
+                            f"{srv.url}/rootfs.img.zst", str(slot),
+                            str(chunks_done)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["need"] == need
+    assert need // 2 <= got["grew"] <= need + (4 << 20), got
