@@ -26,6 +26,7 @@ from . import boot
 from .hooks import HookError, run_hooks
 from .install import hook_env, slot_hash_ok
 from .lifecycle import rebuild
+from .policy import same_version
 from .slots import other_slot
 from .state import load_state, quarantine_state
 
@@ -142,6 +143,13 @@ def boot_check(dev) -> dict:
     return dev.status()
 
 
+def _entries_or_empty(dev) -> list[boot.Entry]:
+    try:
+        return boot.list_entries(dev.esp)
+    except OSError:
+        return []
+
+
 def _booted(dev) -> str:
     from .slots import booted_slot
 
@@ -211,6 +219,12 @@ def rollback(dev) -> dict:
     try:
         boot.mark_bad(esp, entry)  # sorts last: systemd-boot now picks the other slot, this one stays a last resort
     except DeviceError as e:
+        marked = any(x.slot == slot and same_version(x.version, entry.version) and x.exhausted
+                     for x in _entries_or_empty(dev))
+        if marked:  # the rename happened, the flush after it failed: the request stands
+            raise DeviceError(f"the rollback is requested (entry {entry.name} is marked bad: slot {other} boots next), "
+                              f"but flushing the ESP failed: {e.message}; if the power fails before the ESP writes "
+                              f"back, slot {slot} may boot again", hint=e.hint) from None
         state.rollback = None
         try:
             dev._save(state)
