@@ -159,7 +159,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, max_size: int | None
     write fails with EFBIG / SIGXFSZ), and it dumps no core."""
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if max_size is not None:
+        if max_size is not None and max_size < 1 << 62:  # beyond that no file system limits anything
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_size, max_size))
 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit)
