@@ -467,3 +467,42 @@ def test_a_block_device_in_use_is_not_written(loop_disk):
     finally:
         os.close(holder)
     SlotDevice("b", p2, write=True).close()
+
+
+def test_symlink_swapped_during_open_never_opens_the_booted_slot(tmp_path):
+    """A link flipping between slot b and slot a while the agent opens it (a racing udev rule, or an
+    attacker): the descriptor is checked after the open, so slot a is never opened for writing."""
+    import threading
+
+    a, b = tmp_path / "slot-a.img", tmp_path / "slot-b.img"
+    a.write_bytes(b"booted" * 1000)
+    b.write_bytes(b"\0" * 6000)
+    link, tmp_link_a, tmp_link_b = tmp_path / "root-b", tmp_path / ".to-a", tmp_path / ".to-b"
+    link.symlink_to(b)
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            for target, tmp in ((a, tmp_link_a), (b, tmp_link_b)):
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(target)
+                os.replace(tmp, link)
+
+    t = threading.Thread(target=flip)
+    t.start()
+    opened, refused = 0, 0
+    try:
+        for _ in range(3000):
+            try:
+                dev = SlotDevice("b", link, write=True, booted=a)
+            except DeviceError as e:
+                assert "refusing to write slot b" in e.message or "does not exist" in e.message
+                refused += 1
+                continue
+            with dev:
+                assert os.fstat(dev.fd).st_ino == os.stat(b).st_ino  # never slot a
+                opened += 1
+    finally:
+        stop.set()
+        t.join()
+    assert opened and refused and a.read_bytes() == b"booted" * 1000
