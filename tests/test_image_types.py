@@ -172,7 +172,7 @@ def test_uki_release_installs_with_an_efi_entry(world, tmp_path):
     assert (sim.esp / "abflip" / "2.5.0-b" / "uki.efi").read_bytes() == uki.read_bytes()
     entry = next((sim.esp / "loader" / "entries").glob("abflip-2.5.0-*"))
     text = entry.read_text()
-    assert "efi /abflip/2.5.0/uki.efi" in text and "linux" not in text
+    assert "efi /abflip/2.5.0-b/uki.efi" in text and "linux" not in text
     assert "options root=PARTLABEL=root-b abflip.slot=b ro quiet" in text
 
 
