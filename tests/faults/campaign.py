@@ -33,6 +33,9 @@ from .world import STATES, Releases, account, build_releases, make_server, make_
 
 OUT = Path("/tmp/faults")
 LATEST = OUT / "latest.txt"
+# Trials on tmpfs when there is one: fsync costs nothing there, and strace injects at the
+# system call whatever the file system.
+WORK = Path("/dev/shm/abflip-faults") if Path("/dev/shm").is_dir() else OUT / "run"
 COMMANDS = tuple(trace.COMMANDS)
 
 
@@ -195,7 +198,9 @@ def run_trial(ctx: Ctx, b: Baseline, spec: tuple) -> Result:
         Path(d.parent / f"{tid}.log").unlink(missing_ok=True)
         if fault is not None:
             hit = [c for c in r.calls if c.pid == r.main_pid and c.name == fault[0] and c.nth == fault[1]]
-            if not hit or not trace.is_site(hit[0], str(d)):
+            landed = bool(hit) and trace.is_site(hit[0], str(d)) and \
+                (hit[0].injected if kind != "kill" else (r.rc in (-9, 137) and hit[0].ret is None))
+            if not landed:
                 shutil.rmtree(d, ignore_errors=True)
                 account(ctx.base_url, tid)
                 return Result(rid, sc.name, kind, [], miss=True, seconds=time.monotonic() - t0)
@@ -317,9 +322,9 @@ def campaign(*, sample: int | None = None, seed: int = 0, jobs: int = 2, only: l
     OUT.mkdir(parents=True, exist_ok=True)
     rel = build_releases()
     server = make_server(rel.repo)
+    work = WORK / f"run-{os.getpid()}"  # runs may overlap (pytest while a full campaign runs)
     try:
         base_url = server.url
-        work = OUT / "run"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         snaps = make_snapshots(rel, base_url, work / "snap")
@@ -360,6 +365,8 @@ def campaign(*, sample: int | None = None, seed: int = 0, jobs: int = 2, only: l
         return summary
     finally:
         server.__exit__(None, None, None)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _write_latest(path: Path, baselines: list[Baseline], results: list[Result], planned: int, seconds: float,
@@ -418,15 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--only", action="append", help="run only this trial id or scenario (command@state)")
     ap.add_argument("--no-crash", action="store_true", help="skip the power-cut crash states")
-    ap.add_argument("--keep", action="store_true", help="keep trial directories (under /tmp/faults/run/t)")
+    ap.add_argument("--keep", action="store_true", help="keep trial directories (under WORK/t)")
     a = ap.parse_args(argv)
     if not shutil.which("strace"):
         print("error (user): strace is missing\n  hint: apt-get install -y strace", file=sys.stderr)
         return 2
     s = campaign(sample=a.sample, seed=a.seed, jobs=a.jobs, only=a.only, crashes=not a.no_crash, keep=a.keep)
     if a.keep and a.only:
-        print(f"trial directories: {OUT / 'run' / 't'}")
         for r in s["results"]:
+            print(f"{r.id}: kept in {WORK}/run-{os.getpid()}/t/{_tid(r.id)}")
             for p in r.problems:
                 print(f"{r.id}: {p}")
     return 1 if s["violations"] else 0

@@ -78,7 +78,15 @@ def ops_from_calls(calls: list[Call], root: Path, pre: Path, post: Path) -> list
     for c in calls:
         if c.ret is not None and c.ret < 0:
             continue
+        if c.name not in ("openat", "rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir", "mkdir",
+                          "mkdirat", "sync", "syncfs"):
+            # an fd call: strace -y names the file the fd is open on *now* (fd numbers are reused
+            # by files elsewhere, e.g. python-tuf's temp files in /tmp)
+            if c.fd_path is None or not under(c.fd_path):
+                continue
         if c.name == "openat":
+            if c.ret is not None and c.ret >= 0:
+                fds.pop(c.ret, None)
             if not c.paths or not under(c.paths[0]) or c.ret is None:
                 continue
             p = rel(c.paths[0])

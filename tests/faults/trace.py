@@ -201,7 +201,8 @@ def python_argv(command: str, config: Path) -> list[str]:
 def run(command: str, root: Path, log: Path, *, fault: tuple[str, int, str] | None = None, strsize: int = 4096,
         timeout: float = 120) -> Run:
     """Run ``command`` on the device in ``root`` under strace; ``fault``: (syscall, nth, kind)."""
-    argv = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "signal=none", "-y", "-x", "-s", str(strsize),
+    # no --seccomp-bpf: strace 6.1 then ignores -e inject
+    argv = ["strace", "-f", "-qq", "-e", "signal=none", "-y", "-x", "-s", str(strsize),
             "-e", "trace=" + ",".join(MUTATING + ACCOUNTING), "-o", str(log)]
     if fault is not None:
         sc, nth, kind = fault
