@@ -25,7 +25,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from metadata.errors import DeviceError, RepositoryError, TransportError, UserError
 
-from .fetch import HttpFetcher, http_hint
+from .fetch import HttpFetcher, transport_hint
 
 __all__ = ["UpdateClient", "translate_errors"]
 
@@ -105,16 +105,17 @@ def translate_errors(what: str, expiry_of: Callable[[str], datetime | None] | No
                               "the publisher must re-sign it ('abflip repo refresh' for snapshot/timestamp, "
                               "the offline key holders for root/targets)") from None
     except tuf_exc.SlowRetrievalError as e:
-        raise TransportError(f"{what}: the server was too slow: {e}",
-                             hint="the server or the link is too slow or stalled; retry later (a later run "
-                             "resumes), or raise network.timeout / deadline / lower network.low_speed_limit"
-                             ) from None
+        raise TransportError(f"{what}: the server was too slow: {e}", hint=transport_hint(e)) from None
     except tuf_exc.DownloadHTTPError as e:
-        raise TransportError(f"{what}: {e}", hint=http_hint(e.status_code)) from None
+        raise TransportError(f"{what}: {e}", hint=transport_hint(e)) from None
     except tuf_exc.DownloadLengthMismatchError as e:
         raise RepositoryError(f"{what}: {e}") from None
     except tuf_exc.DownloadError as e:
         raise TransportError(f"{what}: {e}") from None
+    except DeserializationError as e:
+        raise RepositoryError(f"{what}: {e}", hint="what the server sent is not TUF metadata: a captive portal, a "
+                              "proxy's error page or a misconfigured mirror (open repository.metadata_url in a "
+                              "browser), or a broken publish; nothing was installed") from None
     except tuf_exc.UnsignedMetadataError as e:
         raise RepositoryError(f"{what}: {e}: below the role's signature threshold of trusted keys "
                               "(bad signature, wrong or revoked key, or too few signatures)") from None

@@ -34,7 +34,7 @@ import urllib3
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
 
-__all__ = ["HttpFetcher", "RangeStream", "RateLimiter", "SpeedFloor", "http_hint", "MAX_REDIRECTS"]
+__all__ = ["HttpFetcher", "RangeStream", "RateLimiter", "SpeedFloor", "http_hint", "transport_hint", "MAX_REDIRECTS"]
 
 USER_AGENT = "abflip/0.1"
 READ_SIZE = 64 << 10
@@ -55,6 +55,19 @@ def http_hint(status: int) -> str:
     if status >= 500:
         return "the server failed; retry later (a later run resumes)"
     return "the server refused the request; check the repository URLs"
+
+
+SLOW_HINT = ("the server or the link is too slow or stalled; retry later (a later run resumes), or adjust "
+             "network.timeout / deadline / low_speed_limit / low_speed_time")
+
+
+def transport_hint(e: tuf_exc.DownloadError) -> str | None:
+    """The hint for the TransportError a download error becomes (None: the default hint)."""
+    if isinstance(e, tuf_exc.DownloadHTTPError):
+        return http_hint(e.status_code)
+    if isinstance(e, tuf_exc.SlowRetrievalError):
+        return SLOW_HINT
+    return None
 
 
 class RateLimiter:
@@ -122,8 +135,9 @@ class RangeStream:
 
     def __init__(self, response: urllib3.BaseHTTPResponse, skip: int, deadline: float | None,
                  limiter: RateLimiter | None = None, *, url: str = "", length: int | None = None,
-                 floor: SpeedFloor | None = None) -> None:
+                 floor: SpeedFloor | None = None, timeout: float | None = None) -> None:
         self._response = response
+        self._timeout = timeout
         self.skip = skip
         self._deadline = deadline
         self._limiter = limiter
@@ -170,8 +184,8 @@ class RangeStream:
             raise
         except urllib3.exceptions.ReadTimeoutError as e:
             self.close()
-            raise tuf_exc.SlowRetrievalError(f"{self.url}: no data arrived for {_timeout_of(e)} "
-                                             "(network.timeout)") from e
+            gap = f"{self._timeout:g} s" if self._timeout is not None else "the read timeout"
+            raise tuf_exc.SlowRetrievalError(f"{self.url}: no data arrived for {gap} (network.timeout)") from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             self.close()
             raise tuf_exc.DownloadError(f"{self.url}: the connection failed during the download: "
@@ -201,13 +215,10 @@ class RangeStream:
         self._response.release_conn()
 
 
-def _timeout_of(e: urllib3.exceptions.ReadTimeoutError) -> str:
-    m = re.search(r"read timeout=([\d.]+)", str(e))
-    return f"{float(m[1]):g} s" if m else "the read timeout"
-
-
 def _cause(e: BaseException) -> str:
     """The root cause in words: 'connection refused', 'connection reset by peer', ..."""
+    if type(e).__name__ == "IncompleteRead":  # http.client's and urllib3's
+        return f"the connection closed early ({str(e).strip('()').removeprefix('IncompleteRead(')})"
     seen = e
     while seen.__cause__ is not None or seen.__context__ is not None:
         seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
@@ -310,7 +321,7 @@ class HttpFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         deadline = None if self.deadline is None else time.monotonic() + self.deadline
         r, where = self._request(url)
-        return iter(RangeStream(r, 0, deadline, self.limiter, url=where, floor=self._floor(where)))
+        return iter(RangeStream(r, 0, deadline, self.limiter, url=where, floor=self._floor(where), timeout=self.timeout))
 
     def open_range(self, url: str, start: int, end: int) -> RangeStream:
         """GET ``[start, end)``; works whether or not the server honours Range. The stream
@@ -327,14 +338,16 @@ class HttpFetcher(FetcherInterface):
                 raise tuf_exc.DownloadError(f"{where}: the server answered range {got!r} "
                                             f"for bytes={start}-{end - 1}")
             size = None if m[3] == "*" else int(m[3])
-            return RangeStream(r, 0, None, self.limiter, url=where, length=_expect(start, end, size), floor=floor)
+            return RangeStream(r, 0, None, self.limiter, url=where, length=_expect(start, end, size), floor=floor,
+                           timeout=self.timeout)
         if r.status != 200:
             r.close()
             r.release_conn()
             raise tuf_exc.DownloadError(f"{where}: HTTP {r.status} is not an answer to a GET of bytes {start}-{end - 1}")
         # 200: the whole object; drop what we have
         size = r.length_remaining
-        return RangeStream(r, start, None, self.limiter, url=where, length=_expect(start, end, size), floor=floor)
+        return RangeStream(r, start, None, self.limiter, url=where, length=_expect(start, end, size), floor=floor,
+                           timeout=self.timeout)
 
 
 def _expect(start: int, end: int, size: int | None) -> int:

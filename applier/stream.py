@@ -26,7 +26,7 @@ from tuf.api import exceptions as tuf_exc
 from metadata.errors import DeviceError, RepositoryError, TransportError
 from metadata.manifest import Chunk, Image
 
-from .fetch import READ_SIZE, http_hint
+from .fetch import READ_SIZE, transport_hint
 from .slots import SlotDevice
 
 __all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener"]
@@ -266,9 +266,8 @@ def _write_chunks(image: Image, slot: SlotDevice, opener: Opener, i: int, h, ret
             reader.received = 0
             failures += 1
             if failures > retries:
-                hint = http_hint(e.status_code) if isinstance(e, tuf_exc.DownloadHTTPError) else None
                 raise TransportError(f"downloading the image failed at chunk {i} after {retries} retries: {e}",
-                                     hint=hint) from None
+                                     hint=transport_hint(e)) from None
             time.sleep(backoff * failures)
         else:
             downloaded += reader.received

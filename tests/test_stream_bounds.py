@@ -69,9 +69,9 @@ class _Paced(RepoHandler):
 
 def test_killed_download_lost_nothing_but_the_chunk_it_was_in(world):
     """``abflip download`` is SIGKILLed just after chunk 1: what it had taken off the wire
-    (persisted with the progress) ends exactly at its last verified chunk, and the re-run
-    fetches the image from that chunk on; over both runs, nothing beyond the interrupted
-    chunk is fetched twice."""
+    (persisted with the progress) ends exactly at its last verified chunk (before, a 64 KiB
+    read could run into the next chunks), and the re-run fetches the image from the chunk
+    after it; over both runs, nothing beyond the interrupted chunk is fetched twice."""
     world.publish("1.0.0")
     sim, dev = agent(world)
     world.publish("2.0.0")
@@ -104,8 +104,10 @@ def test_killed_download_lost_nothing_but_the_chunk_it_was_in(world):
     result = json.loads(r.stdout.splitlines()[-1])["result"]
     assert result["resumed_at_chunk"] == done
     assert result["bytes_downloaded"] == rel.image.compressed_size - chunks[done].offset
-    fetched_twice = _Paced.sent - rel.image.compressed_size  # server side, socket buffers included
-    assert 0 <= fetched_twice <= chunks[done].length + 16384
+    # server side, what sat in socket buffers at the kill included (the device was busy with
+    # a chunk, e.g. in fsync, while the server went on sending): not exact, but within a chunk
+    fetched_twice = _Paced.sent - rel.image.compressed_size
+    assert 0 <= fetched_twice <= max(c.length for c in chunks)
 
 
 _RSS_PROBE = r"""
