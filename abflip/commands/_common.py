@@ -19,6 +19,22 @@ image_app = typer.Typer(no_args_is_help=True, help="Producer: build root filesys
 release_app = typer.Typer(no_args_is_help=True, help="Producer: assemble releases.")
 repo_app = typer.Typer(no_args_is_help=True, help="Producer: the TUF repository.")
 channel_app = typer.Typer(no_args_is_help=True, help="Producer: channel pointers.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"abflip {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print abflip's version and exit")) -> None:
+    """Atomic A/B OS image updates with TUF and systemd-boot."""
+
+
 app.add_typer(image_app, name="image")
 app.add_typer(release_app, name="release")
 app.add_typer(repo_app, name="repo")

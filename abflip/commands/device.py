@@ -206,3 +206,28 @@ def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
 def reset_state(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Rebuild the state file from the boot entries (an invalid file is kept as state.json.invalid)."""
     run(lambda: _device(config).reset_state(), as_json, lambda s: "state rebuilt from the boot entries\n" + _render_status(s))
+
+
+def _render_provision(r: dict) -> str:
+    text = (f"provisioned {r['product']} {r['version']} in slot {r['slot']}: image verified ({r['image_size']} bytes, "
+            f"sha256 {r['sha256'][:16]}...), boot files in {r['boot_dir']}/, entry {r['entry']} (blessed), "
+            f"floor {r['floor']}")
+    if r["removed_entries"]:
+        text += f"\nremoved the slot's stale entries: {', '.join(r['removed_entries'])}"
+    return text
+
+
+@app.command("provision")
+def provision(release: Path = typer.Argument(..., help="the release of the image in the slot: the directory 'abflip "
+                                                      "release create' wrote, or its release.json"),
+              slot: str = typer.Option(None, "--slot", help="the slot holding the image (default: the booted slot; "
+                                                            "needed when the loader does not say)"),
+              force: bool = typer.Option(False, "--force", help="record it even if the device already has a good "
+                                                                "booted slot (a re-flashed device)"),
+              config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
+    """A device's first day: verify the factory image in the booted slot against its release, write its
+    boot files and a blessed entry, and record it (slot good, version floor) in the state."""
+    from applier.factory import provision as provision_slot
+
+    _streaming(lambda p: provision_slot(_device(config, p), release, slot=slot, force=force), as_json,
+               _render_provision)
