@@ -23,6 +23,7 @@ import mmap
 import os
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -162,8 +163,6 @@ class _Httpd(ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        import sys
-
         if isinstance(sys.exc_info()[1], OSError):  # a client that went away or stalled past the timeout
             return
         super().handle_error(request, client_address)

@@ -223,8 +223,9 @@ def _run(hook: Path, kind: str, env: dict[str, str], timeout: float) -> tuple[in
 
 
 def _drain(fd: int, buf: bytearray) -> bool:
-    """Read what the pipe holds into ``buf``, keeping its last OUTPUT_KEEP bytes; True at EOF."""
-    while True:
+    """Read what the pipe holds (at most 1 MiB, so an endless writer cannot keep us from the
+    clock) into ``buf``, keeping its last OUTPUT_KEEP bytes; True at EOF."""
+    for _ in range(16):
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
@@ -234,6 +235,7 @@ def _drain(fd: int, buf: bytearray) -> bool:
         buf += data
         if len(buf) > 2 * OUTPUT_KEEP:
             del buf[:-OUTPUT_KEEP]
+    return False
 
 
 def _exited(proc: subprocess.Popen) -> bool:

@@ -79,7 +79,8 @@ def test_links_inside_the_directory_are_followed(served):
         assert raw_get(srv.url, "/metadata/up/secret")[0] == 404
 
 
-@pytest.mark.parametrize("path", ["/.lock", "/.tmp-123", "/metadata/.hidden.json", "/%2elock", "/./metadata/timestamp.json"])
+@pytest.mark.parametrize("path", ["/.lock", "/.tmp-123", "/metadata/.hidden.json", "/%2elock",
+                                  "/./metadata/timestamp.json"])
 def test_dotfiles_are_never_served(served, path):
     with Server(served) as srv:
         assert raw_get(srv.url, path)[0] == 404
