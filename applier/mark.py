@@ -219,9 +219,16 @@ def rollback(dev) -> dict:
     try:
         boot.mark_bad(esp, entry)  # sorts last: systemd-boot now picks the other slot, this one stays a last resort
     except DeviceError as e:
-        marked = any(x.slot == slot and same_version(x.version, entry.version) and x.exhausted
-                     for x in _entries_or_empty(dev))
-        if marked:  # the rename happened, the flush after it failed: the request stands
+        marked = next((x for x in _entries_or_empty(dev) if x.slot == slot and same_version(x.version, entry.version)
+                       and x.exhausted), None)
+        if marked is not None:  # the rename happened, the flush after it failed: undo it
+            try:
+                esp.rename(marked.path, entry.path)
+                esp.sync()
+                marked = None
+            except OSError:
+                pass
+        if marked is not None:  # the undo failed too: the request stands
             raise DeviceError(f"the rollback is requested (entry {entry.name} is marked bad: slot {other} boots next), "
                               f"but flushing the ESP failed: {e.message}; if the power fails before the ESP writes "
                               f"back, slot {slot} may boot again", hint=e.hint) from None
