@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
@@ -153,8 +153,10 @@ def _fetch_target(updater: Updater, fetcher: FetcherInterface, base: str, info: 
     return data
 
 
-def _deep_check(fetcher: FetcherInterface, url: str, release: Release) -> str | None:
-    """Download the image, verify every chunk, decompress it and check the whole image."""
+def _deep_check(fetcher: FetcherInterface, url: str, release: Release,
+                progress: Callable[[int, int], None] | None = None) -> str | None:
+    """Download the image, verify every chunk, decompress it and check the whole image;
+    ``progress(verified compressed bytes, compressed size)`` after each chunk."""
     from applier.stream import decompress_chunk, verify_chunk
 
     img = release.image
@@ -176,6 +178,8 @@ def _deep_check(fetcher: FetcherInterface, url: str, release: Release) -> str | 
                 tail += out
                 del tail[:max(0, len(tail) - window)]
                 i += 1
+                if progress is not None:
+                    progress(ch.offset + ch.length, img.compressed_size)
     except Error as e:
         return e.message
     except tuf_exc.DownloadError as e:
@@ -189,8 +193,9 @@ def _deep_check(fetcher: FetcherInterface, url: str, release: Release) -> str | 
 
 def audit(location: str, *, deep: bool = False, trusted_root: bytes | None = None, endpoint_url: str | None = None,
           region: str | None = None, profile: str | None = None, timeout: float = 30.0,
-          now: datetime | None = None) -> dict:
-    """Read ``location`` as a device would and check every channel's release; return a report."""
+          now: datetime | None = None, progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Read ``location`` as a device would and check every channel's release; return a report.
+    ``progress(done, total, what)``: bytes of the image ``--deep`` is verifying."""
     now = now or datetime.now(timezone.utc)
     fetcher, base, storage = _open(location, endpoint_url=endpoint_url, region=region, profile=profile, timeout=timeout)
     problems: list[str] = []
@@ -215,13 +220,13 @@ def audit(location: str, *, deep: bool = False, trusted_root: bytes | None = Non
                 report["roles"][name] = info
         channels = sorted(p for p in targets if "/channels/" in p and p.endswith(".json"))
         for path in channels:
-            report["channels"].append(_check_channel(updater, fetcher, base, path, deep, problems))
+            report["channels"].append(_check_channel(updater, fetcher, base, path, deep, problems, progress))
     report["ok"] = not problems
     return report
 
 
 def _check_channel(updater: Updater, fetcher: FetcherInterface, base: str, path: str, deep: bool,
-                   problems: list[str]) -> dict:
+                   problems: list[str], progress: Callable[[int, int, str], None] | None = None) -> dict:
     product, _, name = path.partition("/channels/")
     row: dict = {"product": product, "channel": name[:-len(".json")], "version": None, "ok": False}
 
@@ -261,7 +266,9 @@ def _check_channel(updater: Updater, fetcher: FetcherInterface, base: str, path:
                 return bad(f"boot file {fname} differs between the manifest and the targets metadata")
             _fetch_target(updater, fetcher, base, binfo, bf.length)  # present, and its bytes match
         if deep:
-            problem = _deep_check(fetcher, base + "targets/" + iinfo.get_prefixed_paths()[0], release)
+            what = f"verifying {product} {release.version} ({row['channel']})"
+            problem = _deep_check(fetcher, base + "targets/" + iinfo.get_prefixed_paths()[0], release,
+                                  (lambda done, total: progress(done, total, what)) if progress else None)
             if problem:
                 return bad(problem)
             row["deep_verified"] = True

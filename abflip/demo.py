@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from applier.agent import Device
+from applier.factory import provision
 from builder.image import build_image
 from builder.publish import publish_release, write_signed
 from builder.release import create_release
@@ -86,10 +88,13 @@ def _run(work: Path, out: Callable[[str], None]) -> dict:
     with Server(repo) as server:
         dev = SimDevice.create(work / "device", repository_url=server.url, trusted_root=(repo / "metadata" / "1.root.json").read_bytes(),
                                product=PRODUCT, hardware_id=HARDWARE, slot_size=16 << 20)
-        dev.provision(work / "rootfs-1.0.0.erofs", slot="a", version="1.0.0", product=PRODUCT)
+        with open(work / "rootfs-1.0.0.erofs", "rb") as src, open(dev.slot_path("a"), "r+b") as slot:
+            shutil.copyfileobj(src, slot, 1 << 20)  # the factory flashes 1.0.0 into slot a ...
         device = Device(dev.config)
-        device.mark_good()
-        out(f"device: factory-installed 1.0.0 in slot a, serving the repository at {server.url}")
+        first = provision(device, releases["1.0.0"].dir)  # ... and `abflip provision` records it
+        dev.boot()
+        out(f"device: 1.0.0 flashed into slot a and provisioned (entry {first['entry']}, floor {first['floor']}); "
+            f"the repository is served at {server.url}")
         _show(out, "status before", device.status())
 
         publish_release(releases["2.0.0"].dir, storage, keys, channel="stable")
@@ -128,5 +133,5 @@ def _check(cond: bool, what: str) -> None:
 
 def _show(out: Callable[[str], None], title: str, status: dict) -> None:
     brief = {k: status[k] for k in ("state", "booted_slot", "booted_version", "booted_entry", "floor", "pending_entry")}
-    brief["slots"] = {k: f"{v['status']} {v['version']}" for k, v in status["slots"].items()}
+    brief["slots"] = {k: f"{v['status']} {v['version'] or '-'}" for k, v in status["slots"].items()}
     out(f"{title}: {json.dumps(brief)}")

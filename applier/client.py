@@ -136,6 +136,12 @@ def _os_text(e: OSError) -> str:
     return f"{text} ({name})" if name else text
 
 
+#: ``channels()``: the probe name looked up, and its bounds.
+_PROBE = ".abflip-channel-list.json"
+MAX_ROLES = 64
+MAX_CHANNELS = 200
+
+
 class UpdateClient:
     def __init__(self, *, metadata_url: str, targets_url: str, metadata_dir: Path, trusted_root: Path,
                  fetcher: HttpFetcher, updater_config: UpdaterConfig | None = None) -> None:
@@ -150,9 +156,14 @@ class UpdateClient:
         self._naming = _Naming(fetcher)
         with translate_errors("preparing the TUF client failed", local=self._cache):
             metadata_dir.mkdir(parents=True, exist_ok=True)
-        with translate_errors("loading the trusted root failed", local=self._cache):
-            self.updater = Updater(str(metadata_dir), metadata_url, None, self.targets_url, self._naming,
-                                   updater_config or UpdaterConfig(), bootstrap=bootstrap)
+        try:
+            with translate_errors("loading the trusted root failed", local=self._cache):
+                self.updater = Updater(str(metadata_dir), metadata_url, None, self.targets_url, self._naming,
+                                       updater_config or UpdaterConfig(), bootstrap=bootstrap)
+        except RepositoryError as e:  # only the local file is read here: the device's configuration
+            raise UserError(f"the trusted root {trusted_root} is not a valid TUF root ({e.message})",
+                            hint="repository.trusted_root must name the repository's root.json (metadata/1.root.json "
+                                 "of 'abflip repo init'), shipped in the device image") from None
 
     def _expiry_of(self, role: str) -> datetime | None:
         """When ``role`` expires, from the metadata ngclient verified (it keeps an expired
@@ -176,6 +187,47 @@ class UpdateClient:
         if info is None:
             raise RepositoryError(f"{path} is not in the repository's signed targets")
         return info
+
+    def channels(self, product: str) -> list[str]:
+        """The channel names of ``product`` in the signed targets metadata (sorted), to tell a
+        device whose configured channel is not there what it could have meant.
+
+        A lookup under ``<product>/channels/`` makes ngclient load (and verify) the roles that
+        may hold them; then the loaded roles are walked from the top-level targets through their
+        delegations, a delegated role's paths counted only where its delegator trusts it for
+        them. Bounded: at most ``MAX_ROLES`` roles and ``MAX_CHANNELS`` names. A diagnostic, so
+        best effort: a role that cannot be loaded (say, delegated but never published) adds
+        nothing, and the caller's own error stands."""
+        try:
+            with translate_errors(f"listing the channels of {product}", self._expiry_of, lambda: self._naming.last,
+                                  local=self._cache, received=self._naming.describe):
+                self.updater.get_targetinfo(f"{product}/channels/{_PROBE}")
+        except (RepositoryError, TransportError, DeviceError):
+            pass  # list what the roles loaded so far hold
+        trusted = getattr(self.updater, "_trusted_set", None)
+        if trusted is None:
+            return []
+        pattern = re.compile(re.escape(product) + r"/channels/([^/]+)\.json")
+        found: set[str] = set()
+        queue: list[tuple[str, object]] = [("targets", None)]
+        seen: set[str] = set()
+        while queue and len(seen) < MAX_ROLES:
+            name, delegation = queue.pop(0)
+            if name in seen:
+                continue
+            seen.add(name)
+            try:
+                signed = trusted[name]
+            except KeyError:
+                continue  # not loaded: not on the lookup's path
+            for path in signed.targets:
+                m = pattern.fullmatch(path)
+                if m and m[1] != _PROBE[:-5] and (delegation is None or delegation.is_delegated_path(path)):
+                    found.add(m[1])
+            delegations = signed.delegations
+            for role in (delegations.roles or {}).values() if delegations is not None else ():
+                queue.append((role.name, role))
+        return sorted(found)[:MAX_CHANNELS]
 
     def target_url(self, info: TargetFile) -> str:
         """Where a target is stored: hash-prefixed under consistent snapshots (abflip's

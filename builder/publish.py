@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tuf.api.metadata import TargetFile
 
+from metadata.errors import UserError
 from metadata.keys import KeyConfig
 from metadata.manifest import Channel, ManifestError, Release, channel_target_path, check_name
 from metadata.repository import Repository, SignedFile
@@ -113,8 +114,12 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
     release_dir = Path(release_dir)
     try:
         release = Release.from_bytes((release_dir / "release.json").read_bytes())
-    except FileNotFoundError:
-        raise BuildError(f"{release_dir} holds no release.json", hint="create it with 'abflip release create'") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise BuildError(f"{release_dir} holds no release.json" + ("" if release_dir.is_dir() or not release_dir.exists()
+                                                                    else " (it is a file, not a release directory)"),
+                         hint="pass the directory 'abflip release create' wrote (-o)") from None
+    except OSError as e:
+        raise BuildError(f"cannot read {release_dir / 'release.json'}: {e.strerror or e}") from None
     except ManifestError as e:  # the user's local file, refused by the device's own parser before any upload
         raise BuildError(f"{release_dir / 'release.json'}: {e.message}",
                          hint="re-create the release with 'abflip release create'; nothing was published") from None
@@ -146,6 +151,12 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
                 and old_ptr.hashes == pointer_target.hashes):
             return PublishResult(release.product, str(release.version), channel, False,
                                  repo.timestamp.signed.version, tuple(uploaded))
+        # Before the first byte is uploaded: these keys can sign every role this publish re-signs.
+        roles = {repo.role_for_path(p) for p in (*targets, pointer_target.path)}
+        for role in [*sorted(roles), "snapshot", "timestamp"]:
+            if (problem := repo.signing_problem(role, keys)) is not None:
+                raise UserError(problem, hint=f"check --keys ({keys.dir}): it must hold this repository's keys for "
+                                              f"{role}; nothing was uploaded")
         # 1. targets: immutable, hash-prefixed; skip what is there already (a resumed publish)
         for path, t in targets.items():
             key = target_key(t)

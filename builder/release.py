@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,15 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
                          hint="pass exactly one of --kernel and --uki")
     if uki is not None and initrd is not None:
         raise BuildError("--initrd cannot be combined with --uki (the UKI carries its initrd)")
+    # ``created``: $SOURCE_DATE_EPOCH when set (a reproducible build: same inputs, same
+    # release.json), else the current time; the image and its chunks never depend on it.
     try:
-        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) if created is None else created
+        if created is not None:
+            epoch = created
+        elif "SOURCE_DATE_EPOCH" in os.environ:
+            epoch = int(os.environ["SOURCE_DATE_EPOCH"])
+        else:
+            epoch = int(time.time())
     except ValueError:
         raise BuildError(f"SOURCE_DATE_EPOCH={os.environ['SOURCE_DATE_EPOCH']!r} is not an integer") from None
     if isinstance(epoch, bool) or not 0 <= epoch <= 1 << 40:

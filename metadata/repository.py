@@ -233,6 +233,28 @@ class Repository:
         keys = d.keys if name in TOP_ROLES else d.delegations.keys
         return {kid: keys[kid] for kid in role.keyids}, role.threshold
 
+    def signing_problem(self, name: str, config: KeyConfig) -> str | None:
+        """Why ``config`` cannot sign ``name`` to its threshold here, or None: what a publish
+        checks for every role it will re-sign before it uploads anything."""
+        keys, threshold = self.role_keys(name)
+        configured = config.roles.get(name, [])
+        usable = [k for k in configured if k.keyid in keys and config.reachable(k.uri)]
+        if len(usable) >= threshold:
+            return None
+        missing = sorted(set(keys) - {k.keyid for k in usable})
+        text = (f"role {name} needs {threshold} signature(s), only {len(usable)} of its key(s) are available here "
+                f"({threshold - len(usable)} more from keyids {', '.join(k[:12] for k in missing)})")
+        if configured and not any(k.keyid in keys for k in configured):
+            text += (f"; none of the {len(configured)} {name} key(s) in {config.path} is trusted for {name} in this "
+                     "repository: they belong to another repository")
+        elif not configured:
+            text += f"; {config.path} configures no {name} key"
+        else:
+            gone = [k.uri for k in configured if k.keyid in keys and not config.reachable(k.uri)]
+            if gone:
+                text += f"; cannot load signing key(s) {', '.join(gone)}: no such key file here"
+        return text
+
     def verification(self, name: str, md: Metadata | None = None):
         """Signature verification result of ``md`` (default: the role's current metadata)."""
         md = md or self.role(name)

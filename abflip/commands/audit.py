@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ._common import JSON_OPT, repo_app, run
-from .producer import ENDPOINT_OPT, PROFILE_OPT, REGION_OPT, storage_for
+from .producer import ENDPOINT_OPT, PROFILE_OPT, REGION_OPT, progress_bar, storage_for
 
 
 @repo_app.command("verify")
@@ -33,8 +33,9 @@ def repo_verify(
                 from metadata.errors import UserError
 
                 raise UserError(f"cannot read --root {root}: {e}") from None
-        report = audit(location, deep=deep, trusted_root=trusted, endpoint_url=endpoint_url, region=region,
-                       profile=profile)
+        with progress_bar("verifying", deep and not as_json) as progress:
+            report = audit(location, deep=deep, trusted_root=trusted, endpoint_url=endpoint_url, region=region,
+                           profile=profile, progress=progress)
         if not report["ok"]:
             if not as_json:
                 print(render(report))

@@ -32,8 +32,11 @@ def _window_line(w: dict | None) -> str:
 
 
 def _render_status(s: dict) -> str:
-    lines = [f"state:   {s['state']}", f"booted:  slot {s['booted_slot']} ({s['booted_version'] or 'unknown version'}, "
-             f"entry {s['booted_entry']})", f"floor:   {s['floor']}"]
+    booted = (f"slot {s['booted_slot']} ({s['booted_version'] or 'unknown version'}, "
+              f"entry {s['booted_entry'] or 'unknown'})" if s["booted_slot"] else "unknown slot (every write is refused)")
+    lines = [f"state:   {s['state']}", f"booted:  {booted}", f"floor:   {s['floor'] or 'none'}"]
+    if s["booted_slot"] and not s["booted_version"]:
+        lines.append("         (not provisioned: `abflip provision RELEASE` records the image in the booted slot)")
     for name, slot in sorted(s["slots"].items()):
         lines.append(f"slot {name}:  {slot['status']:8} {slot['version'] or '-':12} {slot['device']}"
                      + ("  (booted)" if slot["booted"] else ""))
@@ -109,7 +112,7 @@ def _render_download(r: dict) -> str:
 
 def _render_check(r: dict) -> str:
     if r["available"]:
-        return (f"{r['version']} is available (running {r['current']})"
+        return (f"{r['version']} is available (running {r['current'] or 'an unknown version'})"
                 + ("; it is staged" if r["staged"] else "") + "\n" + _window_line(r["next_window"]))
     return f"no update: {r['reason']}"
 

@@ -19,11 +19,31 @@ REGION_OPT = typer.Option(None, "--region", envvar="ABFLIP_REGION", help="S3 reg
 PROFILE_OPT = typer.Option(None, "--profile", envvar="ABFLIP_PROFILE", help="AWS profile (shared config)")
 
 
-def storage_for(url: str, endpoint_url: Optional[str], region: Optional[str], profile: Optional[str]):
+def storage_for(url: str, endpoint_url: Optional[str], region: Optional[str], profile: Optional[str], *,
+                new: bool = False):
+    """The repository to write: ``s3://bucket/prefix`` or a directory that holds a repository
+    (``new``: one that may not exist yet, for 'repo init'). An http(s) URL is what devices
+    read; it cannot be written, and must not become a local directory named 'http:'."""
+    from pathlib import Path
+
     from builder.storage import open_storage
+    from metadata.errors import UserError
 
     if url.startswith("s3://"):
         return open_storage(url, endpoint_url=endpoint_url, region=region, profile=profile)
+    if url.lower().startswith(("http://", "https://")):
+        raise UserError(f"{url} is an HTTP URL: abflip reads repositories over HTTP but writes them only to a directory "
+                        "or s3://bucket/prefix", hint="pass the directory or bucket the web server serves; nothing "
+                        "was written")
+    path = Path(url)
+    if not new:
+        if not path.is_dir():
+            raise UserError(f"{url} is not a repository: {'it does not exist' if not path.exists() else 'not a directory'}",
+                            hint="check the repository path; 'abflip repo init' creates a repository")
+        if not (path / "metadata" / "1.root.json").is_file():
+            raise UserError(f"{url} holds no abflip repository (no metadata/1.root.json)",
+                            hint="check the repository path (the directory holding metadata/ and targets/); "
+                                 "'abflip repo init' creates a repository")
     return open_storage(url)
 
 
@@ -46,8 +66,9 @@ def image_build(
 
 
 @contextmanager
-def _progress(description: str, enabled: bool):
-    """A rich progress bar on a terminal (stderr), nothing otherwise; yields a (done, total) callback."""
+def progress_bar(description: str, enabled: bool, total: int | None = None):
+    """A rich progress bar on a terminal (stderr), nothing otherwise. Yields a callback
+    ``(done, total, description=None)``; ``total`` is shown from the start when it is known."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
@@ -56,8 +77,14 @@ def _progress(description: str, enabled: bool):
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, total: int, what: str | None = None) -> None:
+            if what is not None:
+                bar.update(task, description=what)
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 @release_app.command("create")
@@ -80,11 +107,18 @@ def release_create(
     output: Path = typer.Option(..., "-o", "--output", help="release directory to write"),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Compress an image and write release.json with its signed-to-be chunk table."""
+    """Compress an image and write release.json with its signed-to-be chunk table.
+
+    release.json's "created" is $SOURCE_DATE_EPOCH when set (set it for a bit-identical
+    release.json), else the current time."""
     from builder.release import create_release
 
     def go() -> dict:
-        with _progress("compressing", not as_json) as progress:
+        try:
+            size: int | None = image.stat().st_size
+        except OSError:
+            size = None  # create_release says what is wrong with it
+        with progress_bar("compressing", not as_json, size) as progress:
             r = create_release(image, output, product=product, version=version, compatible=compatible, kernel=kernel,
                                initrd=initrd, uki=uki, options=options, fstype=fstype, level=level,
                                chunk_size=chunk_size, window=window, threads=threads, progress=progress).release

@@ -7,6 +7,9 @@ publishes once every threshold is met (see docs/keys.md).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from pathlib import Path
 
 import typer
@@ -29,15 +32,13 @@ def _role_numbers(values: list[str], what: str) -> dict[str, int]:
     return out
 
 
-def _storage(location: str):
+def _storage(location: str, *, new: bool = False):
     """A directory or s3://bucket/prefix; S3 settings from ABFLIP_ENDPOINT_URL, ABFLIP_REGION,
     ABFLIP_PROFILE as for 'abflip publish' (credentials from boto3's chain)."""
-    import os
-
     from .producer import storage_for
 
     env = os.environ.get
-    return storage_for(location, env("ABFLIP_ENDPOINT_URL"), env("ABFLIP_REGION"), env("ABFLIP_PROFILE"))
+    return storage_for(location, env("ABFLIP_ENDPOINT_URL"), env("ABFLIP_REGION"), env("ABFLIP_PROFILE"), new=new)
 
 
 def _reader(location: str):
@@ -100,6 +101,24 @@ def _sign_and_write(location: str, keys, make) -> list:
     raise StorageError(f"gave up after {RETRIES} conflicting concurrent writes", hint="retry")
 
 
+@contextlib.contextmanager
+def _undo_new_keys(keys: Path):
+    """On failure, remove what ``repo init`` added to the keys directory (the directory too, if
+    it made it), so a retry starts clean; files that were there before are never touched."""
+    existed = keys.is_dir()
+    before = set(os.listdir(keys)) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(keys, ignore_errors=True)
+        elif keys.is_dir():
+            for name in set(os.listdir(keys)) - before:
+                path = keys / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+        raise
+
+
 @repo_app.command("init")
 def repo_init(
     keys: Path = typer.Option(..., help="directory for the new keys (private keys are written 0600)"),
@@ -111,6 +130,8 @@ def repo_init(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Create signing keys and the first signed metadata of a repository."""
+    from builder.errors import AlreadyExists
+    from builder.publish import write_signed
     from metadata.errors import UserError
     from metadata.keys import TOP_ROLES
     from metadata.repository import RoleSpec, init_repository
@@ -130,8 +151,21 @@ def repo_init(
                 raise UserError(f"unknown role {r!r}", hint=f"roles: {', '.join(TOP_ROLES)}")
         specs = {r: RoleSpec(keys=n.get(r, max(1, th.get(r, 1)) if not uris.get(r) else 0),
                              threshold=th.get(r, 1), uris=tuple(uris.get(r, ()))) for r in TOP_ROLES}
-        files = init_repository(keys, roles=specs, expiry_days=days)
-        _write(to, files)
+        if keys.exists() and not keys.is_dir():
+            raise UserError(f"--keys {keys} is a file; repo init writes a new keys directory there",
+                            hint="pass a directory that does not exist yet (or is empty); nothing was created")
+        storage = _storage(to, new=True)
+        if storage.exists("metadata/1.root.json") or storage.exists("metadata/timestamp.json"):
+            raise UserError(f"{to} already holds a repository (metadata/1.root.json)",
+                            hint="nothing was created; pass another --to for a new repository, or change the keys of "
+                                 "this one with 'abflip repo rotate' (docs/keys.md)")
+        with _undo_new_keys(keys):
+            files = init_repository(keys, roles=specs, expiry_days=days)
+            try:
+                write_signed(storage, files)
+            except AlreadyExists:
+                raise UserError(f"{to} already holds a repository (another 'repo init' wrote it first)",
+                                hint="nothing was created; pass another --to") from None
         return {"keys": str(keys), "repository": to, "files": [f.name for f in files]}
 
     run(go, as_json, lambda r: f"initialised {r['repository']} ({', '.join(r['files'])}); keys in {r['keys']} "
@@ -145,18 +179,27 @@ def repo_status(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Each role's version, expiry, threshold and signatures; staged changes and what they lack."""
+    from metadata.errors import UserError
     from metadata.status import repository_status
 
-    run(lambda: repository_status(_reader(repo), keys), as_json, _render_status)
+    def go() -> dict:
+        if keys is not None and not (keys / "keys.json").is_file():
+            raise UserError(f"--keys {keys} holds no key configuration (keys.json)",
+                            hint="pass the keys directory of 'abflip repo init', or leave --keys out")
+        return repository_status(_reader(repo), keys)
+
+    run(go, as_json, _render_status)
 
 
 def _render_status(st: dict) -> str:
-    lines = [f"{'role':<14} {'version':>7}  {'expires':<20} {'sigs':>5}  keyids signed (of trusted)"]
+    lines = [f"{'role':<14} {'version':>7}  {'expires':<20} {'signatures':<18}  keyids signed (of trusted)"]
     for r in st["roles"]:
         flag = "" if r["verified"] else "  BELOW THRESHOLD"
         flag += "  EXPIRED" if r["expired"] else ""
-        lines.append(f"{r['role']:<14} {r['version']:>7}  {r['expires']:<20} {len(r['signed']):>2}/{r['threshold']:<2}  "
-                     f"{', '.join(k[:12] for k in r['signed'])} (of {', '.join(k[:12] for k in r['keyids'])}){flag}")
+        sigs = f"{len(r['signed'])} of {r['threshold']} needed"
+        lines.append(f"{r['role']:<14} {r['version']:>7}  {r['expires']:<20} {sigs:<18}  "
+                     f"{', '.join(k[:12] for k in r['signed']) or 'none'} (of {', '.join(k[:12] for k in r['keyids'])})"
+                     f"{flag}")
     for s in st.get("staged", []):
         lines.append(f"staged {s['file']}: " + ("ready to commit" if s["verified"] else s["needs"]))
     return "\n".join(lines)
