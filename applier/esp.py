@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from .atomic import fsync_dir, write_atomic
+from .atomic import copy_atomic, fsync_dir, write_atomic
 
 __all__ = ["Esp", "DirectoryEsp"]
 
@@ -63,20 +62,10 @@ class DirectoryEsp:
         write_atomic(dst, data)
 
     def copy_in(self, path: str, src: Path) -> None:
-        """Stream the local file ``src`` to ``path`` atomically (temp, fsync, rename, fsync dir)."""
+        """Stream the local file ``src`` to ``path`` atomically."""
         dst = self._p(path)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".abflip-tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(dst.parent)
+        copy_atomic(dst, src)
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(self._p(src), self._p(dst))

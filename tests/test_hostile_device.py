@@ -54,6 +54,18 @@ def release_as(world, version: str, *, base: str = "2.0.0", options: str = "ro")
     return out
 
 
+def on_trial(world, *, committed: bool = False):
+    """Slot a on 1.0.0; 2.0.0 installed into b and booted (a trial, or committed)."""
+    world.publish("1.0.0")
+    sim, dev = agent(world)
+    world.publish("2.0.0")
+    dev.install()
+    assert sim.boot().slot == "b"
+    if committed:
+        dev.boot_check()
+    return sim, dev
+
+
 def publish_as(world, version: str, **kw) -> None:
     from builder.publish import publish_release
 
@@ -319,11 +331,7 @@ def test_entry_write_failure_means_nothing_boots_the_new_slot(world):
 
 def test_one_eio_while_blessing_is_retried_not_a_failed_health_check(world):
     """Issue 10 item 3: local I/O failure is not health failure."""
-    world.publish("1.0.0")
-    sim, dev = agent(world)
-    world.publish("2.0.0")
-    dev.install()
-    sim.boot()
+    sim, dev = on_trial(world)
     dev.esp = _FailingEsp(dev.esp, "rename", times=1)
     st = dev.boot_check()
     assert st["state"] == "committed" and "2.0.0" not in st["failed_versions"]
@@ -331,11 +339,7 @@ def test_one_eio_while_blessing_is_retried_not_a_failed_health_check(world):
 
 
 def test_a_bless_that_keeps_failing_keeps_the_trial(world):
-    world.publish("1.0.0")
-    sim, dev = agent(world)
-    world.publish("2.0.0")
-    dev.install()
-    sim.boot()
+    sim, dev = on_trial(world)
     dev.esp = _FailingEsp(dev.esp, "rename")
     with pytest.raises(DeviceError, match="tried 3 times") as e:
         dev.boot_check()
@@ -348,11 +352,7 @@ def test_a_bless_that_keeps_failing_keeps_the_trial(world):
 
 
 def test_state_save_failing_after_the_bless_says_what_happened(world, monkeypatch):
-    world.publish("1.0.0")
-    sim, dev = agent(world)
-    world.publish("2.0.0")
-    dev.install()
-    sim.boot()
+    sim, dev = on_trial(world)
     import applier.agent as agent_mod
 
     real = agent_mod.save_state
@@ -372,12 +372,7 @@ def test_state_save_failing_after_the_bless_says_what_happened(world, monkeypatc
 
 
 def test_rollback_whose_entry_cannot_be_marked_changes_nothing(world):
-    world.publish("1.0.0")
-    sim, dev = agent(world)
-    world.publish("2.0.0")
-    dev.install()
-    sim.boot()
-    dev.boot_check()
+    sim, dev = on_trial(world, committed=True)
     dev.esp = _FailingEsp(dev.esp, "rename")
     with pytest.raises(DeviceError, match="nothing was changed"):
         dev.rollback()
@@ -388,12 +383,7 @@ def test_rollback_whose_entry_cannot_be_marked_changes_nothing(world):
 
 
 def test_a_rollback_request_that_never_reached_the_esp_is_void(world):
-    world.publish("1.0.0")
-    sim, dev = agent(world)
-    world.publish("2.0.0")
-    dev.install()
-    sim.boot()
-    dev.boot_check()
+    sim, dev = on_trial(world, committed=True)
     path = sim.state_dir / "state.json"
     d = json.loads(path.read_text())
     d["rollback"] = {"from_slot": "b", "from_version": "2.0.0", "to_slot": "a", "to_version": "1.0.0"}
