@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import HWID_RE, Channel, Limits, Release, channel_target_path
@@ -33,6 +33,7 @@ from .boot import Entry
 from .client import UpdateClient
 from .config import Config
 from .context import Context
+from .delta import last_record
 from .esp import DirectoryEsp, Esp
 from .fetch import HttpFetcher
 from .lifecycle import BootFacts, rebuild, reconcile
@@ -60,6 +61,10 @@ class DownloadResult:
     resumed_at_chunk: int
     bytes_downloaded: int
     already: bool = False
+    kind: str = "full"  # or "delta" (docs/delta.md)
+    delta_from: str | None = None
+    fallback_chunks: int = 0  # chunks a delta could not make, taken from the full image
+    delta_note: str | None = None  # why a delta on offer was not (fully) used
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -84,6 +89,8 @@ class InstallResult:
     resumed_at_chunk: int
     bytes_downloaded: int
     already: bool = False
+    kind: str = "full"
+    delta_from: str | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -340,6 +347,8 @@ class Device:
             "rollback": state.rollback,
             # (issue 9) why the state file was not trusted, if it was not
             "state_invalid": state.invalid,
+            # (issue 12) how the staged/last release was downloaded: kind full|delta, bytes saved
+            "download": last_record(self.config.state_dir),
         }
 
     def reset_state(self) -> dict:
@@ -401,8 +410,6 @@ class Device:
     # -- check -----------------------------------------------------------------------------
     def check(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> dict:
         """Is there a release for this device? Never changes the slots or the ESP."""
-        import hashlib
-
         state, booted = self._load(mutating=False)
         _, channel, release, rel_bytes = self._offer()
         manifest_sha = hashlib.sha256(rel_bytes).hexdigest()
@@ -436,7 +443,7 @@ class Device:
             d = self.download(allow_downgrade=allow_downgrade, retry_failed=retry_failed)
             a = self.apply(now=True, _just_verified=self._verified_now)
         return InstallResult(a.version, a.slot, a.entry, d.resumed_at_chunk, d.bytes_downloaded,
-                             already=d.already and a.already)
+                             already=d.already and a.already, kind=d.kind, delta_from=d.delta_from)
 
     def mark_good(self, *, health: bool = True) -> dict:
         from .mark import mark_good

@@ -33,9 +33,9 @@ import shutil
 from pathlib import Path
 
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, UserError
-from metadata.manifest import Image, Release
+from metadata.manifest import Release
 
-from . import boot
+from . import boot, delta
 from .atomic import write_atomic
 from .boot import Entry
 from .esp import DirectoryEsp
@@ -88,7 +88,7 @@ def _open_target(dev, target_slot: str, booted: str, *, write: bool) -> SlotDevi
 def download(dev, *, allow_downgrade: bool, retry_failed: bool):
     from .agent import DownloadResult
 
-    cfg, limits, esp = dev.config, dev.limits, dev.esp
+    cfg, esp = dev.config, dev.esp
     state, booted = dev._load()
     dev.refuse_if_fallback_needed(state, booted)
     target_slot = other_slot(booted)
@@ -112,6 +112,7 @@ def download(dev, *, allow_downgrade: bool, retry_failed: bool):
     if same and state.state in ("staged", "pending") and _staged_files_present(dev, release):
         return DownloadResult(version, target_slot, t.chunks_done, 0, already=True)  # type: ignore[union-attr]
     nchunks = len(release.image.chunks)
+    via = delta.plan_for(dev, client, release, state, booted)  # a delta from the booted image, or the full image
     with _open_target(dev, target_slot, booted, write=True) as slot_dev:
         if release.image.size > slot_dev.capacity:
             raise DeviceError(f"{release.product} {version} needs {release.image.size} bytes; slot {target_slot} "
@@ -145,8 +146,11 @@ def download(dev, *, allow_downgrade: bool, retry_failed: bool):
                       total_bytes=total_bytes)
 
         url = client.target_url(image_info)
-        downloaded = write_image(release.image, slot_dev, lambda s, e: dev.fetcher.open_range(url, s, e),
-                                 chunks_done=start, retries=cfg.retries, on_chunk=on_chunk)
+        if via.plan is None:
+            downloaded = write_image(release.image, slot_dev, lambda s, e: dev.fetcher.open_range(url, s, e),
+                                     chunks_done=start, retries=cfg.retries, on_chunk=on_chunk)
+        else:
+            downloaded = delta.write_planned(dev, via, release, slot_dev, booted, url, start, on_chunk)
     # write_image hashed every byte it wrote and flushed the slot: install() applies right
     # after without re-reading it; a separate apply (any later call) re-verifies.
     dev._verified_now = (target_slot, release.image.sha256)
@@ -159,6 +163,7 @@ def download(dev, *, allow_downgrade: bool, retry_failed: bool):
         for name, bf in release.boot.files().items():
             if _sha256_file(staged / name) != bf.sha256:
                 client.download_target(boot_infos[name], staged / name)  # streamed, bounded, verified, atomic
+        write_atomic(staged / delta.RECORD, via.record(release, downloaded, base_downloaded))
         write_atomic(staged / "release.json", rel_bytes)
     except OSError as e:
         raise DeviceError(f"cannot keep the staged boot files in {staged}: {e}",
@@ -167,7 +172,7 @@ def download(dev, *, allow_downgrade: bool, retry_failed: bool):
     state.state = "staged"
     state.slots[target_slot] = SlotState(version, release.image.sha256, "staged", release.image.size)
     dev._save(state)
-    return DownloadResult(version, target_slot, first[0] if first else nchunks, downloaded)
+    return DownloadResult(version, target_slot, first[0] if first else nchunks, downloaded, **via.result(release))
 
 
 def _staged_files_present(dev, release: Release) -> bool:
