@@ -30,7 +30,7 @@ from metadata.manifest import HWID_RE, Channel, Limits, Release, channel_target_
 
 from . import boot
 from .boot import Entry
-from .client import UpdateClient
+from .client import TargetMissing, UpdateClient
 from .config import Config
 from .context import Context
 from .delta import last_record
@@ -161,7 +161,8 @@ class Device:
         raw = self.ctx.dmi_field(fieldname)
         value = normalize_hardware_id(raw) if raw else ""
         if not value or not HWID_RE.match(value):
-            raise DeviceError(f"cannot read the hardware id from DMI ({self.ctx.dmi / fieldname}: {raw!r})",
+            raise DeviceError(f"cannot read the hardware id from DMI ({self.ctx.dmi / fieldname}: "
+                              f"{'unreadable or empty' if raw is None else repr(raw) + ' is not a valid id'})",
                               hint=f"set device.hardware_id in {self.config.path}")
         return value
 
@@ -216,14 +217,16 @@ class Device:
         save_state(self.config.state_dir, state)
 
     def _record_error(self, e: Error) -> None:
-        """Best effort: ``last_error`` into the state *as it is on disk*, never a half-changed
-        copy from memory (an error path must not write what the failed step meant to)."""
+        """Best effort: ``last_error`` into the state *as it is on disk* (reconciled with the boot
+        loader, which only records what already happened), never a half-changed copy from memory:
+        an error path must not write what the failed step meant to."""
         try:
             raw = load_state(self.config.state_dir)
             if raw is None or raw.invalid:
                 return
-            raw.last_error = e.to_json()
-            save_state(self.config.state_dir, raw)
+            state = reconcile(raw, self.facts(booted_slot(self.config, self.ctx)))  # derived from the ESP: safe
+            state.last_error = e.to_json()
+            save_state(self.config.state_dir, state)
         except (Error, OSError):
             pass  # the error itself is what the caller reports
 
@@ -377,13 +380,13 @@ class Device:
         path = channel_target_path(cfg.product, cfg.channel)
         try:
             _, chan_bytes = client.fetch_target(path, limits.channel_max_bytes)
-        except RepositoryError as e:
-            if "is not in the repository's signed targets" not in e.message:
-                raise
-            known = client.channels(cfg.product) if hasattr(client, "channels") else []
-            raise UserError(f"channel {cfg.channel!r} of {cfg.product} is not in the repository"
-                            + (f"; it has: {', '.join(known)}" if known else ""),
-                            hint=f"check device.channel (and device.product) in {cfg.path}") from None
+        except TargetMissing:
+            known = client.channels(cfg.product)
+            if not known:
+                raise UserError(f"the repository has no channels for product {cfg.product!r}",
+                                hint=f"check device.product in {cfg.path}") from None
+            raise UserError(f"channel {cfg.channel!r} of {cfg.product} is not in the repository; it has: "
+                            f"{', '.join(known)}", hint=f"check device.channel in {cfg.path}") from None
         channel = Channel.from_bytes(chan_bytes, limits)
         _, rel_bytes = client.fetch_target(channel.release, limits.manifest_max_bytes)
         release = Release.from_bytes(rel_bytes, limits)

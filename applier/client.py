@@ -27,7 +27,7 @@ from metadata.errors import DeviceError, RepositoryError, TransportError, UserEr
 
 from .fetch import HttpFetcher, transport_hint
 
-__all__ = ["UpdateClient", "translate_errors"]
+__all__ = ["TargetMissing", "UpdateClient", "translate_errors"]
 
 
 class _Naming(FetcherInterface):
@@ -142,6 +142,10 @@ MAX_ROLES = 64
 MAX_CHANNELS = 200
 
 
+class TargetMissing(RepositoryError):
+    """The signed targets metadata has no such target."""
+
+
 class UpdateClient:
     def __init__(self, *, metadata_url: str, targets_url: str, metadata_dir: Path, trusted_root: Path,
                  fetcher: HttpFetcher, updater_config: UpdaterConfig | None = None) -> None:
@@ -185,7 +189,7 @@ class UpdateClient:
                               local=self._cache, received=self._naming.describe):
             info = self.updater.get_targetinfo(path)
         if info is None:
-            raise RepositoryError(f"{path} is not in the repository's signed targets")
+            raise TargetMissing(f"{path} is not in the repository's signed targets")
         return info
 
     def channels(self, product: str) -> list[str]:

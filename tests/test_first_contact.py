@@ -164,6 +164,16 @@ def test_typod_channel_names_the_channels_there_are(world):
           "check device.channel")
 
 
+def test_misspelt_product_says_the_repository_has_none_of_its_channels(world):
+    world.publish("1.0.0", channel="stable")
+    sim = device_with(world, "product-typo", channel="stable")
+    text = sim.config_path.read_text().replace('product = "demo-os"', 'product = "demo-0s"')
+    assert text != sim.config_path.read_text()
+    sim.config_path.write_text(text)
+    r = cli("check", "--config", str(sim.config_path))
+    fails(r, 2, "error (user): the repository has no channels for product 'demo-0s'", "check device.product")
+
+
 def test_channels_of_a_delegated_product_over_http(world):
     """The product's channels live in its delegated role; another product's never show."""
     from metadata.staging import clear_staged, commit_staged, stage_delegation
