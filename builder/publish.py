@@ -126,13 +126,18 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
     files = {release.target_path: release_dir / "release.json", release.image.target: release_dir / "rootfs.img.zst"}
     for name, bf in release.boot.files().items():
         files[bf.target] = release_dir / name
+    checked = {bf.target: (name, bf.sha256) for name, bf in release.boot.files().items()}
+    for ref in release.deltas:  # deltas travel with their release (docs/delta.md)
+        for df in (ref.manifest, ref.data):
+            files[df.target] = release_dir / df.target.rsplit("/", 1)[-1]
+            checked[df.target] = (files[df.target].name, df.sha256)
     targets = {}
     for path, local in files.items():
         if not local.is_file():
             raise BuildError(f"{local} is missing from the release directory")
         targets[path] = TargetFile.from_file(path, str(local), ["sha256"])
-    for name, bf in release.boot.files().items():
-        if targets[bf.target].hashes["sha256"] != bf.sha256:
+    for path, (name, sha) in checked.items():
+        if targets[path].hashes["sha256"] != sha:
             raise BuildError(f"{name} does not match release.json (was it changed after 'release create'?)")
     pointer = Channel(release.product, channel, release.version, release.target_path).to_bytes()
     pointer_target = TargetFile.from_data(channel_target_path(release.product, channel), pointer, ["sha256"])

@@ -8,6 +8,7 @@ Layout of the output directory (what ``abflip publish`` uploads)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -35,6 +36,7 @@ from metadata.manifest import (
 )
 from metadata.version import Version
 
+from .delta import DEFAULT_DELTA_LEVEL, DEFAULT_DICTIONARY, make_deltas, read_delta_sources
 from .compress import DEFAULT_CHUNK, DEFAULT_LEVEL, DEFAULT_WINDOW, compress_image
 from .errors import BuildError
 
@@ -95,7 +97,9 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
                    options: str = "", fstype: str = "erofs",
                    level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW,
                    threads: int = 0, created: int | None = None,
-                   progress: Callable[[int, int], None] | None = None, limits: Limits = Limits()) -> ReleaseFiles:
+                   progress: Callable[[int, int], None] | None = None, limits: Limits = Limits(),
+                   delta_from: list[Path] = (), delta_level: int = DEFAULT_DELTA_LEVEL,
+                   delta_dictionary: int = DEFAULT_DICTIONARY) -> ReleaseFiles:
     """Write the release into ``out_dir``. Every argument is checked first with the device's
     rules; the files are made in a private directory beside ``out_dir`` and the manifest is
     parsed back as the device will parse it before anything is moved into ``out_dir``, so a
@@ -107,6 +111,7 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
                          hint="pass exactly one of --kernel and --uki")
     if uki is not None and initrd is not None:
         raise BuildError("--initrd cannot be combined with --uki (the UKI carries its initrd)")
+    delta_sources = read_delta_sources(list(delta_from), product=product, version=ver, limits=limits)
     # ``created``: $SOURCE_DATE_EPOCH when set (a reproducible build: same inputs, same
     # release.json), else the current time; the image and its chunks never depend on it.
     try:
@@ -150,6 +155,9 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
             image=Image(f"{tdir}/{IMAGE_NAME}", fstype, result.size, result.sha256, result.compression, result.chunks),
             boot=Boot(boot_files.get("vmlinuz"), boot_files.get("initrd.img"), options, boot_files.get("uki.efi")),
         )
+        deltas = make_deltas(delta_sources, Path(image), release, stage, target_dir=tdir, level=delta_level,
+                             dictionary_max=delta_dictionary, threads=threads)  # docs/delta.md
+        release = dataclasses.replace(release, deltas=tuple(d.ref for d in deltas))
         data = release.to_bytes()
         try:  # the device's own parser is the last word on what a manifest may say
             if Release.from_bytes(data, limits) != release:
@@ -157,7 +165,8 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
         except ManifestError as e:
             raise BuildError(f"the device would refuse this release: {e.message}") from None
         (stage / "release.json").write_bytes(data)
-        _move_into(stage, out_dir, [IMAGE_NAME, *boot_files, "release.json"])
+        _move_into(stage, out_dir, [IMAGE_NAME, *boot_files, *(p.name for d in deltas for p in (d.manifest, d.data)),
+                                    "release.json"])
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return ReleaseFiles(out_dir, release)

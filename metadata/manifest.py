@@ -352,6 +352,7 @@ class Release:
     image: Image
     boot: Boot
     schema: str = RELEASE_SCHEMA
+    deltas: tuple = ()  # metadata.delta.DeltaRef: deltas from earlier releases (docs/delta.md)
 
     @property
     def target_path(self) -> str:
@@ -365,6 +366,8 @@ class Release:
         d["image"]["chunks"] = [asdict(c) for c in self.image.chunks]
         if d["boot"]["uki"] is None:
             del d["boot"]["uki"]  # kernel releases keep the original schema, byte for byte
+        if not self.deltas:
+            del d["deltas"]  # so do releases without deltas
         return {"schema": self.schema, **{k: v for k, v in d.items() if k != "schema"}}
 
     def to_bytes(self) -> bytes:
@@ -382,7 +385,15 @@ class Release:
         created = _int(d, "created", 0, 1 << 40)
         image = _parse_image(_obj(d.get("image"), "image"), limits)
         boot = _parse_boot(_obj(d.get("boot"), "boot"), limits)
-        return cls(product, version, tuple(compatible), created, image, boot)  # type: ignore[arg-type]
+        deltas: tuple = ()
+        if d.get("deltas") is not None:
+            from .delta import DeltaError, parse_delta_refs  # one validator for deltas (metadata/delta.py)
+            try:
+                deltas = parse_delta_refs(d["deltas"], image, limits)
+            except DeltaError as e:
+                raise ManifestError(f"release manifest is invalid: {e.message}") from None
+        return cls(product, version, tuple(compatible), created, image, boot,  # type: ignore[arg-type]
+                   deltas=deltas)
 
 
 def _target(d: dict, what: str) -> str:

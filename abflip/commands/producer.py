@@ -105,6 +105,9 @@ def release_create(
     window: int = typer.Option(32 << 20, help="bytes before a chunk used as its dictionary"),
     threads: int = typer.Option(0, help="compression threads (0: one per CPU, at most 256)"),
     output: Path = typer.Option(..., "-o", "--output", help="release directory to write"),
+    delta_from: list[Path] = typer.Option([], "--delta-from", help="an earlier release's directory (repeat for more): "
+                                                                  "also write a delta from its image (docs/delta.md)"),
+    delta_level: int = typer.Option(19, help="zstd level of the delta frames"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Compress an image and write release.json with its signed-to-be chunk table.
@@ -121,13 +124,16 @@ def release_create(
         with progress_bar("compressing", not as_json, size) as progress:
             r = create_release(image, output, product=product, version=version, compatible=compatible, kernel=kernel,
                                initrd=initrd, uki=uki, options=options, fstype=fstype, level=level,
-                               chunk_size=chunk_size, window=window, threads=threads, progress=progress).release
+                               chunk_size=chunk_size, window=window, threads=threads, progress=progress,
+                               delta_from=delta_from, delta_level=delta_level).release
         return {"dir": str(output), "product": r.product, "version": str(r.version), "image_size": r.image.size,
                 "compressed_size": r.image.compressed_size, "chunks": len(r.image.chunks), "sha256": r.image.sha256,
-                "boot": sorted(r.boot.files())}
+                "boot": sorted(r.boot.files()),
+                "deltas": [{"from": d.source.version, "bytes": d.data.length + d.manifest.length} for d in r.deltas]}
 
     run(go, as_json, lambda r: f"{r['dir']}: {r['product']} {r['version']}, {r['image_size']} -> {r['compressed_size']} "
-                                f"bytes in {r['chunks']} chunk(s)")
+                                f"bytes in {r['chunks']} chunk(s)"
+                                + "".join(f"; delta from {d['from']}: {d['bytes']} bytes" for d in r["deltas"]))
 
 
 @app.command("publish")

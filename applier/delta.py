@@ -1,0 +1,366 @@
+"""Install through a delta: each chunk from the booted slot's image and a little data.
+
+The device uses a delta only when the release offers one whose source is the image in the
+booted slot, as the device recorded it (``state.slots[booted].sha256``, set when that image
+was installed or provisioned). Then, per chunk of the release's chunk table, in order
+(docs/delta.md, docs/invariants.md):
+
+1. ``full``: the chunk of the full image, exactly as :mod:`applier.stream` does it.
+2. otherwise: the operation's frame is fetched and checked against its sha256 *before* it is
+   decompressed (invariant 4); every source extent (dictionary and copy segments) is read
+   from the booted slot (read-only) and checked against its sha256 before use; the chunk is
+   assembled and checked against the chunk table's ``out_sha256``.
+3. Any check in 2 that fails makes that one chunk fall back to the full image (same
+   boundaries): a device whose booted slot differs in a few blocks still gets a verified slot.
+
+The chunk is then written, progress persisted per chunk (a kill costs at most one chunk, as
+for full images), and the whole-image sha256 is compared with the manifest before anything
+may flip (invariant 3). Memory: :func:`memory_needed` (one output chunk, one input buffer,
+the dictionary twice, the decoder), whatever the image size; a delta needing more than the
+device's ``limits.memory`` is not used.
+
+:func:`plan` decides (it fetches only the small delta manifest); :func:`write_delta` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tuf.api import exceptions as tuf_exc
+
+from metadata.delta import Delta, DeltaError, DeltaRef
+from metadata.errors import DeviceError, Error, RepositoryError, TransportError
+from metadata.manifest import Chunk, Image, Release
+
+from .fetch import READ_SIZE, transport_hint
+from .slots import SlotDevice
+from .stream import DECODER_OVERHEAD, MAX_WINDOW_LOG, ChunkError, Opener, _Reader, decompress_chunk, verified_prefix, \
+    verify_chunk
+
+__all__ = ["Plan", "DeltaStats", "plan", "write_delta", "memory_needed", "choose"]
+
+PARSED_OVERHEAD = 8  # bytes of Python objects per byte of delta manifest JSON, generously
+
+
+@dataclass(frozen=True)
+class Plan:
+    ref: DeltaRef
+    delta: Delta
+    data_url: str
+
+
+@dataclass
+class DeltaStats:
+    """What :func:`write_delta` did, for the status and the result."""
+
+    downloaded: int = 0
+    chunks: dict[str, int] = field(default_factory=lambda: {"copy": 0, "frame": 0, "full": 0, "fallback": 0})
+    fallbacks: list[str] = field(default_factory=list)  # the first few reasons
+
+
+class _Fallback(Exception):
+    """This chunk cannot come from the delta: take it from the full image."""
+
+
+def choose(release: Release, source_sha256: str | None, source_size: int | None) -> DeltaRef | None:
+    """The delta of ``release`` whose source is the booted image, if the device knows it."""
+    if not source_sha256:
+        return None
+    return next((r for r in release.deltas if r.source.sha256 == source_sha256
+                 and (source_size is None or r.source.size == source_size)), None)
+
+
+def memory_needed(image: Image, delta: Delta, manifest_length: int) -> int:
+    """Peak bytes :func:`write_delta` holds (pure): one output buffer of the largest chunk, one
+    input buffer (the largest frame or, for a fallback, the largest compressed chunk), the
+    dictionary (the largest of the operations' dictionaries and the image's window) twice
+    (python-zstandard copies it), the decoder, one network read, and the parsed manifest."""
+    out = max(c.out_length for c in image.chunks)
+    inbuf = max(delta.max_frame, max(c.length for c in image.chunks))
+    window = min(image.compression.window, max(c.out_offset for c in image.chunks))
+    dictionary = max(delta.max_dictionary, window)
+    decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
+    return out + inbuf + 2 * dictionary + decoder + READ_SIZE + PARSED_OVERHEAD * manifest_length
+
+
+def plan(client, release: Release, ref: DeltaRef, *, budget: int, limits) -> tuple[Plan | None, str | None]:
+    """Fetch and check the delta manifest of ``ref``; (plan, None) to use it, or (None, why not).
+    Nothing here is fatal: whatever is wrong with a delta, the full image remains."""
+    try:
+        info, data = client.fetch_target(ref.manifest.target, ref.manifest.length)
+        if info.hashes.get("sha256") != ref.manifest.sha256 or info.length != ref.manifest.length:
+            return None, f"the delta manifest {ref.manifest.target} differs from the release manifest's reference"
+        delta = Delta.from_bytes(data, limits)
+        problem = delta.matches(ref, release.image, release.product, str(release.version))
+        if problem is not None:
+            return None, problem
+        dinfo = client.target_info(ref.data.target)
+        if dinfo.hashes.get("sha256") != ref.data.sha256 or dinfo.length != ref.data.length:
+            return None, f"the delta data {ref.data.target} differs from the release manifest's reference"
+        need = memory_needed(release.image, delta, len(data))
+        if need > budget:
+            return None, f"the delta needs about {need >> 20} MiB of memory, the budget is {budget >> 20} MiB"
+        return Plan(ref, delta, client.target_url(dinfo)), None
+    except (DeltaError, Error) as e:
+        return None, e.message
+
+
+def _fetch(opener: Opener, start: int, length: int, buf: bytearray, what: str, retries: int, backoff: float,
+           stats: DeltaStats) -> memoryview:
+    """Exactly ``length`` bytes from ``start``, retried like :func:`applier.stream.write_image`."""
+    failures = 0
+    while True:
+        reader = _Reader((), buf)
+        try:
+            reader = _Reader(opener(start, start + length), buf)
+            data = reader.take(length)
+            stats.downloaded += reader.received
+            if data is None:
+                raise RepositoryError(f"{what}{' ' + reader.url if reader.url else ''} ended before its signed "
+                                      f"{length} bytes")
+            return data
+        except tuf_exc.DownloadError as e:
+            stats.downloaded += reader.received
+            failures += 1
+            if failures > retries:
+                raise TransportError(f"downloading {what} failed after {retries} retries: {e}",
+                                     hint=transport_hint(e)) from None
+            time.sleep(backoff * failures)
+
+
+def _read_source(source: SlotDevice, offset: int, into: memoryview, sha256: str, what: str) -> None:
+    """Fill ``into`` from the booted slot and check it; a short read or other bytes fall back."""
+    done = 0
+    try:
+        while done < len(into):
+            n = os.preadv(source.fd, [into[done:]], offset + done)
+            if not n:
+                raise _Fallback(f"{what}: the booted slot ends before byte {offset + len(into)}")
+            done += n
+    except OSError as e:
+        raise _Fallback(f"{what}: reading the booted slot failed: {e}") from None
+    if hashlib.sha256(into).hexdigest() != sha256:
+        raise _Fallback(f"{what}: the booted slot's bytes {offset}-{offset + len(into) - 1} differ from the delta's "
+                        "source")
+
+
+def _read_target(slot: SlotDevice, offset: int, into: memoryview) -> None:
+    done = 0
+    try:
+        while done < len(into):
+            n = os.preadv(slot.fd, [into[done:]], offset + done)
+            if not n:
+                raise DeviceError(f"slot {slot.name} ends at {offset + done}")
+            done += n
+    except OSError as e:
+        raise DeviceError(f"reading slot {slot.name} at byte {offset + done} failed: {e}") from None
+
+
+class _Writer:
+    """The buffers, reused from chunk to chunk (their sizes are :func:`memory_needed`'s)."""
+
+    def __init__(self, image: Image, delta: Delta) -> None:
+        self.out = bytearray(max(c.out_length for c in image.chunks))
+        self.inbuf = bytearray(0)
+        self.dict = bytearray(0)
+
+    def input(self, n: int) -> bytearray:
+        if len(self.inbuf) < n:
+            self.inbuf = bytearray(0)
+            self.inbuf = bytearray(n)
+        return self.inbuf
+
+    def dictionary(self, n: int) -> memoryview:
+        if len(self.dict) < n:
+            self.dict = bytearray(0)
+            self.dict = bytearray(n)
+        return memoryview(self.dict)[:n]
+
+
+def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_opener: Opener, retries: int,
+                backoff: float, stats: DeltaStats) -> tuple[memoryview, str]:
+    out = memoryview(bufs.out)
+    kind = "copy"
+    if op.frame is not None:
+        kind = "frame"
+        f = op.frame
+        data = _fetch(data_opener, f.offset, f.length, bufs.input(f.length), f"the delta data of chunk {i}", retries,
+                      backoff, stats)
+        if hashlib.sha256(data).hexdigest() != f.sha256:
+            raise _Fallback(f"chunk {i}: the delta's frame failed verification (sha256 mismatch)")
+        dictionary = None
+        if op.dictionary:
+            dictionary = bufs.dictionary(op.dictionary_size)
+            at = 0
+            for j, (src, n, sha) in enumerate(op.dictionary):
+                _read_source(source, src, dictionary[at:at + n], sha, f"chunk {i} dictionary extent {j}")
+                at += n
+        try:
+            decompress_chunk(i, Chunk(f.offset, f.length, f.sha256, 0, f.size, f.out_sha256), data, dictionary,
+                             bufs.out)
+        except ChunkError as e:
+            raise _Fallback(f"chunk {i}: the delta's frame {e.message.split(': ', 1)[-1]}") from None
+        del data, dictionary
+        # The frame's bytes are the chunk minus its copy segments, in order: move them into
+        # place from the last run to the first (each moves forward, never over one not moved).
+        runs, pos, lit = [], 0, 0
+        for rel, _, n, _ in op.copy:
+            if rel > pos:
+                runs.append((pos, lit, rel - pos))
+                lit += rel - pos
+            pos = rel + n
+        if pos < op.out_length:
+            runs.append((pos, lit, op.out_length - pos))
+        for dst, src, n in reversed(runs):
+            if dst != src:
+                out[dst:dst + n] = out[src:src + n]
+    for j, (rel, src, n, sha) in enumerate(op.copy):
+        _read_source(source, src, out[rel:rel + n], sha, f"chunk {i} copy segment {j}")
+    view = out[:op.out_length]
+    if hashlib.sha256(view).hexdigest() != ch.out_sha256:
+        raise _Fallback(f"chunk {i}: the delta produced other bytes than the chunk table says")
+    return view, kind
+
+
+def _from_full(i: int, image: Image, slot: SlotDevice, bufs: _Writer, full_opener: Opener, retries: int,
+               backoff: float, stats: DeltaStats) -> memoryview:
+    ch = image.chunks[i]
+    data = _fetch(full_opener, ch.offset, ch.length, bufs.input(ch.length), f"chunk {i} of the image", retries,
+                  backoff, stats)
+    verify_chunk(i, ch, data)  # a bad chunk of the full image is the repository's fault: no further fallback
+    dictionary = None
+    window = image.compression.window
+    if window and ch.out_offset:
+        lo = max(0, ch.out_offset - window)
+        dictionary = bufs.dictionary(ch.out_offset - lo)
+        _read_target(slot, lo, dictionary)  # written (and verified) before this chunk
+    return decompress_chunk(i, ch, data, dictionary, bufs.out)
+
+
+def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice, data_opener: Opener,
+                full_opener: Opener, *, chunks_done: int = 0, retries: int = 5,
+                on_chunk: Callable[[int, int], None] | None = None, backoff: float = 0.5,
+                stats: DeltaStats | None = None) -> DeltaStats:
+    """Write ``image`` into ``slot`` from ``delta`` over the ``source`` slot, starting after
+    ``chunks_done`` verified chunks; as :func:`applier.stream.write_image`, ``on_chunk(i,
+    downloaded)`` runs after chunk ``i`` is written, and the whole-image sha256 is checked at
+    the end (a :class:`RepositoryError` if it does not match)."""
+    if image.size > slot.capacity:
+        raise DeviceError(f"the image decompresses to {image.size} bytes; slot {slot.name} holds only {slot.capacity}",
+                          hint="this release does not fit this device's slots")
+    stats = stats or DeltaStats()
+    i, h = verified_prefix(image, slot, chunks_done)
+    bufs = _Writer(image, delta)
+    while i < len(image.chunks):
+        ch, op = image.chunks[i], delta.ops[i]
+        view = None
+        if not op.full:
+            try:
+                view, kind = _from_delta(i, op, ch, bufs, source, data_opener, retries, backoff, stats)
+                stats.chunks[kind] += 1
+            except _Fallback as f:
+                stats.chunks["fallback"] += 1
+                if len(stats.fallbacks) < 8:
+                    stats.fallbacks.append(str(f))
+        if view is None:
+            if op.full:
+                stats.chunks["full"] += 1
+            view = _from_full(i, image, slot, bufs, full_opener, retries, backoff, stats)
+        slot.pwrite(ch.out_offset, view)
+        h.update(view)
+        del view
+        if on_chunk:
+            on_chunk(i, stats.downloaded)
+        i += 1
+    slot.sync()
+    if h.hexdigest() != image.sha256:
+        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)")
+    return stats
+
+
+# -- the agent's side: choose, write, record ------------------------------------------------------
+RECORD = "download.json"  # in <state_dir>/staged/: how the staged release was downloaded
+RECORD_MAX = 64 << 10
+
+
+@dataclass
+class Via:
+    """How a download goes: through ``plan`` (a delta), or the full image (``plan`` None;
+    ``note`` says why a delta on offer was not used)."""
+
+    plan: Plan | None
+    note: str | None = None
+    stats: DeltaStats | None = None
+
+    def result(self, release: Release) -> dict:
+        st = self.stats
+        return {"kind": "delta" if self.plan is not None else "full",
+                "delta_from": self.plan.ref.source.version if self.plan is not None else None,
+                "fallback_chunks": st.chunks["fallback"] if st else 0,
+                "delta_note": self.note or (st.fallbacks[0] if st and st.fallbacks else None)}
+
+    def record(self, release: Release, downloaded: int, base: int) -> bytes:
+        import json
+
+        total = base + downloaded
+        full = release.image.compressed_size
+        out = {"version": str(release.version), **self.result(release), "bytes_downloaded": total,
+               "full_bytes": full, "bytes_saved": max(0, full - total) if self.plan is not None else 0}
+        if self.stats is not None:
+            out["chunks"] = dict(self.stats.chunks)
+            out["fallbacks"] = list(self.stats.fallbacks)
+        return (json.dumps(out, sort_keys=True) + "\n").encode()
+
+
+def plan_for(dev, client, release: Release, state, booted: str) -> Via:
+    """The delta to use for ``release`` on this device, if any (never raises for a bad delta)."""
+    s = state.slots[booted]
+    ref = choose(release, s.sha256, s.size)
+    if ref is None:
+        if not release.deltas:
+            return Via(None)
+        why = ("no delta from the booted image" if s.sha256 else
+               "the booted slot's image sha256 is not recorded (provision the device), so no delta applies")
+        return Via(None, why)
+    dev._emit(phase="delta", source=ref.source.version)
+    p, why = plan(client, release, ref, budget=dev.config.memory_budget, limits=dev.limits)
+    return Via(p, None if p is not None else f"the delta from {ref.source.version} is not used: {why}")
+
+
+def write_planned(dev, via: Via, release: Release, slot_dev: SlotDevice, booted: str, url: str, start: int,
+                  on_chunk: Callable[[int, int], None]) -> int:
+    """Write the target slot through ``via.plan``, the booted slot opened read-only as the source."""
+    from .stream import write_image
+
+    cfg = dev.config
+    full = lambda s, e: dev.fetcher.open_range(url, s, e)  # noqa: E731
+    assert via.plan is not None
+    try:
+        source = SlotDevice(booted, cfg.slots[booted].device, write=False)
+    except Error as e:
+        via.plan, via.note = None, f"the booted slot cannot be read ({e.message}); the full image is used"
+        return write_image(release.image, slot_dev, full, chunks_done=start, retries=cfg.retries, on_chunk=on_chunk)
+    data_url = via.plan.data_url
+    with source:
+        via.stats = write_delta(release.image, via.plan.delta, slot_dev, source,
+                                lambda s, e: dev.fetcher.open_range(data_url, s, e), full, chunks_done=start,
+                                retries=cfg.retries, on_chunk=on_chunk)
+    return via.stats.downloaded
+
+
+def last_record(state_dir) -> dict | None:
+    """The record of the last download (for status), or None."""
+    import json
+    from pathlib import Path
+
+    try:
+        with open(Path(state_dir) / "staged" / RECORD, "rb") as f:
+            data = f.read(RECORD_MAX + 1)
+        obj = json.loads(data) if len(data) <= RECORD_MAX else None
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
