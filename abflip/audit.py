@@ -265,6 +265,18 @@ def _check_channel(updater: Updater, fetcher: FetcherInterface, base: str, path:
             if binfo.hashes.get("sha256") != bf.sha256 or binfo.length != bf.length:
                 return bad(f"boot file {fname} differs between the manifest and the targets metadata")
             _fetch_target(updater, fetcher, base, binfo, bf.length)  # present, and its bytes match
+        for ref in release.deltas:  # deltas (docs/delta.md): signed, matching their release; --deep: every frame
+            from metadata.delta import delta_files_problem
+
+            minfo, dinfo = updater.get_targetinfo(ref.manifest.target), updater.get_targetinfo(ref.data.target)
+            if minfo is None or dinfo is None:
+                return bad(f"the delta from {ref.source.version} is not a signed target")
+            problem = delta_files_problem(ref, _fetch_target(updater, fetcher, base, minfo, ref.manifest.length),
+                                          fetcher.fetch(base + "targets/" + dinfo.get_prefixed_paths()[0]) if deep
+                                          else None, release.image, product, str(release.version))
+            if problem:
+                return bad(problem)
+            row.setdefault("deltas", []).append(ref.source.version)
         if deep:
             what = f"verifying {product} {release.version} ({row['channel']})"
             problem = _deep_check(fetcher, base + "targets/" + iinfo.get_prefixed_paths()[0], release,

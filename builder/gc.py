@@ -45,6 +45,7 @@ __all__ = ["collect_garbage", "GcResult"]
 _RELEASE = re.compile(r"^(?P<product>[^/]+)/releases/(?P<version>[^/]+)/[^/]+$")
 _CHANNEL = re.compile(r"^(?P<product>[^/]+)/channels/(?P<channel>[^/]+)\.json$")
 _VERSIONED = re.compile(r"^metadata/(?P<n>\d+)\.(?P<role>.+)\.json$")
+_DELTA = re.compile(r"^(?P<product>[^/]+)/releases/[^/]+/delta-(?P<source>[^/]+)\.(json|bin)$")  # docs/delta.md
 _STORED = re.compile(r"^targets/(?P<dir>.+/)?[0-9a-f]{64}\.(?P<name>[^/]+)$")
 
 
@@ -95,6 +96,9 @@ def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str,
         kept[product] = [v for v in ordered if v in keep_set]
         removed[product] = [v for v in ordered if v not in keep_set]
     paths = [p for p in repo.target_files if (m := _RELEASE.match(p)) and m["version"] in removed.get(m["product"], [])]
+    # A delta whose source release is gone (removed now or before) serves no device gc knows of.
+    paths += [p for p in repo.target_files if p not in paths and (m := _DELTA.match(p))
+              and m["product"] in kept and m["source"] not in kept[m["product"]]]
     return kept, removed, sorted(paths)
 
 
@@ -116,6 +120,8 @@ def _dead_objects(storage: Storage, repo: Repository, removed: dict[str, list[st
             dead.append(key)
         elif path in current_pointers:  # a superseded version of a pointer that is still current
             dead.append(key)
+        elif (d := _DELTA.match(path)) and path not in targets and (d["product"], d["source"]) not in listed_releases:
+            dead.append(key)  # a delta whose source is gone
     # versioned metadata: keep the current and the previous version of every role but root
     current: dict[str, int] = {"snapshot": repo.snapshot.signed.version}
     for name, meta in repo.snapshot.signed.meta.items():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import RepositoryError, UserError
@@ -36,7 +37,7 @@ from .manifest import Chunk, Image, Limits, target_problem
 from .version import Version
 
 __all__ = ["DELTA_SCHEMA", "DeltaError", "DeltaLimits", "DeltaRef", "DeltaFile", "Source", "Frame", "Op", "Delta",
-           "chunks_digest", "parse_delta_refs", "delta_refs_json", "delta_ref_problem"]
+           "chunks_digest", "parse_delta_refs", "delta_refs_json", "delta_ref_problem", "delta_files_problem"]
 
 DELTA_SCHEMA = "abflip-delta/1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -337,3 +338,34 @@ def _parse_op(r: dict, i: int, source_size: int, dmax: int, limits: Limits, dlim
         _need(literal == 0, f"{what} leaves {literal} bytes that neither a copy nor a frame writes")
         _need(not extents, f"{what} has a dictionary but no frame")
     return Op(out_offset, out_length, tuple(copy), tuple(extents), frame)
+
+
+def delta_files_problem(ref: DeltaRef, manifest: bytes, data: Iterable[bytes] | None, image: Image, product: str,
+                        version: str, limits: Limits = Limits()) -> str | None:
+    """``repo verify --deep`` of one delta: the manifest parses and fits its release; with
+    ``data`` (the delta data, streamed), every frame's bytes match its sha256 and the whole
+    matches the reference. Pure over the bytes given; what is wrong, or None."""
+    try:
+        delta = Delta.from_bytes(manifest, limits)
+    except DeltaError as e:
+        return e.message
+    if (p := delta.matches(ref, image, product, version)) is not None:
+        return f"delta from {ref.source.version}: {p}"
+    if data is None:
+        return None
+    frames = [op.frame for op in delta.ops if op.frame is not None]
+    whole, pending, k, got = hashlib.sha256(), bytearray(), 0, 0
+    for piece in data:
+        whole.update(piece)
+        got += len(piece)
+        if got > ref.data.length:
+            return f"delta data from {ref.source.version} is longer than its signed {ref.data.length} bytes"
+        pending += piece
+        while k < len(frames) and len(pending) >= frames[k].length:
+            if hashlib.sha256(pending[:frames[k].length]).hexdigest() != frames[k].sha256:
+                return f"delta from {ref.source.version}: frame {k} fails its sha256"
+            del pending[:frames[k].length]
+            k += 1
+    if got != ref.data.length or whole.hexdigest() != ref.data.sha256:
+        return f"delta data from {ref.source.version} does not match its reference"
+    return None

@@ -412,3 +412,42 @@ def test_kill_and_resume_in_the_middle_of_a_delta_costs_at_most_one_chunk(dworld
     assert _Counting.sent.get("bin", 0) == left and _Counting.sent.get("zst", 0) == 0
     assert slot_is(sim, "b", dworld.built["1.1.0.img"])
     assert rel.image.sha256 == dev.status()["slots"]["b"]["sha256"]
+
+
+# -- repository upkeep ----------------------------------------------------------------------------
+def test_repo_verify_deep_checks_the_deltas(dworld):
+    from abflip.audit import audit
+
+    dworld.publish("1.0.0")
+    dworld.publish("1.1.0")
+    report = audit(str(dworld.repo), deep=True)
+    assert report["ok"], report["problems"]
+    assert report["channels"][0]["deltas"] == ["1.0.0"]
+    ref = release(dworld.built["1.1.0"]).deltas[0]
+    obj = dworld.object(ref.data.target)
+    data = bytearray(obj.read_bytes())
+    data[0] ^= 0xFF  # same length: only --deep can tell
+    obj.write_bytes(bytes(data))
+    assert audit(str(dworld.repo))["ok"]
+    report = audit(str(dworld.repo), deep=True)
+    assert not report["ok"] and "frame 0 fails its sha256" in report["problems"][0]
+
+
+def test_gc_removes_deltas_whose_source_is_gone(dworld):
+    from builder.gc import collect_garbage
+
+    dworld.publish("1.0.0")
+    dworld.publish("1.1.0")
+    ref = release(dworld.built["1.1.0"]).deltas[0]
+    kept = [dworld.object(ref.manifest.target), dworld.object(ref.data.target)]
+    assert collect_garbage(dworld.storage, dworld.keys, keep=2).removed_targets == []  # the source is there: kept
+    assert all(p.exists() for p in kept)
+    result = collect_garbage(dworld.storage, dworld.keys, keep=1)
+    assert result.removed_versions == {PRODUCT: ["1.0.0"]}
+    assert ref.manifest.target in result.removed_targets and ref.data.target in result.removed_targets
+    assert not any(p.exists() for p in kept)
+    # a device that booted 1.0.0 still updates: the delta is gone from the targets, the full image installs
+    sim, dev = provisioned(dworld)
+    result = dev.install()
+    assert result.kind == "full" and "not in the repository's signed targets" in dev.status()["download"]["delta_note"]
+    assert slot_is(sim, "b", dworld.built["1.1.0.img"])
