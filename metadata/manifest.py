@@ -32,6 +32,10 @@ __all__ = [
     "Boot",
     "Release",
     "Channel",
+    "Rollout",
+    "rollout_problem",
+    "withdrawn_problem",
+    "MAX_WITHDRAWN",
     "Limits",
     "release_target_dir",
     "channel_target_path",
@@ -450,6 +454,70 @@ def _parse_image(d: dict, limits: Limits) -> Image:
     return Image(target, fstype, size, sha, comp, tuple(chunks))  # type: ignore[arg-type]
 
 
+# -- release control (issue 13, docs/release-control.md) ---------------------------------------
+# A pointer with a phased rollout or withdrawn versions is ``abflip-channel/2``: a device that only
+# knows /1 refuses it (it would ignore the rollout and install at once) instead of misreading it.
+# A pointer without either stays /1, byte for byte.
+CHANNEL_SCHEMA_2 = "abflip-channel/2"
+ROLLOUT_SEED_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}\Z")
+MAX_WITHDRAWN = 256
+_ROLLOUT_KEYS = ("percent", "paused", "seed")
+_CHANNEL2_KEYS = ("schema", "product", "channel", "version", "release", "rollout", "withdrawn")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Who of a product's devices a channel's release is offered to (decided on the device,
+    :mod:`applier.rollout`): ``percent`` of them (0..100, by a stable per-device bucket drawn
+    from the device id, the product and ``seed``; no seed: the release's version), none that
+    has not started yet while ``paused``."""
+
+    percent: int
+    paused: bool = False
+    seed: str | None = None
+
+    def to_json(self) -> dict:
+        d: dict = {"percent": self.percent, "paused": self.paused}
+        if self.seed is not None:
+            d["seed"] = self.seed
+        return d
+
+
+def rollout_problem(value: object) -> str | None:
+    """A channel's ``rollout`` object: exactly ``percent`` (integer 0..100), ``paused`` (a
+    boolean) and optionally ``seed`` ([A-Za-z0-9._+-], 1..64)."""
+    if not isinstance(value, dict):
+        return "rollout is not an object"
+    if unknown := sorted(set(value) - set(_ROLLOUT_KEYS), key=str)[:3]:
+        return f"rollout has unknown key(s) {', '.join(repr(k) for k in unknown)}"
+    if p := _int_problem("rollout.percent", value.get("percent"), 0, 100):
+        return p
+    if not isinstance(value.get("paused"), bool):
+        return f"rollout.paused={value.get('paused')!r} is not true or false"
+    seed = value.get("seed")
+    if seed is not None and not (isinstance(seed, str) and ROLLOUT_SEED_RE.match(seed)):
+        return f"rollout.seed {seed!r} is malformed (letters, digits, '.', '_', '+' or '-', 1 to 64)"
+    return None
+
+
+def withdrawn_problem(value: object) -> str | None:
+    """A channel's ``withdrawn`` list: at most :data:`MAX_WITHDRAWN` distinct semver versions."""
+    if not isinstance(value, list) or len(value) > MAX_WITHDRAWN:
+        return f"withdrawn must list at most {MAX_WITHDRAWN} versions"
+    seen = set()
+    for v in value:
+        try:
+            ver = Version.parse(v) if isinstance(v, str) else None
+        except UserError:
+            ver = None
+        if ver is None:
+            return f"withdrawn version {str(v)[:80]!r} is not a semantic version"
+        if ver in seen:
+            return f"withdrawn lists {v!r} twice"
+        seen.add(ver)
+    return None
+
+
 @dataclass(frozen=True)
 class Channel:
     product: str
@@ -457,20 +525,49 @@ class Channel:
     version: Version
     release: str
     schema: str = field(default=CHANNEL_SCHEMA)
+    rollout: Rollout | None = None  # None: every device (as /1 pointers always were)
+    withdrawn: tuple[str, ...] = ()  # versions pulled from this channel (never offered, reported)
+
+    def is_withdrawn(self, version: object) -> bool:
+        """Semver identity: ``2.0.0+rebuild`` is ``2.0.0``."""
+        try:
+            v = version if isinstance(version, Version) else Version.parse(str(version))
+        except UserError:
+            return False
+        return any(Version.parse(w) == v for w in self.withdrawn)
 
     def to_bytes(self) -> bytes:
-        d = {"schema": self.schema, "product": self.product, "channel": self.channel,
-             "version": str(self.version), "release": self.release}
+        d: dict = {"schema": self.schema, "product": self.product, "channel": self.channel,
+                   "version": str(self.version), "release": self.release}
+        if self.rollout is not None or self.withdrawn:
+            d["schema"] = CHANNEL_SCHEMA_2
+            if self.rollout is not None:
+                d["rollout"] = self.rollout.to_json()
+            if self.withdrawn:
+                d["withdrawn"] = list(self.withdrawn)
         return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, limits: Limits = Limits()) -> Channel:
         d = _load_json(data, limits.channel_max_bytes, "channel pointer")
-        _need(d.get("schema") == CHANNEL_SCHEMA, f"channel schema {d.get('schema')!r} is not {CHANNEL_SCHEMA!r}")
+        schema = d.get("schema")
+        _need(schema in (CHANNEL_SCHEMA, CHANNEL_SCHEMA_2),
+              f"channel schema {schema!r} is not {CHANNEL_SCHEMA!r} or {CHANNEL_SCHEMA_2!r}")
         product, channel, version = _str(d, "product", NAME_RE), _str(d, "channel", NAME_RE), _version(d)
         release = d.get("release")
         _check(target_problem("release", release))
-        return cls(product, channel, version, release)  # type: ignore[arg-type]
+        rollout, withdrawn = None, ()
+        if schema == CHANNEL_SCHEMA_2:
+            unknown = sorted(set(d) - set(_CHANNEL2_KEYS), key=str)[:3]
+            _need(not unknown, f"channel pointer has unknown key(s) {', '.join(repr(k) for k in unknown)}")
+            if "rollout" in d:
+                _check(rollout_problem(d["rollout"]))
+                r = d["rollout"]
+                rollout = Rollout(r["percent"], r["paused"], r.get("seed"))
+            if "withdrawn" in d:
+                _check(withdrawn_problem(d["withdrawn"]))
+                withdrawn = tuple(d["withdrawn"])
+        return cls(product, channel, version, release, rollout=rollout, withdrawn=withdrawn)  # type: ignore[arg-type]
 
 
 def check_name(kind: str, value: str) -> str:
