@@ -82,7 +82,7 @@ DEFAULT_MEMORY = 256 << 20
 #: Every section and its keys. Anything else in the file is an error (with the nearest name).
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "repository": ("url", "trusted_root"),
-    "device": ("product", "channel", "hardware_id"),
+    "device": ("product", "channel", "hardware_id", "id_file"),
     "slots": SLOT_NAMES,
     "paths": ("esp", "state_dir", "cmdline", "efivars", "dmi", "partlabels"),
     "boot": ("tries",),
@@ -133,6 +133,8 @@ class Config:
     hook_timeout: float = 300.0
     # issue 9/10: a stalled image download, and the memory an update may need
     low_speed_limit: int = 1024  # bytes/s; 0: off (curl --speed-limit)
+    # issue 13: the device's stable id for phased rollouts (applier/rollout.py); its content is validated when read
+    id_file: Path = Path("/etc/machine-id")
     low_speed_time: float = 60.0  # seconds the rate must stay below low_speed_limit before aborting (--speed-time)
     memory_budget: int = DEFAULT_MEMORY  # [limits] memory: bytes; a release needing more is refused up front
 
@@ -204,6 +206,7 @@ class Config:
             efivars=v.path(paths, "paths", "efivars", "/sys/firmware/efi/efivars", kind="dir"),
             tries=tries, http_timeout=float(timeout), retries=retries, metadata_deadline=float(deadline),
             low_speed_limit=low_limit, low_speed_time=float(low_time), memory_budget=memory,
+            id_file=v.path(dev, "device", "id_file", "/etc/machine-id", kind="file"),
         )
         _check_slots_apart(config, v)
         return config
