@@ -24,6 +24,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import HWID_RE, Channel, Limits, Release, channel_target_path
@@ -37,7 +38,9 @@ from .delta import last_record
 from .esp import DirectoryEsp, Esp
 from .fetch import HttpFetcher
 from .lifecycle import BootFacts, rebuild, reconcile
-from .policy import check_release, floor_of
+from .policy import StageDiscarded, check_offered, check_release, floor_of, same_version
+from .release_control import load_record, read_device_id, save_record
+from .rollout import Decision, decide
 from .slots import booted_slot, other_slot
 from .state import State, load_state, quarantine_state, save_state
 from .windows import in_window, next_window
@@ -47,10 +50,11 @@ __all__ = ["ApplyResult", "Device", "DownloadResult", "InstallResult"]
 #: A progress event (a JSON object; see docs/device.md "Progress events").
 ProgressFn = Callable[[dict], None]
 LOCK_FILE = "lock"
+OFFER_CACHE = "offer"
 #: Names that only a killed run leaves behind, per directory (see :meth:`Device.sweep`).
 _STATE_TEMPS = re.compile(r"^\.state-")
 _TUF_TEMPS = re.compile(r"^tmp[a-z0-9_]{6,}$")
-_STAGED_TEMPS = re.compile(r"^(\.abflip-tmp-|\..+\.part$)")
+_STAGED_TEMPS = re.compile(r"^(\.abflip-tmp-|\..+\.part$)")  # also the offer cache's
 _ESP_TEMPS = re.compile(r"(^\.abflip-tmp-|\.abflip-tmp(-case)?$|\.~a[bc]$)", re.IGNORECASE)
 
 
@@ -278,7 +282,8 @@ class Device:
         Runs under the lock, so no other abflip command is writing them. Best effort."""
         removed: list[str] = []
         sd = self.config.state_dir
-        for d, pattern in ((sd, _STATE_TEMPS), (sd / "tuf", _TUF_TEMPS), (sd / "staged", _STAGED_TEMPS)):
+        for d, pattern in ((sd, _STATE_TEMPS), (sd / "tuf", _TUF_TEMPS), (sd / "staged", _STAGED_TEMPS),
+                           (sd / OFFER_CACHE, _STAGED_TEMPS)):
             try:
                 names = os.listdir(d)
             except OSError:
@@ -352,7 +357,16 @@ class Device:
             "state_invalid": state.invalid,
             # (issue 12) how the staged/last release was downloaded: kind full|delta, bytes saved
             "download": last_record(self.config.state_dir),
+            # (issue 13) what the channel said at the last check: rollout decision, withdrawn versions
+            "release_control": self._release_status(booted_version),
         }
+
+    def _release_status(self, booted_version: str | None) -> dict | None:
+        rec = load_record(self.config.state_dir)
+        if rec is None:
+            return None
+        return {**rec, "booted_withdrawn": booted_version is not None
+                and any(same_version(booted_version, w) for w in rec["withdrawn"])}
 
     def reset_state(self) -> dict:
         """Rebuild the state from the boot loader; an invalid file is kept as ``state.json.invalid``."""
@@ -371,15 +385,21 @@ class Device:
                             metadata_dir=self.config.state_dir / "tuf", trusted_root=self.config.trusted_root,
                             fetcher=self.fetcher)
 
+    @property
+    def _offer_cache(self) -> Path:
+        return self.config.state_dir / OFFER_CACHE
+
     def _offer(self) -> tuple[UpdateClient, Channel, Release, bytes]:
-        """Refresh TUF; the channel pointer and its release manifest, verified and bounded."""
+        """Refresh TUF; the channel pointer and its release manifest, verified and bounded. Both
+        are kept in ``<state_dir>/offer/``: when the signed targets metadata says they did not
+        change, an idle check fetches nothing but TUF's own (timestamp) metadata."""
         cfg, limits = self.config, self.limits
         self._emit(phase="refresh")
         client = self._client()
         client.refresh()
         path = channel_target_path(cfg.product, cfg.channel)
         try:
-            _, chan_bytes = client.fetch_target(path, limits.channel_max_bytes)
+            _, chan_bytes = client.fetch_target(path, limits.channel_max_bytes, cache=self._offer_cache / "channel.json")
         except TargetMissing:
             known = client.channels(cfg.product)
             if not known:
@@ -388,17 +408,33 @@ class Device:
             raise UserError(f"channel {cfg.channel!r} of {cfg.product} is not in the repository; it has: "
                             f"{', '.join(known)}", hint=f"check device.channel in {cfg.path}") from None
         channel = Channel.from_bytes(chan_bytes, limits)
-        _, rel_bytes = client.fetch_target(channel.release, limits.manifest_max_bytes)
+        _, rel_bytes = client.fetch_target(channel.release, limits.manifest_max_bytes,
+                                           cache=self._offer_cache / "release.json")
         release = Release.from_bytes(rel_bytes, limits)
         if release.target_path != channel.release:
             raise RepositoryError(f"{channel.release} holds the manifest of {release.product} {release.version}")
         return client, channel, release, rel_bytes
 
     def _policy(self, state: State, booted: str, channel: Channel, release: Release, *, allow_downgrade: bool,
-                retry_failed: bool) -> None:
+                retry_failed: bool, decision: Decision | None = None) -> None:
+        decision = decision or self.release_control(state, channel, release)
         check_release(release, channel, product=self.config.product, hardware_id=self.hardware_id,
                       floor=floor_of(state.floor, self._booted_version(state, booted)),
                       failed_versions=state.failed_versions, allow_downgrade=allow_downgrade, retry_failed=retry_failed)
+        check_offered(channel, release, decision)  # withdrawn, phased rollout (docs/release-control.md)
+
+    def release_control(self, state: State, channel: Channel, release: Release) -> Decision:
+        """This device's rollout decision for the offered release; recorded (with the channel's
+        withdrawn versions) for the offline ``status``."""
+        device_id, why = read_device_id(self.config.id_file)
+        t = state.target
+        started = (t is not None and same_version(t.version, str(release.version))
+                   and state.state in ("downloading", "staged", "pending"))
+        d = decide(channel.rollout, product=release.product, version=str(release.version), device_id=device_id,
+                   device_id_error=why, started=started)
+        save_record(self.config.state_dir, {"channel": channel.channel, "version": str(channel.version),
+                                            "withdrawn": list(channel.withdrawn), "rollout": d.to_json()})
+        return d
 
     def refuse_if_fallback_needed(self, state: State, booted: str) -> None:
         """The inactive slot must not be written while it is the only way back."""
@@ -420,13 +456,19 @@ class Device:
         staged = (t is not None and t.manifest_sha256 == manifest_sha and t.slot == other_slot(booted)
                   and state.state in ("staged", "pending"))
         reason = None
+        decision = self.release_control(state, channel, release)
         try:
-            self._policy(state, booted, channel, release, allow_downgrade=allow_downgrade, retry_failed=retry_failed)
+            self._policy(state, booted, channel, release, allow_downgrade=allow_downgrade, retry_failed=retry_failed,
+                         decision=decision)
         except PolicyError as e:
             reason = e.message
+        current = self._booted_version(state, booted)
         return {"schema": 1, "available": reason is None, "version": str(release.version),
-                "current": self._booted_version(state, booted), "reason": reason, "staged": staged,
-                "state": state.state, "next_window": self.window_info()}
+                "current": current, "reason": reason, "staged": staged,
+                "state": state.state, "next_window": self.window_info(),
+                # (issue 13) release control: this device in the rollout and why; withdrawn releases
+                "rollout": decision.to_json(), "withdrawn": channel.is_withdrawn(release.version),
+                "current_withdrawn": current is not None and channel.is_withdrawn(current)}
 
     # -- the verbs (their own modules) -------------------------------------------------------
     def download(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> DownloadResult:
@@ -488,7 +530,10 @@ class Device:
         state, booted = self._load()
         open_now = in_window(self.config.windows, self.clock())
         if state.state == "staged" and open_now:
-            out["apply"] = self.apply().to_json()
+            try:
+                out["apply"] = self.apply().to_json()
+            except StageDiscarded as e:  # no longer offered (withdrawn or replaced): not applied, and why
+                out["discarded"] = e.message
             state, booted = self._load()
         if failure is not None and out["apply"] is None:
             raise failure

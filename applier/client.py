@@ -25,6 +25,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from metadata.errors import DeviceError, RepositoryError, TransportError, UserError
 
+from .atomic import write_atomic
 from .fetch import HttpFetcher, transport_hint
 
 __all__ = ["TargetMissing", "UpdateClient", "translate_errors"]
@@ -241,11 +242,30 @@ class UpdateClient:
             return self.targets_url + info.path
         return self.targets_url + info.get_prefixed_paths()[0]
 
-    def fetch_target(self, path: str, max_length: int) -> tuple[TargetFile, bytes]:
-        """Download a small target into memory, bounded by ``max_length``, and verify it."""
+    def fetch_target(self, path: str, max_length: int, *, cache: Path | None = None) -> tuple[TargetFile, bytes]:
+        """Download a small target into memory, bounded by ``max_length``, and verify it.
+
+        With ``cache``: a file there that matches the signed length and hashes is used instead
+        of the network (TUF already proved the target unchanged), and a download is kept there
+        for the next time (best effort: a cache that cannot be written changes nothing)."""
         info = self.target_info(path)
         if info.length > max_length:
             raise RepositoryError(f"{path} is {info.length} bytes, more than the limit {max_length}")
+        if cache is not None and self.cached_target(info, cache):
+            try:
+                return info, cache.read_bytes()
+            except OSError:
+                pass
+        _, data = self._download_small(info, path)
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(cache, data)
+            except OSError:
+                pass
+        return info, data
+
+    def _download_small(self, info: TargetFile, path: str) -> tuple[TargetFile, bytes]:
         with translate_errors(f"downloading {path}"):
             data = self.fetcher.download_bytes(self.target_url(info), info.length)
         try:
