@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Benchmark: delta updates against full images and ``zstd --patch-from`` (issue 12).
+
+Usage::
+
+    python3 bench/delta.py [--tier small|large] [--workdir DIR]
+
+A benchmark, not a test: it measures and prints, and exits non-zero only when something is
+wrong (a command failed, a slot does not hold its image).
+
+Method
+------
+1. **Package sets** (Debian bookworm, fetched with ``apt-get download`` into
+   ``~/.cache/abflip-bench/debs`` and unpacked with ``dpkg -x``): a base set (``--tier large``
+   about 1.2 GiB unpacked: Go, OpenJDK, LLVM, GCC, Emacs, Perl, Python, ...; ``small`` about
+   0.35 GiB). *Security update*: the base with the newer versions of 4 source packages
+   (openssl, curl, openssh, expat: their binary packages from bookworm-security/updates).
+   *Feature update*: the base with more packages added (numpy, scipy, ruby, mesa) and
+   python3.11, libc6, git, perl and tzdata upgraded.
+2. **Images and releases**: erofs images (``builder.image``), releases with the defaults
+   (level 9, 32 MiB chunks); 1.1.0 (security) and 1.2.0 (feature) each with
+   ``--delta-from`` 1.0.0. Delta creation is timed on its own.
+3. **Lower bound**: ``zstd -19 --patch-from=<1.0.0 image> <new image>`` (``--long`` as needed).
+4. **Device**: a simulated device over a real TUF repository and HTTP on 127.0.0.1 runs
+   ``abflip install`` as a process: *full* (a device whose booted image's sha256 is not
+   recorded, so it takes the full image) and *delta* (provisioned: it takes the delta). Wall
+   time and peak RSS (``wait4``) of that process.
+
+The last line is the issue's summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CACHE = Path.home() / ".cache" / "abflip-bench" / "debs"
+SECURITY = {"libssl3": "3.0.22-1~deb12u2", "openssl": "3.0.22-1~deb12u2", "libcurl4": "7.88.1-10+deb12u15",
+            "curl": "7.88.1-10+deb12u15", "openssh-client": "1:9.2p1-2+deb12u10", "libexpat1": "2.5.0-1+deb12u5"}
+SECURITY_OLD = {"libssl3": "3.0.17-1~deb12u2", "openssl": "3.0.17-1~deb12u2", "libcurl4": "7.88.1-10+deb12u5",
+                "curl": "7.88.1-10+deb12u5", "openssh-client": "1:9.2p1-2+deb12u7", "libexpat1": "2.5.0-1+deb12u2"}
+UPGRADES = {"python3.11": "3.11.2-6+deb12u9", "libpython3.11-stdlib": "3.11.2-6+deb12u9",
+            "libpython3.11-minimal": "3.11.2-6+deb12u9", "python3.11-minimal": "3.11.2-6+deb12u9",
+            "libc6": "2.36-9+deb12u14", "libc-bin": "2.36-9+deb12u14", "git": "1:2.39.5-0+deb12u3",
+            "perl-base": "5.36.0-7+deb12u4", "tzdata": "2026f-0+deb12u1"}
+UPGRADES_OLD = {"python3.11": "3.11.2-6+deb12u8", "libpython3.11-stdlib": "3.11.2-6+deb12u8",
+                "libpython3.11-minimal": "3.11.2-6+deb12u8", "python3.11-minimal": "3.11.2-6+deb12u8",
+                "libc6": "2.36-9+deb12u7", "libc-bin": "2.36-9+deb12u7", "git": "1:2.39.5-0+deb12u2",
+                "perl-base": "5.36.0-7+deb12u3", "tzdata": "2025b-0+deb12u1"}
+BASE = {
+    "small": ["libllvm14", "gcc-12", "cpp-12", "vim-runtime", "libicu72", "libperl5.36", "perl-modules-5.36",
+              "libxml2", "locales", "git-man", "binutils-x86-64-linux-gnu", "libgcc-12-dev"],
+    "large": ["golang-1.19-go", "golang-1.19-src", "openjdk-17-jre-headless", "libllvm14", "gcc-12", "cpp-12",
+              "g++-12", "emacs-common", "libclang-cpp14", "libnode108", "vim-runtime", "libicu72", "libperl5.36",
+              "perl-modules-5.36", "libstdc++-12-dev", "libgcc-12-dev", "binutils-x86-64-linux-gnu", "libxml2",
+              "locales", "git-man"],
+}
+FEATURE_ADD = ["python3-numpy", "python3-scipy", "libruby3.1", "libgl1-mesa-dri"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fetch(pkgs: dict[str, str | None]) -> list[Path]:
+    """The .deb of each package (a pinned version, or the candidate), cached."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, ver in sorted(pkgs.items()):
+        marker = CACHE / f"{name}={ver or 'candidate'}.path"
+        if marker.exists() and Path(marker.read_text()).exists():
+            out.append(Path(marker.read_text()))
+            continue
+        before = set(CACHE.glob("*.deb"))
+        spec = f"{name}={ver}" if ver else name
+        subprocess.run(["apt-get", "download", "-q", spec], cwd=CACHE, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        new = sorted(set(CACHE.glob("*.deb")) - before) or sorted(CACHE.glob(f"{name}_*.deb"))
+        marker.write_text(str(new[0]))
+        out.append(new[0])
+    return out
+
+
+def tree(work: Path, name: str, debs: list[Path]) -> Path:
+    t = work / f"tree-{name}"
+    if (work / f"tree-{name}.done").exists():
+        return t
+    shutil.rmtree(t, ignore_errors=True)
+    t.mkdir(parents=True)
+    for d in debs:
+        subprocess.run(["dpkg", "-x", str(d), str(t)], check=True)
+    (t / "etc").mkdir(exist_ok=True)
+    (t / "etc" / "os-release").write_text(f'NAME="bench-os"\nVERSION_ID="{name}"\n')
+    (work / f"tree-{name}.done").write_text("ok\n")
+    return t
+
+
+def image(work: Path, name: str, t: Path) -> Path:
+    from builder.image import build_image
+
+    p = work / f"{name}.erofs"
+    if not p.exists():
+        build_image(t, p, source_date_epoch=1700000000)
+    return p
+
+
+def release(work: Path, version: str, img: Path, delta_from: list[Path]) -> tuple[Path, float]:
+    """The release directory and the seconds spent making its deltas."""
+    import builder.release as br
+
+    out = work / f"release-{version}"
+    timing = work / f"release-{version}.delta-seconds"
+    if (out / "release.json").exists() and timing.exists():
+        return out, float(timing.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    spent = [0.0]
+    orig = br.make_deltas
+
+    def timed(*a, **kw):
+        t0 = time.monotonic()
+        try:
+            return orig(*a, **kw)
+        finally:
+            spent[0] += time.monotonic() - t0
+
+    br.make_deltas = timed
+    try:
+        k = work / "vmlinuz"
+        k.write_bytes(b"bench kernel " * 1000)
+        br.create_release(img, out, product="bench-os", version=version, compatible=["bench"], kernel=k,
+                          created=1700000000, delta_from=delta_from)
+    finally:
+        br.make_deltas = orig
+    timing.write_text(f"{spent[0]}\n")
+    return out, spent[0]
+
+
+def patch_from(work: Path, old: Path, new: Path) -> int:
+    out = work / f"{new.stem}.patch-from.zst"
+    if not out.exists():
+        size = max(old.stat().st_size, new.stat().st_size)
+        long = max(27, (size - 1).bit_length())
+        subprocess.run(["zstd", "-q", "-f", "-19", "-T2", f"--long={long}", f"--patch-from={old}", str(new),
+                        "-o", str(out)], check=True)
+    return out.stat().st_size
+
+
+def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, Path], slot_size: int, *,
+            delta: bool) -> dict:
+    """``abflip install`` as a process on a fresh simulated device; its result, time and RSS."""
+    from abflip.sim import SimDevice
+    from applier.agent import Device
+    from applier.factory import provision
+
+    shutil.rmtree(run, ignore_errors=True)
+    img, rel_dir = factory
+    sim = SimDevice.create(run, repository_url=url, trusted_root=(repo / "metadata" / "1.root.json").read_bytes(),
+                           product="bench-os", hardware_id="bench", slot_size=slot_size, channel=channel)
+    if delta:
+        with open(img, "rb") as s, open(sim.slot_path("a"), "r+b") as d:
+            shutil.copyfileobj(s, d, 1 << 20)
+        provision(Device(sim.config), rel_dir)
+        sim.boot()
+    else:
+        sim.provision(img, slot="a", version="1.0.0", product="bench-os")
+        Device(sim.config).mark_good()
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "abflip.cli", "install", "--config", str(sim.config_path), "--json"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.stdout.read(), p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    seconds = time.monotonic() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"abflip install failed: {err.decode()[-2000:]}")
+    result = json.loads(out.decode().splitlines()[-1])["result"]
+    rss = ru.ru_maxrss * 1024
+    shutil.rmtree(run, ignore_errors=True)
+    return {"result": result, "seconds": seconds, "rss": rss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--tier", choices=sorted(BASE), default="large")
+    ap.add_argument("--workdir", type=Path, default=None)
+    a = ap.parse_args(argv)
+    work = a.workdir or Path.home() / ".cache" / "abflip-bench" / f"delta-{a.tier}"
+    work.mkdir(parents=True, exist_ok=True)
+    base = {p: None for p in BASE[a.tier]}
+    sets = {
+        "1.0.0": {**base, **SECURITY_OLD, **UPGRADES_OLD},
+        "1.1.0": {**base, **SECURITY, **UPGRADES_OLD},
+        "1.2.0": {**base, **SECURITY, **UPGRADES, **{p: None for p in FEATURE_ADD}},
+    }
+    imgs = {}
+    for v, pkgs in sets.items():
+        log(f"{v}: {len(pkgs)} packages")
+        imgs[v] = image(work, v, tree(work, v, fetch(pkgs)))
+    log("releases")
+    r1, _ = release(work, "1.0.0", imgs["1.0.0"], [])
+    rs, ts = release(work, "1.1.0", imgs["1.1.0"], [r1])
+    rf, tf = release(work, "1.2.0", imgs["1.2.0"], [r1])
+    log("zstd --patch-from")
+    pf = {"security": patch_from(work, imgs["1.0.0"], imgs["1.1.0"]),
+          "feature": patch_from(work, imgs["1.0.0"], imgs["1.2.0"])}
+
+    from abflip.httpserver import Server
+    from builder.publish import publish_release, write_signed
+    from builder.storage.local import LocalStorage
+    from metadata.keys import KeyConfig
+    from metadata.manifest import Release
+    from metadata.repository import init_repository
+
+    repo = work / "repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.rmtree(work / "keys", ignore_errors=True)
+    storage = LocalStorage(repo)
+    write_signed(storage, init_repository(work / "keys"))
+    keys = KeyConfig.load(work / "keys")
+    publish_release(rs, storage, keys, channel="security")
+    publish_release(rf, storage, keys, channel="feature")
+    rel = {k: Release.from_bytes((d / "release.json").read_bytes()) for k, d in (("security", rs), ("feature", rf))}
+    slot_size = max(p.stat().st_size for p in imgs.values()) + (64 << 20)
+    rows = {}
+    with Server(repo) as server:
+        for kind, channel in (("security", "security"), ("feature", "feature")):
+            for mode in ("full", "delta"):
+                log(f"device: {kind} update, {mode}")
+                rows[(kind, mode)] = install(work / "run", server.url, repo, channel, (imgs["1.0.0"], r1), slot_size,
+                                             delta=mode == "delta")
+                got = rows[(kind, mode)]["result"]
+                if got["kind"] != mode:
+                    raise SystemExit(f"{kind} {mode}: the device used {got['kind']}")
+    mib = lambda n: f"{n / (1 << 20):9.2f} MiB"  # noqa: E731
+    print(f"tier {a.tier}: image 1.0.0 {mib(imgs['1.0.0'].stat().st_size)}, 1.1.0 {mib(imgs['1.1.0'].stat().st_size)}, "
+          f"1.2.0 {mib(imgs['1.2.0'].stat().st_size)}; {os.cpu_count()} CPUs")
+    print(f"{'update':10} {'full':>13} {'abflip delta':>13} {'patch-from':>13} {'delta make':>10} "
+          f"{'apply full':>10} {'apply delta':>11} {'RSS full':>9} {'RSS delta':>9}")
+    pct = {}
+    for kind, made in (("security", ts), ("feature", tf)):
+        r = rel[kind]
+        ref = r.deltas[0]
+        full = r.image.compressed_size
+        dbytes = ref.data.length + ref.manifest.length
+        pct[kind] = (100 * dbytes / full, 100 * pf[kind] / full)
+        f, d = rows[(kind, "full")], rows[(kind, "delta")]
+        print(f"{kind:10} {mib(full)} {mib(dbytes)} {mib(pf[kind])} {made:9.1f}s {f['seconds']:9.1f}s "
+              f"{d['seconds']:10.1f}s {f['rss'] >> 20:5d} MiB {d['rss'] >> 20:5d} MiB")
+        print(f"{'':10} device downloaded: full {f['result']['bytes_downloaded']} B, delta "
+              f"{d['result']['bytes_downloaded']} B")
+    peak = max(rows[(k, "delta")]["rss"] for k in ("security", "feature")) >> 20
+    print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; patch-from: security "
+          f"{pct['security'][1]:.2f}%, feature {pct['feature'][1]:.2f}%; peak RSS delta {peak} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
