@@ -24,6 +24,13 @@ Apply order:
    and synced (invariant 3); ``post-install`` hooks (a failure removes the entry again ->
    ``staged``); stale entries and boot files pruned.
 A failure after a write either undoes it or says exactly what stays changed.
+
+Apply never makes a stage bootable that the channel no longer offers (docs/release-control.md):
+unless the stage was verified by this very command (``install``), apply refreshes the offer; a
+staged release that was withdrawn, or replaced by another, is discarded: the slot's entries are
+removed (there are none while staged), then the state says ``idle``/``committed`` with no target
+and the slot ``unknown`` (write-ahead of the cleanup), then ``staged/`` is removed; apply ends
+with :class:`StageDiscarded` saying why. With the network down what is staged is applied.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, UserError
+from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import Release
 
 from . import boot, delta
@@ -40,6 +47,7 @@ from .atomic import write_atomic
 from .boot import Entry
 from .esp import DirectoryEsp
 from .hooks import run_hooks
+from .policy import StageDiscarded
 from .slots import SlotDevice, other_slot
 from .state import SlotState, State, Target
 from .stream import memory_needed, write_image
@@ -250,6 +258,11 @@ def apply(dev, *, now: bool, just_verified: tuple[str, str] | None = None):
         raise PolicyError(f"outside the maintenance windows ({'; '.join(w.text for w in cfg.windows)}); the next "
                           f"opens {nxt['start'] if nxt else 'never'}", hint="it is applied then; pass --now to "
                           "apply it anyway")
+    if just_verified is None and (why := _no_longer_offered(dev, t)) is not None:
+        discard_stage(dev, state, booted)
+        raise StageDiscarded(f"{why}: the staged {t.version} was discarded, not applied (slot {t.slot} stays "
+                             "inactive, no boot entry)", hint="nothing to do: the device takes what its channel "
+                                                              "offers at the next check")
     _check_esp(dev)
     release = _staged_release(dev, t)
     version = t.version
@@ -335,6 +348,34 @@ def apply(dev, *, now: bool, just_verified: tuple[str, str] | None = None):
         raise
     dev.prune(state, booted)
     return ApplyResult(version, t.slot, entry.name)
+
+
+def _no_longer_offered(dev, t: Target) -> str | None:
+    """Why the staged release ``t`` is no longer on offer, or None (still offered, or the
+    repository cannot be reached: then what is staged is applied, as before)."""
+    try:
+        _, channel, release, rel_bytes = dev._offer()
+    except TransportError:
+        return None
+    if channel.is_withdrawn(t.version):
+        return f"{t.version} was withdrawn from channel {channel.channel}"
+    if hashlib.sha256(rel_bytes).hexdigest() != t.manifest_sha256:
+        return f"channel {channel.channel} no longer offers it (it offers {release.version})"
+    return None
+
+
+def discard_stage(dev, state: State, booted: str) -> None:
+    """Forget a staged release in write order: entries of its slot removed (none exist while
+    staged; invariant 2 all the same), then the state without a target (write-ahead), then the
+    staged files. Killed before the save: still staged, the next apply discards it again."""
+    t = state.target
+    assert t is not None
+    boot.remove_slot_entries(dev.esp, t.slot)
+    state.target = None
+    state.slots[t.slot] = SlotState(None, None, "unknown", None)
+    state.state = "committed" if state.slots[booted].status == "good" else "idle"
+    dev._save(state)
+    shutil.rmtree(staged_dir(dev), ignore_errors=True)
 
 
 def _copy_in(esp, dest: str, src: Path) -> None:

@@ -9,7 +9,19 @@ from metadata.errors import PolicyError, UserError
 from metadata.manifest import Channel, Release
 from metadata.version import Version
 
-__all__ = ["check_release", "floor_of", "same_version"]
+__all__ = ["check_release", "check_offered", "floor_of", "same_version", "NotInRollout", "Withdrawn", "StageDiscarded"]
+
+
+class NotInRollout(PolicyError):
+    """The channel's phased rollout does not include this device (yet), or it is paused."""
+
+
+class Withdrawn(PolicyError):
+    """The release engineer pulled this release from the channel."""
+
+
+class StageDiscarded(PolicyError):
+    """A staged release is no longer offered on the channel: the stage was discarded, not applied."""
 
 
 def same_version(a: str | None, b: str | None) -> bool:
@@ -46,3 +58,15 @@ def check_release(release: Release, channel: Channel, *, product: str, hardware_
     if not retry_failed and any(same_version(str(release.version), v) for v in failed_versions):
         raise PolicyError(f"{release.version} failed to boot on this device before and is not retried by itself",
                           hint="publish a fixed version, or pass --retry-failed")
+
+
+def check_offered(channel: Channel, release: Release, decision) -> None:
+    """Release control (docs/release-control.md): a withdrawn release is never offered; the
+    rollout's ``decision`` (:func:`applier.rollout.decide`) must let this device start it."""
+    if channel.is_withdrawn(release.version):
+        raise Withdrawn(f"{release.product} {release.version} was withdrawn from channel {channel.channel}",
+                        hint="nothing was changed; the release engineer publishes or promotes another version")
+    if not decision.allowed:
+        raise NotInRollout(f"{release.product} {release.version} is in a phased rollout: {decision.reason}",
+                           hint="nothing was changed; the device takes it when the rollout includes it "
+                                "(abflip check --json shows the rollout)")

@@ -1,0 +1,87 @@
+"""The device's side of release control that touches files: its id, and what the channel said.
+
+- :func:`read_device_id`: ``device.id_file`` (``/etc/machine-id``), bounded (at most 4 KiB read,
+  a regular file, never a FIFO that blocks), validated by :func:`applier.rollout.device_id_problem`.
+  A missing or bad id is not an error: the device is then only in a rollout at 100 %, and
+  ``check``/``status`` say why.
+- :func:`save_record` / :func:`load_record`: ``<state_dir>/release-control.json``, the last
+  verified channel pointer's rollout and withdrawn versions and this device's decision, written
+  atomically after each check, so the offline ``status`` can say that the running release was
+  withdrawn. Loaded strictly and bounded (64 KiB); anything odd reads as "nothing recorded".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from metadata.manifest import NAME_RE, withdrawn_problem
+from metadata.version import Version
+
+from .atomic import write_atomic
+from .rollout import device_id_problem
+
+__all__ = ["read_device_id", "save_record", "load_record", "RECORD", "ID_MAX_BYTES"]
+
+RECORD = "release-control.json"
+ID_MAX_BYTES = 4096
+RECORD_MAX_BYTES = 64 << 10
+
+
+def read_device_id(path: Path) -> tuple[str | None, str | None]:
+    """``(id, None)`` or ``(None, why not)``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"cannot read {path}: {e.strerror or e}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, f"{path} is not a regular file"
+        data = os.read(fd, ID_MAX_BYTES + 1)
+    except OSError as e:
+        return None, f"cannot read {path}: {e.strerror or e}"
+    finally:
+        os.close(fd)
+    if len(data) > ID_MAX_BYTES:
+        return None, f"{path} is larger than {ID_MAX_BYTES} bytes"
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None, f"{path} is not ASCII text"
+    if problem := device_id_problem(text):
+        return None, f"{path}: {problem}"
+    return text, None
+
+
+def save_record(state_dir: Path, record: dict) -> None:
+    """Best effort: a check that cannot write it still answers."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        # '.state-' temps are what the sweep removes after a kill
+        write_atomic(state_dir / RECORD, (json.dumps(record, sort_keys=True) + "\n").encode(), prefix=".state-rc-")
+    except OSError:
+        pass
+
+
+def load_record(state_dir: Path) -> dict | None:
+    try:
+        with open(state_dir / RECORD, "rb") as f:
+            data = f.read(RECORD_MAX_BYTES + 1)
+        if len(data) > RECORD_MAX_BYTES:
+            return None
+        d = json.loads(data)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("channel"), str) or not NAME_RE.match(d["channel"]):
+        return None
+    if withdrawn_problem(d.get("withdrawn")) is not None or not isinstance(d.get("version"), str):
+        return None
+    try:
+        Version.parse(d["version"])
+    except Exception:  # noqa: BLE001 (a hand-edited record reads as none)
+        return None
+    if d.get("rollout") is not None and not isinstance(d.get("rollout"), dict):
+        return None
+    return {k: d.get(k) for k in ("channel", "version", "withdrawn", "rollout")}
