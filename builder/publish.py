@@ -14,6 +14,13 @@ A create-only write that loses a race re-reads the repository and tries again; a
 timestamp swap re-reads and, if the winner's snapshot does not include this publish yet,
 signs a newer timestamp naming the newest snapshot.
 Re-publishing the same release to the same channel is a no-op.
+
+Split signing (issue 13, docs/release-control.md): a product CI's keys directory holds only its
+delegated role's key. Such a publish stops after step 1 and ``N.<product>.json`` (create-only):
+the release becomes visible when the repository's online signer (``abflip repo snapshot``,
+:mod:`builder.signer`) has checked that metadata against its delegation and signed a snapshot
+and timestamp. Keys that can sign snapshot and timestamp (one operator, a local repository)
+still publish all the way, through the same checked loading.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class PublishResult:
     changed: bool
     timestamp_version: int
     uploaded: tuple[str, ...]
+    visible: bool = True  # False: signed into the product's role; devices see it once 'abflip repo snapshot' ran
 
 
 def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: str | None = None) -> None:
@@ -87,13 +95,26 @@ def load_tagged(storage: Storage) -> tuple[Repository, str | None]:
     return Repository.load(lambda n: ts if n == "timestamp.json" else storage.get(f"metadata/{n}")), tag
 
 
-def commit(storage: Storage, keys: KeyConfig, repo: Repository, tag: str | None, *, now: datetime | None = None) -> bool:
-    """Sign ``repo``'s edited targets and write targets, snapshot, timestamp (in that order).
+def holds_online_keys(repo: Repository, keys: KeyConfig) -> bool:
+    """Can ``keys`` sign snapshot and timestamp here? No for a product CI (docs/keys.md)."""
+    return all(repo.signing_problem(r, keys) is None for r in ("snapshot", "timestamp"))
+
+
+def commit(storage: Storage, keys: KeyConfig, repo: Repository, tag: str | None, *, now: datetime | None = None,
+           online: bool = True) -> bool:
+    """Sign ``repo``'s edited targets and write targets, snapshot, timestamp (in that order);
+    ``online=False``: only the edited roles (the online signer does the rest).
 
     Returns False when another publisher created the same metadata version first (the
     caller re-reads and redoes its edit). A lost timestamp swap is settled here.
     """
-    signed = repo.signed_files(keys, now=now)
+    signed = repo.signed_files(keys, now=now, online=online)
+    if not online:
+        try:
+            write_signed(storage, signed)
+        except AlreadyExists:
+            return False
+        return True
     versioned = [f for f in signed if f.name != "timestamp.json"]
     timestamp = [f for f in signed if f.name == "timestamp.json"]
     try:
@@ -139,26 +160,28 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
     for path, (name, sha) in checked.items():
         if targets[path].hashes["sha256"] != sha:
             raise BuildError(f"{name} does not match release.json (was it changed after 'release create'?)")
-    pointer = Channel(release.product, channel, release.version, release.target_path).to_bytes()
-    pointer_target = TargetFile.from_data(channel_target_path(release.product, channel), pointer, ["sha256"])
-
     uploaded: list[str] = []
     for attempt in range(RETRIES):
         repo, tag = load_tagged(storage)
         current = repo.target_files
+        from .channels import next_pointer  # the channel's withdrawn versions carry over (docs/release-control.md)
+
+        pointer = next_pointer(storage, repo, release.product, channel, release.version, release.target_path)
+        pointer_target = TargetFile.from_data(channel_target_path(release.product, channel), pointer, ["sha256"])
+        online = holds_online_keys(repo, keys)
         for path, t in targets.items():
             old = current.get(path)
             if old is not None and old.hashes != t.hashes:
                 raise BuildError(f"{release.product} {release.version} is already published with different content ({path})",
                                  hint="releases are immutable: publish a new version")
         old_ptr = current.get(pointer_target.path)
-        if (repo.is_current and all(p in current for p in targets) and old_ptr is not None
+        if ((repo.is_current or not online) and all(p in current for p in targets) and old_ptr is not None
                 and old_ptr.hashes == pointer_target.hashes):
             return PublishResult(release.product, str(release.version), channel, False,
-                                 repo.timestamp.signed.version, tuple(uploaded))
+                                 repo.timestamp.signed.version, tuple(uploaded), visible=repo.is_current)
         # Before the first byte is uploaded: these keys can sign every role this publish re-signs.
         roles = {repo.role_for_path(p) for p in (*targets, pointer_target.path)}
-        for role in [*sorted(roles), "snapshot", "timestamp"]:
+        for role in [*sorted(roles), *(("snapshot", "timestamp") if online else ())]:
             if (problem := repo.signing_problem(role, keys)) is not None:
                 raise UserError(problem, hint=f"check --keys ({keys.dir}): it must hold this repository's keys for "
                                               f"{role}; nothing was uploaded")
@@ -176,11 +199,11 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
             uploaded.append(key)
         repo.add_target(pointer_target)
         # 2.-4. metadata in publish order
-        if not commit(storage, keys, repo, tag, now=now):
+        if not commit(storage, keys, repo, tag, now=now, online=online):
             time.sleep(min(0.05 * (attempt + 1), 1.0))  # another publisher won; re-read and retry
             continue
         return PublishResult(release.product, str(release.version), channel, True,
-                             repo.timestamp.signed.version, tuple(uploaded))
+                             repo.timestamp.signed.version, tuple(uploaded), visible=online)
     raise StorageError(f"gave up publishing after {RETRIES} conflicting concurrent publishes",
                        hint="retry; the repository is consistent")
 

@@ -10,7 +10,18 @@ snapshot/timestamp keys can publish that product and nothing else.
 
 Loading verifies what it reads (root chain, then every top-level role against the newest
 root, every delegated role against targets), so a publisher never signs over metadata
-someone else slipped into the bucket.
+someone else slipped into the bucket. Above the version the snapshot (or timestamp) names,
+each newer ``N.<role>.json`` is a *candidate*: it is taken only if it is signed to its
+delegation's threshold by its delegation's keys, carries version N, and (a delegated role)
+lists only targets under its delegation's paths and delegates nothing further. A candidate
+that fails is skipped and reported (:attr:`Repository.skipped`), never fatal, and the next
+version signed goes above every file present (:attr:`Repository.highest`), so nobody who can
+write a junk ``N.other-os.json`` can freeze, roll back or hide another product's releases
+(docs/release-control.md). This is what the repository's online signer
+(:mod:`builder.signer`) relies on when it signs a snapshot of every product's newest metadata.
+
+Split signing (issue 13): :meth:`Repository.signed_files` with ``online=False`` signs only the
+roles that changed (a product CI: its delegated role) and no snapshot or timestamp.
 
 Roles (DESIGN.md "Roles"): ``root`` and ``targets`` are offline and may need several
 signatures (thresholds); a change to them is *staged* (:mod:`metadata.staging`) and signed
@@ -166,6 +177,8 @@ class Repository:
         self.delegated: dict[str, Metadata[Targets]] = dict(delegated or {})
         self.root_history: list[Metadata[Root]] = [root]
         self._changed: set[str] = set()
+        self.skipped: list[str] = []  # candidate metadata refused while loading, and why
+        self.highest: dict[str, int] = {}  # highest N of N.<role>.json present: the next signing goes above it
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -187,20 +200,25 @@ class Repository:
             history.append(root)
         timestamp = _parse(read("timestamp.json"), "timestamp.json", Timestamp)
         _verify(root, timestamp, "timestamp")
-        snapshot = _newest(read, root, "snapshot", timestamp.signed.snapshot_meta.version, Snapshot)
-        targets = _newest(read, root, "targets", snapshot.signed.meta["targets.json"].version, Targets)
+        skipped: list[str] = []
+        highest: dict[str, int] = {}
+        snapshot = _newest(read, root, "snapshot", timestamp.signed.snapshot_meta.version, Snapshot, skipped, highest)
+        targets = _newest(read, root, "targets", snapshot.signed.meta["targets.json"].version, Targets, skipped,
+                          highest)
         delegated = {}
         for name, role in _delegated_roles(targets).items():
             meta = snapshot.signed.meta.get(f"{name}.json")
+            check = _within_delegation(role)
             if meta is not None:
-                md = _newest(read, targets, name, meta.version, Targets)
-            elif read(f"1.{name}.json") is not None:  # a first publish that did not reach snapshot yet
-                md = _newest(read, targets, name, 1, Targets)
-            else:  # delegated but never published: starts empty, version 1 on first publish
-                md = empty_role(targets.signed.expires)
+                md = _newest(read, targets, name, meta.version, Targets, skipped, highest, check)
+            else:  # never in a snapshot yet: a first publish, or nothing (starts empty, version 1)
+                md = _newest(read, targets, name, 1, Targets, skipped, highest, check, optional=True) \
+                    or empty_role(targets.signed.expires)
             delegated[name] = md
         repo = cls(root, targets, snapshot, timestamp, delegated)
         repo.root_history = history
+        repo.skipped = skipped
+        repo.highest = highest
         return repo
 
     @property
@@ -302,7 +320,7 @@ class Repository:
     # -- signing ---------------------------------------------------------------------------
     def _sign_role(self, name: str, config: KeyConfig, now: datetime) -> SignedFile:
         md = self.role(name)
-        md.signed.version += 1
+        md.signed.version = max(md.signed.version, self.highest.get(name, 0)) + 1  # above any junk file
         md.signed.expires = _expiry(now, config.expiry(name))
         keys, threshold = self.role_keys(name)
         _sign(md, config.signers(name, keys), threshold, name, config.unreachable(name, keys), trusted=list(keys))
@@ -327,13 +345,18 @@ class Repository:
         self.timestamp.signed.snapshot_meta = MetaFile(self.snapshot.signed.version)
         return self._sign_role("timestamp", config, now)
 
-    def signed_files(self, config: KeyConfig, *, now: datetime | None = None) -> list[SignedFile]:
+    def signed_files(self, config: KeyConfig, *, now: datetime | None = None, online: bool = True) -> list[SignedFile]:
         """Bump and sign what changed (delegated roles, targets), then snapshot and timestamp;
-        return them in publish order."""
+        return them in publish order. ``online=False`` (a product CI, which holds no snapshot
+        or timestamp key): only the changed roles; the repository's online signer
+        (:mod:`builder.signer`) makes them visible."""
         now = now or datetime.now(timezone.utc)
         out = [self._sign_role(n, config, now) for n in sorted(self._changed & set(self.delegated))]
         if "targets" in self._changed:
             out.append(self._sign_role("targets", config, now))
+        if not online:
+            self._changed.clear()
+            return out
         out.append(self._sign_snapshot(config, now))
         out.append(self.signed_timestamp(config, now=now))
         self._changed.clear()
@@ -353,7 +376,7 @@ class Repository:
                 self._changed.add(name)
         out = [self._sign_role(n, config, now) for n in sorted(self._changed & set(self.delegated))]
         self._changed.clear()
-        if out or due("snapshot"):
+        if out or due("snapshot") or not self.is_current:  # newer checked metadata: a new snapshot
             out.append(self._sign_snapshot(config, now))
         if out or force or due("timestamp"):
             out.append(self.signed_timestamp(config, now=now))
@@ -430,14 +453,51 @@ def _verify(delegator: Metadata, md: Metadata, role: str) -> None:
         raise RepositoryError(f"{role} metadata version {md.signed.version} is not signed by its threshold: {e}") from None
 
 
-def _newest(read: Reader, delegator: Metadata, role: str, start: int, cls: type) -> Metadata:
-    """The highest ``N.role.json`` at or above ``start``: a concurrent publisher may have
-    written a newer one that the timestamp does not name yet; building on it keeps its targets."""
-    md = _parse(read(f"{start}.{role}.json"), f"{start}.{role}.json", cls)
-    for v in range(start + 1, start + MAX_PROBE):
-        data = read(f"{v}.{role}.json")
+def _within_delegation(role: DelegatedRole) -> Callable[[Metadata], None]:
+    """The paths check of a delegated role's candidate metadata: every target under the
+    delegation's paths, no delegations of its own (abflip's product roles never delegate)."""
+    def check(md: Metadata) -> None:
+        outside = sorted(p for p in md.signed.targets if not role.is_delegated_path(p))
+        if outside:
+            raise RepositoryError(f"it lists {len(outside)} target(s) outside {role.name}'s delegation, e.g. "
+                                  f"{outside[0][:120]!r}")
+        if md.signed.delegations is not None and (md.signed.delegations.roles or md.signed.delegations.keys):
+            raise RepositoryError(f"it delegates further; role {role.name} may not")
+    return check
+
+
+def _newest(read: Reader, delegator: Metadata, role: str, start: int, cls: type, skipped: list[str] | None = None,
+            highest: dict[str, int] | None = None, check: Callable[[Metadata], None] | None = None, *,
+            optional: bool = False) -> Metadata | None:
+    """The highest *valid* ``N.role.json`` at or above ``start``: a concurrent publisher may
+    have written a newer one that the timestamp does not name yet; building on it keeps its
+    targets. Candidates that do not verify (signatures, version = N, ``check``) are skipped
+    and reported in ``skipped``; ``highest`` records the highest N present. None of them valid:
+    the ``start`` file's problem is raised (``optional``: None is returned instead)."""
+    md, first_problem, top = None, None, 0
+    for v in range(start, start + MAX_PROBE):
+        name = f"{v}.{role}.json"
+        data = read(name)
         if data is None:
+            if v == start and not optional:
+                _parse(None, name, cls)  # raises: what the snapshot or timestamp names is missing
             break
-        md = _parse(data, f"{v}.{role}.json", cls)
-    _verify(delegator, md, role)
+        top = v
+        try:
+            cand = _parse(data, name, cls)
+            _verify(delegator, cand, role)
+            if cand.signed.version != v:
+                raise RepositoryError(f"{name} carries version {cand.signed.version}")
+            if check is not None:
+                check(cand)
+        except RepositoryError as e:
+            first_problem = first_problem or e
+            if skipped is not None:
+                skipped.append(f"{name}: {e.message}")
+            continue
+        md = cand
+    if highest is not None and top:
+        highest[role] = top
+    if md is None and not optional:
+        raise first_problem or RepositoryError(f"the repository has no {start}.{role}.json")
     return md

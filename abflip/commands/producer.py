@@ -1,4 +1,4 @@
-"""Producer commands: image build, release create, publish, channel promote, serve."""
+"""Producer commands: image build, release create, publish, channel promote/rollout/pause/resume/withdraw, serve."""
 
 from __future__ import annotations
 
@@ -154,7 +154,30 @@ def publish(
     run(lambda: publish_release(release_dir, storage_for(to, endpoint_url, region, profile), KeyConfig.load(keys),
                                 channel=channel).__dict__, as_json,
         lambda r: (f"published {r['product']} {r['version']} to channel {r['channel']} (timestamp v{r['timestamp_version']})"
-                   if r["changed"] else f"{r['product']} {r['version']} is already published on {r['channel']}: nothing to do"))
+                   if r["changed"] else f"{r['product']} {r['version']} is already published on {r['channel']}: nothing to do")
+        + ("" if r.get("visible", True) else _NOT_YET))
+
+
+_NOT_YET = ("\nsigned into the product's role only: devices see it after the repository's online signer ran "
+            "('abflip repo snapshot', docs/release-control.md)")
+
+
+def _channel_text(r: dict) -> str:
+    ro = r.get("rollout")
+    text = f"channel {r['channel']} of {r['product']} points at {r['version']}"
+    if ro:
+        text += f", rollout {ro['percent']} %" + (" (paused)" if ro["paused"] else "")
+    if r.get("withdrawn"):
+        text += f"; withdrawn: {', '.join(r['withdrawn'])}"
+    text += "" if r["changed"] else " (unchanged)"
+    return text + ("" if r.get("visible", True) else _NOT_YET)
+
+
+def _channel_run(fn, as_json: bool, repo: str, keys: Path, endpoint_url, region, profile) -> None:
+    from metadata.keys import KeyConfig
+
+    run(lambda: fn(storage_for(repo, endpoint_url, region, profile), KeyConfig.load(keys)).__dict__, as_json,
+        _channel_text)
 
 
 @channel_app.command("promote")
@@ -164,19 +187,83 @@ def channel_promote(
     to_channel: str = typer.Option(..., "--to", help="channel to point at the version"),
     repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
     keys: Path = typer.Option(..., help="keys directory (keys.json)"),
+    rollout: Optional[int] = typer.Option(None, "--rollout", help="phased: offer it to this percentage (0..100) of "
+                                                                  "the product's devices; widen with 'channel rollout'"),
+    seed: Optional[str] = typer.Option(None, help="rollout seed (default: the version): the same seed keeps the same "
+                                                  "devices first across releases"),
     endpoint_url: Optional[str] = ENDPOINT_OPT,
     region: Optional[str] = REGION_OPT,
     profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Point a channel at a published release (no image is uploaded again)."""
-    from builder.channels import promote
-    from metadata.keys import KeyConfig
+    """Point a channel at a published release (no image is uploaded again), optionally phased."""
+    from builder.channels import make_rollout, promote
 
-    run(lambda: promote(storage_for(repo, endpoint_url, region, profile), KeyConfig.load(keys), product=product,
-                        version=version, channel=to_channel).__dict__, as_json,
-        lambda r: (f"channel {r['channel']} of {r['product']} now points at {r['version']}"
-                   + ("" if r["changed"] else " (it already did)")))
+    _channel_run(lambda st, k: promote(st, k, product=product, version=version, channel=to_channel,
+                                       rollout=make_rollout(rollout, seed=seed) if rollout is not None or seed else None),
+                 as_json, repo, keys, endpoint_url, region, profile)
+
+
+@channel_app.command("rollout")
+def channel_rollout(
+    product: str = typer.Argument(...),
+    channel: str = typer.Option(..., "--channel", help="the channel whose rollout changes"),
+    percent: int = typer.Option(..., "--percent", help="offer the channel's release to this percentage (0..100)"),
+    repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
+    keys: Path = typer.Option(..., help="keys directory (keys.json)"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Widen (or narrow) the phased rollout of a channel's release; nothing is uploaded again."""
+    from builder.channels import set_rollout
+
+    _channel_run(lambda st, k: set_rollout(st, k, product=product, channel=channel, percent=percent),
+                 as_json, repo, keys, endpoint_url, region, profile)
+
+
+def _pause_command(name: str, paused: bool, doc: str) -> None:
+    @channel_app.command(name, help=doc)
+    def cmd(
+        product: str = typer.Argument(...),
+        channel: str = typer.Option(..., "--channel", help="the channel whose rollout is paused or resumed"),
+        repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
+        keys: Path = typer.Option(..., help="keys directory (keys.json)"),
+        endpoint_url: Optional[str] = ENDPOINT_OPT,
+        region: Optional[str] = REGION_OPT,
+        profile: Optional[str] = PROFILE_OPT,
+        as_json: bool = JSON_OPT,
+    ) -> None:
+        from builder.channels import set_rollout
+
+        _channel_run(lambda st, k: set_rollout(st, k, product=product, channel=channel, paused=paused),
+                     as_json, repo, keys, endpoint_url, region, profile)
+
+
+_pause_command("pause", True, "Pause a channel's rollout: devices that have not started it do not start.")
+_pause_command("resume", False, "Resume a paused rollout.")
+
+
+@channel_app.command("withdraw")
+def channel_withdraw(
+    product: str = typer.Argument(...),
+    version: str = typer.Argument(..., help="the release to pull"),
+    channel: str = typer.Option(..., "--channel", help="the channel to pull it from"),
+    back_to: Optional[str] = typer.Option(None, "--back-to", help="point the channel at this published version"),
+    repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
+    keys: Path = typer.Option(..., help="keys directory (keys.json)"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Pull a release: no device starts it, a device that staged it discards the stage, a
+    device running it keeps it (its status says it was withdrawn)."""
+    from builder.channels import withdraw
+
+    _channel_run(lambda st, k: withdraw(st, k, product=product, version=version, channel=channel, back_to=back_to),
+                 as_json, repo, keys, endpoint_url, region, profile)
 
 
 @app.command("serve")

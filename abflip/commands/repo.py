@@ -1,4 +1,4 @@
-"""Repository commands: init, status, delegate, rotate, sign, commit, refresh.
+"""Repository commands: init, status, delegate, rotate, sign, commit, refresh, snapshot (the online signer).
 
 Offline changes (rotate, delegate) are staged in ``<keys>/staged/`` and signed there with the
 keys this machine holds; other key holders add theirs with ``repo sign``; ``repo commit``
@@ -315,3 +315,33 @@ def repo_refresh(
 
     run(go, as_json, lambda r: "\n".join([f"re-signed {', '.join(r['signed'])}" if r["signed"] else "nothing due",
                                           *(f"warning: {w}" for w in r["warnings"])]))
+
+
+@repo_app.command("snapshot")
+def repo_snapshot(
+    repo: str = typer.Option(..., "--repo", help="repository to write: a directory or s3://bucket/prefix"),
+    keys: Path = KEYS_OPT,
+    force: bool = typer.Option(False, help="sign a new timestamp even if nothing is new or due"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The repository's online signer: check each product's new metadata against its delegation
+    and sign a snapshot and timestamp that make it visible (docs/release-control.md).
+
+    What the repository-level job runs (ci/signer-workflow.yml), on a schedule and after a
+    product publishes; its keys directory holds only the snapshot and timestamp keys."""
+    from builder.signer import sign_online
+    from metadata.keys import KeyConfig
+
+    def go() -> dict:
+        r = sign_online(_storage(repo), KeyConfig.load(keys), force=force)
+        return {"signed": list(r.signed), "included": r.included, "newly_included": r.newly_included,
+                "skipped": list(r.skipped), "timestamp_version": r.timestamp_version}
+
+    def text(r: dict) -> str:
+        lines = [f"signed {', '.join(r['signed'])} (timestamp v{r['timestamp_version']})" if r["signed"]
+                 else "nothing new or due"]
+        lines += [f"included {role} v{v}" for role, v in sorted(r["newly_included"].items())]
+        lines += [f"refused {s}" for s in r["skipped"]]
+        return "\n".join(lines)
+
+    run(go, as_json, text)
