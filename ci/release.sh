@@ -46,7 +46,13 @@ abflip release create --image "$work/rootfs.img" --product "$ABFLIP_PRODUCT" --v
     "${compat[@]}" "${boot[@]}" --options "${ABFLIP_OPTIONS:-ro quiet}" --fstype "${ABFLIP_FSTYPE:-erofs}" \
     -o "$work/release" --json
 # --endpoint-url/--region/--profile default to $ABFLIP_ENDPOINT_URL/$ABFLIP_REGION/$ABFLIP_PROFILE
-abflip publish "$work/release" --to "$ABFLIP_REPO" --keys "$ABFLIP_KEYS" --channel "${ABFLIP_CHANNEL:-stable}" --json
+abflip publish "$work/release" --to "$ABFLIP_REPO" --keys "$ABFLIP_KEYS" --channel "${ABFLIP_CHANNEL:-stable}" --json \
+    | tee "$work/published.json"
+if grep -q '"visible": false' "$work/published.json"; then
+  # a product CI's keys: devices (and repo verify) see it once the online signer ran
+  echo "release.sh: published into the product's role; run the repository's online signer (abflip repo snapshot)" >&2
+  exit 0
+fi
 case "${ABFLIP_VERIFY:-yes}" in
   no) ;;
   deep) abflip repo verify "$ABFLIP_REPO" --deep ;;
