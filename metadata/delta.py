@@ -125,12 +125,13 @@ def _parse_source(d: object, what: str, limits: Limits) -> Source:
                   _int(d, "size", 1, limits.max_image_size, what))
 
 
-def _parse_file(d: object, what: str, max_length: int) -> DeltaFile:
+def _parse_file(d: object, what: str, max_length: int, min_length: int = 1) -> DeltaFile:
     d = _obj(d, what)
     target = d.get("target")
     if (p := target_problem(f"{what}.target", target)) is not None:
         raise _fail(p)
-    return DeltaFile(target, _hex(d, "sha256", what), _int(d, "length", 1, max_length, what))  # type: ignore[arg-type]
+    return DeltaFile(target, _hex(d, "sha256", what),  # type: ignore[arg-type]
+                     _int(d, "length", min_length, max_length, what))
 
 
 def delta_ref_problem(ref: DeltaRef, image: Image, dlimits: DeltaLimits = DeltaLimits()) -> str | None:
@@ -154,7 +155,7 @@ def parse_delta_refs(raw: object, image: Image, limits: Limits = Limits(),
         r = _obj(r, f"deltas[{i}]")
         ref = DeltaRef(_parse_source(r.get("source"), f"deltas[{i}].source", limits),
                        _parse_file(r.get("manifest"), f"deltas[{i}].manifest", dlimits.manifest_max_bytes),
-                       _parse_file(r.get("data"), f"deltas[{i}].data", limits.max_image_size))
+                       _parse_file(r.get("data"), f"deltas[{i}].data", limits.max_image_size, 0))  # 0: copies only
         if (p := delta_ref_problem(ref, image, dlimits)) is not None:
             raise _fail(p)
         _need(all(o.source.sha256 != ref.source.sha256 for o in refs), f"two deltas from {ref.source.sha256[:12]}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import check, crash, trace
-from .world import STATES, Releases, account, build_releases, make_server, make_snapshots, set_trial_url
+from .world import ONLY, STATES, Releases, account, build_releases, make_server, make_snapshots, set_trial_url
 
 OUT = Path("/tmp/faults")
 LATEST = OUT / "latest.txt"
@@ -336,7 +336,7 @@ def campaign(*, sample: int | None = None, seed: int = 0, jobs: int = 2, only: l
             pre_slot[state] = o.slot if o else None
             shutil.rmtree(probe)
         ctx = Ctx(rel, base_url, work, snaps, pre_slot, keep=keep)
-        scenarios = [Scenario(c, s) for c in COMMANDS for s in STATES]
+        scenarios = [Scenario(c, s) for c in COMMANDS for s in STATES if c in ONLY.get(s, (c,))]
         only_full: set[str] = set()
         if only:
             scen, only_full = _parse_only(only)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import threading
@@ -24,7 +25,9 @@ SLOT_SIZE = 4 << 20
 VERSIONS = ("1.0.0", "2.0.0")
 
 #: Starting states, in the order the update passes through them.
-STATES = ("idle", "downloading", "staged", "pending", "trial", "committed", "rollback-requested")
+STATES = ("idle", "downloading", "staged", "pending", "trial", "committed", "rollback-requested", "idle-delta")
+#: Starting states only some commands are run from (the others would repeat "idle").
+ONLY = {"idle-delta": ("install",)}  # a provisioned device (its image's sha256 known): updates through the delta
 
 
 class Interrupted(BaseException):
@@ -96,10 +99,16 @@ def build_releases() -> Releases:
     initrd = base / "initrd.img"
     initrd.write_bytes(b"initrd " * 500)
     for n, v in enumerate(VERSIONS):
-        tree = make_rootfs(base / f"tree-{v}", v, size=1 << 20, seed=n + 1)
+        tree = make_rootfs(base / f"tree-{v}", v, size=1 << 20, seed=1)
+        if n:  # 2.0.0: 1.0.0 with two files changed, and a delta from 1.0.0 (docs/delta.md)
+            for name in ("lib000.so", "lib002.so"):
+                p = tree / "usr" / "lib" / name
+                data = p.read_bytes()
+                p.write_bytes(data[:len(data) // 2] + b"2.0.0 fix" + data[len(data) // 2 + 9:])
         img = build_image(tree, base / f"{v}.erofs", source_date_epoch=1700000000)
         create_release(img.path, base / f"release-{v}", product=PRODUCT, version=v, compatible=[HARDWARE],
-                       kernel=kernel, initrd=initrd, options="ro", chunk_size=CHUNK, window=CHUNK, created=1700000000)
+                       kernel=kernel, initrd=initrd, options="ro", chunk_size=CHUNK, window=CHUNK, created=1700000000,
+                       delta_from=[base / "release-1.0.0"] if n else [])
         shutil.rmtree(base / f"tree-{v}")
     storage = LocalStorage(base / "repo")
     write_signed(storage, init_repository(base / "keys"))
@@ -239,6 +248,18 @@ def make_snapshots(rel: Releases, base_url: str, out: Path) -> dict[str, Path]:
             pass
 
     from abflip.sim import SimDevice as S
+
+    delta = out / "idle-delta"  # flashed and provisioned: the device knows its image, so it takes the delta
+    sim = SimDevice.create(delta, repository_url=f"{base_url}/t/snap",
+                           trusted_root=(rel.repo / "metadata" / "1.root.json").read_bytes(), product=PRODUCT,
+                           hardware_id=HARDWARE, slot_size=SLOT_SIZE, retries=1, timeout=5.0)
+    shutil.copyfile(rel.image("1.0.0"), sim.slot_path("a"))
+    os.truncate(sim.slot_path("a"), SLOT_SIZE)
+    from applier.factory import provision
+
+    provision(device(delta), rel.base / "release-1.0.0")
+    sim.boot()
+    snaps["idle-delta"] = delta
 
     step("downloading", "idle", interrupted)
     step("staged", "downloading", lambda d: device(d).download())
