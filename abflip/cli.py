@@ -4,17 +4,86 @@ Commands live in :mod:`abflip.commands` (one module per audience); this module w
 
 Exit codes: 0 ok; 1 unexpected internal error; 2 user/config error; 3 the repository served
 bad data; 4 transport failure; 5 device (or local storage) problem; 6 refused by policy.
+
+Start-up (issue 14): the commands a device runs on every boot and timer tick (``status``,
+``boot-check``, ``check``) are parsed here directly when their arguments are plain
+(``--config PATH``/``-c PATH``, ``--json``, and check's two flags), and call the same command
+function typer would: typer builds a pydantic adapter for every typed option (~0.1 s) and the
+other command modules are not needed. Anything else (``--help``, ``--config=PATH``, a typo)
+goes to typer, which owns the messages.
 """
 
 from __future__ import annotations
 
-from .commands import demo, device, producer, repo  # noqa: F401  (they register their commands)
-from .commands import audit as _audit  # noqa: F401  (repo verify, repo gc)
-from .commands._common import app
+import sys
+
+# command -> its flags (dest, value) besides --config/-c and --json
+_FAST_FLAGS = {
+    "status": {},
+    "boot-check": {},
+    "check": {"--allow-downgrade": "allow_downgrade", "--retry-failed": "retry_failed"},
+}
+
+
+def _fast_args(argv: list[str]) -> tuple[str, dict] | None:
+    """``(command, keyword arguments)`` for a plain device command line, else None."""
+    if not argv or argv[0] not in _FAST_FLAGS:
+        return None
+    cmd, flags = argv[0], _FAST_FLAGS[argv[0]]
+    kwargs: dict = {}
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg in ("--config", "-c") and "config" not in kwargs:
+            value = next(rest, None)
+            if value is None or not value or value.startswith("-"):
+                return None
+            kwargs["config"] = value
+        elif arg == "--json" and "as_json" not in kwargs:
+            kwargs["as_json"] = True
+        elif arg in flags and flags[arg] not in kwargs:
+            kwargs[flags[arg]] = True
+        else:
+            return None
+    return cmd, kwargs
+
+
+def _run_fast(cmd: str, kwargs: dict) -> None:
+    from pathlib import Path
+
+    import typer
+
+    from .commands import device
+
+    fn = {"status": device.status, "boot-check": device.boot_check, "check": device.check}[cmd]
+    config = Path(kwargs["config"]) if "config" in kwargs else device.CONFIG_OPT.default
+    args = {"config": config, "as_json": kwargs.get("as_json", False)}
+    if cmd == "check":
+        args.update(allow_downgrade=kwargs.get("allow_downgrade", False), retry_failed=kwargs.get("retry_failed", False))
+    try:
+        fn(**args)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+def _app():
+    from .commands import demo, device, producer, repo  # noqa: F401  (they register their commands)
+    from .commands import audit as _audit  # noqa: F401  (repo verify, repo gc)
+    from .commands._common import app
+
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":  # ``from abflip.cli import app`` (tests, typer's testing runner)
+        return _app()
+    raise AttributeError(name)
 
 
 def main() -> None:
-    app()
+    if (fast := _fast_args(sys.argv[1:])) is not None:
+        _run_fast(*fast)
+    _app()()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""What a device command loads at start-up (issue 14): the commands a device runs on every boot
+and timer tick import only what they need. No timing here (that is bench/device.py); the test
+asserts WHICH modules the real CLI process imported, read from ``sys.modules`` at exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Never on a device path: cloud signer SDKs (securesystemslib imports them if present), typer's
+# pydantic adapters, rich (progress bars of download/install only), the producer side.
+HEAVY = ("boto3", "botocore", "s3transfer", "azure", "pydantic", "pydantic_core", "typer._adapters", "rich",
+         "builder", "abflip.commands.producer", "abflip.commands.repo", "abflip.demo")
+
+_PROBE = """
+import atexit, json, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(n for n, m in sys.modules.items() if m is not None))))
+sys.argv[0] = "abflip"
+runpy.run_module("abflip.cli", run_name="__main__")
+"""
+
+
+def _loaded(tmp_path, *args: str) -> tuple[int, str, set[str]]:
+    out = tmp_path / "modules.json"
+    p = subprocess.run([sys.executable, "-c", _PROBE, str(out), *args], capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout, set(json.loads(out.read_text()))
+
+
+def _heavy(mods: set[str]) -> list[str]:
+    return sorted(m for m in mods if any(m == h or m.startswith(h + ".") for h in HEAVY))
+
+
+@pytest.mark.parametrize("command", [["status", "--json"], ["boot-check", "--json"], ["check", "--json"],
+                                     ["check"], ["status"]])
+def test_device_commands_load_no_signer_sdk_pydantic_or_producer_code(world, tmp_path, command):
+    world.publish("1.0.0")
+    sim, dev = world.device()
+    dev.check()  # the next check is idle (TUF timestamp only)
+    rc, stdout, mods = _loaded(tmp_path, *command, "--config", str(sim.config.path))
+    assert rc == 0, stdout
+    assert _heavy(mods) == []
+    assert "applier.agent" in mods  # it really ran the device code
+    if "--json" in command:
+        assert json.loads(stdout)  # the same JSON as through typer (compared below)
+
+
+def test_plain_arguments_and_typer_give_the_same_output(world):
+    """The fast path (``--config PATH``) and typer's (``--config=PATH``, which it alone parses)
+    print the same bytes and exit the same way, including for errors."""
+    world.publish("1.0.0")
+    sim, _ = world.device()
+    cfg = str(sim.config.path)
+    cli = [sys.executable, "-m", "abflip.cli"]
+    for cmd in (["status", "--json"], ["status"], ["boot-check", "--json"], ["check", "--json"], ["check"]):
+        fast = subprocess.run([*cli, *cmd, "--config", cfg], capture_output=True, text=True, timeout=120)
+        slow = subprocess.run([*cli, *cmd, f"--config={cfg}"], capture_output=True, text=True, timeout=120)
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr), cmd
+    missing = str(sim.config.path) + ".missing"
+    fast = subprocess.run([*cli, "status", "-c", missing], capture_output=True, text=True, timeout=120)
+    slow = subprocess.run([*cli, "status", f"--config={missing}"], capture_output=True, text=True, timeout=120)
+    assert fast.returncode == slow.returncode == 2
+    assert fast.stderr == slow.stderr and fast.stderr.startswith("error (user): no configuration file")
+    # anything the fast path does not know goes to typer: usage error, exit 2, no traceback
+    bad = subprocess.run([*cli, "status", "--config", cfg, "--bogus"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "No such option" in bad.stderr and "Traceback" not in bad.stderr
