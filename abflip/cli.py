@@ -25,6 +25,23 @@ _FAST_FLAGS = {
 }
 
 
+# Client libraries of the cloud and hardware signers that securesystemslib.signer imports, each
+# behind ``try: import ... except ImportError`` (tuf.api.metadata imports securesystemslib.signer).
+# A device only verifies, with public keys (cryptography), so a device command's *process* marks
+# them absent: boto3 alone costs ~0.4 s per command on a machine that has it installed. Done
+# here, at the process entry, never in library code (an in-process caller keeps its boto3).
+SIGNER_ONLY_LIBRARIES = ("boto3", "botocore", "s3transfer", "azure", "google.cloud", "hvac", "pkcs11", "keylet",
+                         "sigstore")
+DEVICE_COMMANDS = ("status", "check", "download", "apply", "run", "install", "boot-check", "mark-good", "rollback",
+                   "reset-state", "provision")
+
+
+def _without_signer_libraries() -> None:
+    for name in SIGNER_ONLY_LIBRARIES:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # "import name" raises ImportError
+
+
 def _fast_args(argv: list[str]) -> tuple[str, dict] | None:
     """``(command, keyword arguments)`` for a plain device command line, else None."""
     if not argv or argv[0] not in _FAST_FLAGS:
@@ -81,6 +98,8 @@ def __getattr__(name: str):
 
 
 def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in DEVICE_COMMANDS:
+        _without_signer_libraries()
     if (fast := _fast_args(sys.argv[1:])) is not None:
         _run_fast(*fast)
     _app()()

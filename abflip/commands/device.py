@@ -18,23 +18,7 @@ DOWNGRADE_OPT = typer.Option(False, "--allow-downgrade", help="allow a version n
 RETRY_OPT = typer.Option(False, "--retry-failed", help="retry a version that failed to boot before")
 
 
-# Client libraries of the cloud and hardware signers that securesystemslib.signer imports, each
-# behind ``try: import ... except ImportError`` (tuf.api.metadata imports securesystemslib.signer).
-# A device only verifies, with public keys (cryptography), so its commands mark them absent:
-# boto3 alone costs ~0.4 s per command on a machine that has it installed. Libraries something
-# already imported are left alone (the producer commands and in-process callers never get here).
-SIGNER_ONLY_LIBRARIES = ("boto3", "botocore", "s3transfer", "azure", "google.cloud", "hvac", "pkcs11", "keylet",
-                         "sigstore")
-
-
-def _without_signer_libraries() -> None:
-    for name in SIGNER_ONLY_LIBRARIES:
-        if name not in sys.modules:
-            sys.modules[name] = None  # type: ignore[assignment]  # "import name" raises ImportError
-
-
 def _device(config: Path, progress=None):
-    _without_signer_libraries()
     from applier.agent import Device
     from applier.config import Config
 
