@@ -24,7 +24,7 @@ Method
 4. **Device**: a simulated device over a real TUF repository and HTTP on 127.0.0.1 runs
    ``abflip install`` as a process: *full* (a device whose booted image's sha256 is not
    recorded, so it takes the full image) and *delta* (provisioned: it takes the delta). Wall
-   time and peak RSS (``wait4``) of that process.
+   time and peak RSS (``/usr/bin/time``) of that process.
 
 The last line is the issue's summary line.
 """
@@ -175,15 +175,15 @@ def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, 
         sim.provision(img, slot="a", version="1.0.0", product="bench-os")
         Device(sim.config).mark_good()
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "abflip.cli", "install", "--config", str(sim.config_path), "--json"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = p.stdout.read(), p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
+    # /usr/bin/time: the RSS of the install alone (a child's ru_maxrss would include this
+    # process's own RSS at fork time, which survives the exec).
+    p = subprocess.run(["/usr/bin/time", "-f", "maxrss %M", sys.executable, "-m", "abflip.cli", "install", "--config",
+                        str(sim.config_path), "--json"], cwd=ROOT, capture_output=True, text=True)
     seconds = time.monotonic() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"abflip install failed: {err.decode()[-2000:]}")
-    result = json.loads(out.decode().splitlines()[-1])["result"]
-    rss = ru.ru_maxrss * 1024
+    if p.returncode != 0:
+        raise SystemExit(f"abflip install failed: {p.stderr[-2000:]}")
+    result = json.loads(p.stdout.splitlines()[-1])["result"]
+    rss = int(p.stderr.strip().splitlines()[-1].split()[-1]) * 1024
     shutil.rmtree(run, ignore_errors=True)
     return {"result": result, "seconds": seconds, "rss": rss}
 
