@@ -25,7 +25,6 @@ device's ``limits.memory`` is not used.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,30 +133,13 @@ def _fetch(opener: Opener, start: int, length: int, buf: bytearray, what: str, r
 
 def _read_source(source: SlotDevice, offset: int, into: memoryview, sha256: str, what: str) -> None:
     """Fill ``into`` from the booted slot and check it; a short read or other bytes fall back."""
-    done = 0
     try:
-        while done < len(into):
-            n = os.preadv(source.fd, [into[done:]], offset + done)
-            if not n:
-                raise _Fallback(f"{what}: the booted slot ends before byte {offset + len(into)}")
-            done += n
-    except OSError as e:
-        raise _Fallback(f"{what}: reading the booted slot failed: {e}") from None
+        source.pread_into(offset, into)
+    except DeviceError as e:
+        raise _Fallback(f"{what}: {e.message}") from None
     if hashlib.sha256(into).hexdigest() != sha256:
         raise _Fallback(f"{what}: the booted slot's bytes {offset}-{offset + len(into) - 1} differ from the delta's "
                         "source")
-
-
-def _read_target(slot: SlotDevice, offset: int, into: memoryview) -> None:
-    done = 0
-    try:
-        while done < len(into):
-            n = os.preadv(slot.fd, [into[done:]], offset + done)
-            if not n:
-                raise DeviceError(f"slot {slot.name} ends at {offset + done}")
-            done += n
-    except OSError as e:
-        raise DeviceError(f"reading slot {slot.name} at byte {offset + done} failed: {e}") from None
 
 
 class _Writer:
@@ -237,7 +219,7 @@ def _from_full(i: int, image: Image, slot: SlotDevice, bufs: _Writer, full_opene
     if window and ch.out_offset:
         lo = max(0, ch.out_offset - window)
         dictionary = bufs.dictionary(ch.out_offset - lo)
-        _read_target(slot, lo, dictionary)  # written (and verified) before this chunk
+        slot.pread_into(lo, dictionary)  # written (and verified) before this chunk
     return decompress_chunk(i, ch, data, dictionary, bufs.out)
 
 

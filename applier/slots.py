@@ -262,14 +262,21 @@ class SlotDevice:
 
     def pread(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
-        view = memoryview(out)
-        done = 0
-        while done < length:
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if not n:
-                raise DeviceError(f"slot {self.name} ends at {offset + done}, cannot read {length} bytes at {offset}")
-            done += n
+        self.pread_into(offset, memoryview(out))
         return out
+
+    def pread_into(self, offset: int, into: memoryview) -> None:
+        """Fill ``into`` from ``offset``; a short read or an I/O error is a DeviceError."""
+        done = 0
+        try:
+            while done < len(into):
+                n = os.preadv(self.fd, [into[done:]], offset + done)
+                if not n:
+                    raise DeviceError(f"slot {self.name} ends at {offset + done}, cannot read {len(into)} bytes at "
+                                      f"{offset}")
+                done += n
+        except OSError as e:
+            raise DeviceError(f"reading slot {self.name} at byte {offset + done} failed: {e}") from None
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)

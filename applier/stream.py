@@ -15,7 +15,6 @@ kill re-downloads at most the chunk it interrupted.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
@@ -198,19 +197,6 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     return downloaded
 
 
-def _read_back(slot: SlotDevice, offset: int, into: memoryview) -> None:
-    """Fill ``into`` from the slot at ``offset`` (the dictionary of a resumed chunk)."""
-    done = 0
-    try:
-        while done < len(into):
-            n = os.preadv(slot.fd, [into[done:]], offset + done)
-            if not n:
-                raise DeviceError(f"slot {slot.name} ends at {offset + done}, cannot read {len(into)} bytes at {offset}")
-            done += n
-    except OSError as e:
-        raise DeviceError(f"reading slot {slot.name} at byte {offset + done} failed: {e}") from None
-
-
 def _write_chunks(image: Image, slot: SlotDevice, opener: Opener, i: int, h, retries: int,
                   on_chunk: Callable[[int, int], None] | None, backoff: float, buffers: tuple[bytearray, bytearray],
                   inbuf: bytearray, hasher: ThreadPoolExecutor, hashing: list) -> int:
@@ -249,7 +235,7 @@ def _write_chunks(image: Image, slot: SlotDevice, opener: Opener, i: int, h, ret
                             if dict_buf is None or len(dict_buf) < need:
                                 dict_buf = bytearray(min(window, image.chunks[-1].out_offset))
                             dictionary = memoryview(dict_buf)[:need]
-                        _read_back(slot, lo, dictionary)
+                        slot.pread_into(lo, dictionary)
                 if hashing[i % 2] is not None:
                     hashing[i % 2].result()  # the buffer's previous chunk is hashed: reuse it
                 out = decompress_chunk(i, ch, data, dictionary, buffers[i % 2])
