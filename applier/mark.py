@@ -143,6 +143,25 @@ def boot_check(dev) -> dict:
     return dev.status()
 
 
+def _undo_cancel(dev, saved: dict[str, bytes], before) -> str:
+    """Put back what a failed cancel removed (the entry, then the state); say what stays."""
+    esp = dev.esp
+    try:
+        for path, data in saved.items():
+            if not esp.exists(path):
+                esp.write_atomic(path, data)
+        esp.sync()
+    except OSError:
+        return ("the pending entry may be gone (the ESP failed while removing it): the state records the update as "
+                "withdrawn")
+    try:
+        dev._save(before)
+    except Error:
+        return ("the entry is back in place but the state says rolled-back: the next command sees the pending entry "
+                "and removes it (prune)")
+    return "nothing was changed: the update is still pending"
+
+
 def _entries_or_empty(dev) -> list[boot.Entry]:
     try:
         return boot.list_entries(dev.esp)
@@ -186,6 +205,10 @@ def rollback(dev) -> dict:
     if state.state == "pending" and t is not None and t.slot == other:
         # Not booted yet: withdraw the update. The version is recorded as failed (not retried by itself).
         before = copy.deepcopy(state)
+        try:  # what the removal may need undone
+            saved = {e.path: esp.read(e.path) for e in boot.list_entries(esp) if e.slot == other}
+        except OSError as e:
+            raise DeviceError(f"cannot read the pending entry on the ESP: {e}", hint="nothing was changed") from None
         state.state = "rolled-back"
         if t.version not in state.failed_versions:
             state.failed_versions.append(t.version)
@@ -194,13 +217,8 @@ def rollback(dev) -> dict:
         try:
             boot.remove_slot_entries(esp, other)
         except DeviceError as e:
-            try:
-                dev._save(before)
-                what = "nothing was changed: the update is still pending"
-            except Error:
-                what = ("the state says rolled-back but the entry is still in place; the next abflip command "
-                        "removes it")
-            raise DeviceError(f"withdrawing the pending update failed: {e.message}; {what}", hint=e.hint) from None
+            raise DeviceError(f"withdrawing the pending update failed: {e.message}; {_undo_cancel(dev, saved, before)}",
+                              hint=e.hint) from None
         dev.prune(state, slot)
         return {**dev.status(), "action": "cancelled-pending"}
     s = state.slots[other]
