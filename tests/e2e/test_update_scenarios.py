@@ -464,3 +464,42 @@ def test_interrupted_install_keeps_v1_bootable_then_resumes(rig: Rig, releases: 
 
     result = rig.boot(ONE_BOOT_TIMEOUT_S)
     _assert_booted(result, "2.0.0", "b", "abflip-2.0.0-b+2-1.conf")
+
+
+@pytest.mark.e2e
+def test_delta_update_boots_on_real_firmware(rig: Rig, releases: Releases, kernel: tuple[Path, Path],
+                                             tmp_path: Path) -> None:
+    """Issue 12's proof on real firmware: 2.1.0 is 1.0.0's tree with a few files changed and carries a delta from
+    1.0.0; a device provisioned with 1.0.0 installs it through the delta (every chunk verified against the booted
+    slot or taken from the full image), and OVMF + systemd-boot boot the result from slot b."""
+    v1 = releases.v1
+    vmlinuz, modules_dir = kernel
+    tree = tmp_path / "tree-2.1.0"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "abflip-version").write_text("2.1.0\n")
+    (tree / "usr" / "lib").mkdir(parents=True)
+    (tree / "usr" / "lib" / "library.bin").write_bytes(random.Random("delta").randbytes(1 << 20))
+    image = build_image(tree, tmp_path / "root-2.1.0.erofs", source_date_epoch=EPOCH).path
+    initrd = vm.build_initramfs(tmp_path / "initrd-2.1.0.img", version="2.1.0", good=True, modules_dir=modules_dir,
+                                extra_init=CMDLINE_REPORT)
+    rel = create_release(image, tmp_path / "release-2.1.0", product=PRODUCT, version="2.1.0", compatible=[HARDWARE],
+                         kernel=vmlinuz, initrd=initrd, options=OPTIONS, level=3, chunk_size=CHUNK, window=CHUNK,
+                         created=EPOCH, delta_from=[v1.dir])
+    assert rel.release.deltas, "the release carries a delta from 1.0.0"
+    v21 = OsRelease("2.1.0", True, image, initrd, Path(vmlinuz), rel)
+    rig.factory_install(v1)  # provision records slot a's sha256: the delta's source
+    rig.publish(v21)
+
+    with rig.slots_attached():
+        result = rig.device().install()
+        status = rig.device().status()
+    assert (result.version, result.slot, result.kind, result.delta_from) == ("2.1.0", "b", "delta", "1.0.0"), result
+    size = rel.release.image.size
+    assert _sha256(rig.slot_bytes("b", size)) == _sha256(image.read_bytes())
+    assert status["download"]["kind"] == "delta", status["download"]
+
+    first = rig.boot(ONE_BOOT_TIMEOUT_S)
+    _assert_booted(first, "2.1.0", "b", "abflip-2.1.0-b+2-1.conf")
+    rig.set_booted_from(first)
+    status = rig.device().mark_good()
+    assert status["state"] == "committed" and status["floor"] == "2.1.0", status
