@@ -307,7 +307,7 @@ def apply(dev, *, now: bool, just_verified: tuple[str, str] | None = None):
     bdir = boot.boot_dir(version, t.slot)
     try:
         for name, (path, _) in files.items():
-            _copy_in(esp, f"{bdir}/{name}", path)
+            esp.copy_in(f"{bdir}/{name}", path)  # streamed, never the whole file in memory
         esp.sync()
     except OSError as e:
         try:
@@ -376,12 +376,3 @@ def discard_stage(dev, state: State, booted: str) -> None:
     state.state = "committed" if state.slots[booted].status == "good" else "idle"
     dev._save(state)
     shutil.rmtree(staged_dir(dev), ignore_errors=True)
-
-
-def _copy_in(esp, dest: str, src: Path) -> None:
-    """A staged file onto the ESP, streamed when the ESP can (never the whole file in memory)."""
-    copy = getattr(esp, "copy_in", None)
-    if copy is not None:
-        copy(dest, src)
-    else:
-        esp.write_atomic(dest, src.read_bytes())

@@ -45,7 +45,7 @@ from .boot import Entry
 from .policy import same_version
 from .state import SlotState, State, Target
 
-__all__ = ["BootFacts", "rebuild", "reconcile", "same_version"]
+__all__ = ["BootFacts", "commit", "rebuild", "reconcile", "same_version"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def reconcile(state: State, facts: BootFacts) -> State:
         if s.state in ("pending", "trial"):
             if entry is not None and same_version(entry.version, t.version):
                 # Booted the target through its blessed entry: the bless (the commit point) happened.
-                _commit(s)
+                commit(s)
             elif entry is None:
                 s.state = "trial"  # the loader does not say (no loader variables): as before, a trial
         return s
@@ -118,7 +118,8 @@ def reconcile(state: State, facts: BootFacts) -> State:
     return s
 
 
-def _commit(s: State) -> None:
+def commit(s: State) -> None:
+    """The target is committed: its slot good, the floor raised to it (never lowered)."""
     t = s.target
     assert t is not None
     s.state = "committed"

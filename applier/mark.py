@@ -25,9 +25,9 @@ from metadata.errors import DeviceError, Error
 from . import boot
 from .hooks import HookError, run_hooks
 from .install import hook_env, slot_hash_ok
-from .lifecycle import rebuild
+from .lifecycle import commit, rebuild
 from .policy import same_version
-from .slots import other_slot
+from .slots import booted_slot, other_slot
 from .state import load_state, quarantine_state
 
 __all__ = ["boot_check", "mark_good", "rollback"]
@@ -90,14 +90,7 @@ def mark_good(dev, *, health: bool = True) -> dict:
     if entry is not None and entry.counting and not (state.rollback and state.rollback.get("from_slot") == slot):
         entry = _bless(dev, entry)  # the commit point
     if trial:
-        state.state = "committed"
-        floors = [v for v in (state.floor, t.version) if v]
-        from metadata.version import Version
-
-        state.floor = max(floors, key=Version.parse)
-        state.slots[slot].status = "good"
-        state.slots[slot].version = t.version
-        state.last_error = None
+        commit(state)
     elif state.slots[slot].status in ("unknown", "staged"):
         state.slots[slot].status = "good"
         if entry is not None:
@@ -127,7 +120,7 @@ def boot_check(dev) -> dict:
     sd = dev.config.state_dir
     raw = load_state(sd)
     if raw is not None and raw.invalid:
-        state = rebuild(dev.facts(_booted(dev)), raw.invalid)
+        state = rebuild(dev.facts(booted_slot(dev.config, dev.ctx)), raw.invalid)
         quarantine_state(sd)
         dev._save(state)
     state, slot = dev._load()
@@ -167,12 +160,6 @@ def _entries_or_empty(dev) -> list[boot.Entry]:
         return boot.list_entries(dev.esp)
     except OSError:
         return []
-
-
-def _booted(dev) -> str:
-    from .slots import booted_slot
-
-    return booted_slot(dev.config, dev.ctx)
 
 
 def _health_failed(dev, slot: str, e: Error) -> None:

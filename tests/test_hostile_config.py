@@ -23,17 +23,10 @@ from abflip.sim import SimDevice
 from applier.config import DEFAULT_MEMORY, Config
 from applier.slots import SlotDevice, device_identity, overlaps
 from metadata.errors import DeviceError, UserError
+from test_agent_config import BASE
 
 REPO = Path(__file__).resolve().parents[1]
 
-BASE = """\
-[repository]
-url = "http://127.0.0.1:1/repo"
-trusted_root = "root.json"
-
-[device]
-product = "demo-os"
-"""
 
 
 def abflip(*args, config, cwd=REPO):
