@@ -172,7 +172,7 @@ def _deep_check(fetcher: FetcherInterface, url: str, release: Release,
                 ch = img.chunks[i]
                 data = bytes(pending[:ch.length])
                 del pending[:ch.length]
-                verify_chunk(i, ch, data)
+                verify_chunk(i, ch, data, img.compression.piece_size)
                 out = decompress_chunk(i, ch, data, bytes(tail[-window:]) if window and ch.out_offset else None)
                 whole.update(out)
                 tail += out

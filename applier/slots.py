@@ -17,12 +17,15 @@ opened ``O_EXCL``: Linux refuses it while it is mounted or claimed, as mkfs does
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import math
+import mmap
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from metadata.errors import DeviceError
@@ -277,6 +280,26 @@ class SlotDevice:
                 done += n
         except OSError as e:
             raise DeviceError(f"reading slot {self.name} at byte {offset + done} failed: {e}") from None
+
+    @contextlib.contextmanager
+    def mapped(self, offset: int, length: int) -> Iterator[memoryview]:
+        """``length`` bytes from ``offset`` as a read-only view of the slot's page cache (mmap),
+        unmapped on exit: for reading back more than a buffer should hold (a wide dictionary).
+        Clean file pages, reclaimable, not the process's own memory. A sector that cannot be
+        read ends the process with SIGBUS, as a power cut would: nothing is flipped, and a
+        resume re-verifies what was written."""
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(self.fd, offset + length - base, offset=base, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise DeviceError(f"reading slot {self.name} at byte {offset} failed: {e}") from None
+        view = memoryview(mm)
+        try:
+            with view[offset - base:] as v:
+                yield v
+        finally:
+            view.release()
+            mm.close()
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)

@@ -35,13 +35,14 @@ import zstandard
 from metadata.manifest import Chunk, Compression
 
 __all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW", "DEFAULT_THREADS",
-           "DEFAULT_LDM"]
+           "DEFAULT_LDM", "DEFAULT_PIECE"]
 
 DEFAULT_LEVEL = 9
 DEFAULT_CHUNK = 32 << 20
 DEFAULT_WINDOW = 32 << 20
 DEFAULT_THREADS = 0  # one per CPU
 DEFAULT_LDM = False
+DEFAULT_PIECE = 4 << 20  # compressed bytes per verification unit (the device's read-ahead is two)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,11 @@ def compress_chunk(image: bytes | memoryview, offset: int, chunk_size: int, wind
 
 def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK,
                    window: int = DEFAULT_WINDOW, threads: int = DEFAULT_THREADS, ldm: bool = DEFAULT_LDM,
+                   piece_size: int = DEFAULT_PIECE,
                    progress: Callable[[int, int], None] | None = None) -> CompressResult:
-    """Write the chunked stream to ``out_path``; return its chunk table and the image digest."""
+    """Write the chunked stream to ``out_path``; return its chunk table and the image digest.
+    Each chunk also lists the sha256 of every ``piece_size`` slice of its frame: the unit the
+    device verifies before decompressing, so it can decompress a chunk while the rest arrives."""
     threads = threads or os.cpu_count() or 1
     params = _params(level, chunk_size, window, ldm)
     window = min(window, indexable_window(params))  # the manifest records the window really used
@@ -122,8 +126,12 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
             frame = fut.result()
             raw = view[start:start + chunk_size]
             whole.update(raw)
+            fv = memoryview(frame)
+            pieces = tuple(hashlib.sha256(fv[k:k + piece_size]).hexdigest()
+                           for k in range(0, len(frame), piece_size)) if piece_size else ()
             chunks.append(Chunk(offset, len(frame), hashlib.sha256(frame).hexdigest(), start, len(raw),
-                                hashlib.sha256(raw).hexdigest()))
+                                hashlib.sha256(raw).hexdigest(), pieces))
+            del fv
             del raw
             out.write(frame)
             offset += len(frame)
@@ -134,4 +142,4 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, out_path)
-    return CompressResult(Compression("zstd", level, chunk_size, window), tuple(chunks), size, whole.hexdigest(), offset)
+    return CompressResult(Compression("zstd", level, chunk_size, window, piece_size), tuple(chunks), size, whole.hexdigest(), offset)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from metadata.manifest import (
     FSTYPES,
+    MIN_PIECE,
     ZSTD_LEVELS,
     Boot,
     BootFile,
@@ -37,7 +38,7 @@ from metadata.manifest import (
 from metadata.version import Version
 
 from .delta import DEFAULT_DELTA_LEVEL, DEFAULT_DICTIONARY, make_deltas, read_delta_sources
-from .compress import DEFAULT_CHUNK, DEFAULT_LEVEL, DEFAULT_WINDOW, compress_image
+from .compress import DEFAULT_CHUNK, DEFAULT_LEVEL, DEFAULT_PIECE, DEFAULT_WINDOW, compress_image
 from .errors import BuildError
 
 __all__ = ["create_release", "check_arguments", "ReleaseFiles", "IMAGE_NAME"]
@@ -70,7 +71,8 @@ def _problem(what: str, problem: str | None, hint: str | None = None) -> None:
 
 
 def check_arguments(*, product: str, version: str, compatible: list[str], options: str, fstype: str, level: int,
-                    chunk_size: int, window: int, threads: int, limits: Limits = Limits()) -> Version:
+                    chunk_size: int, window: int, threads: int, piece_size: int = DEFAULT_PIECE,
+                    limits: Limits = Limits()) -> Version:
     """Refuse, before any work, every argument the device would refuse in the manifest
     (the validators of :mod:`metadata.manifest`), as the user's error."""
     check_name("product", product)
@@ -89,6 +91,10 @@ def check_arguments(*, product: str, version: str, compatible: list[str], option
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise BuildError(f"{flag} {value!r} is out of range [{lo}, {hi}]",
                              hint="0 threads means one per CPU" if flag == "--threads" else None)
+    if isinstance(piece_size, bool) or not isinstance(piece_size, int) or \
+            not (piece_size == 0 or MIN_PIECE <= piece_size <= limits.max_chunk_length):
+        raise BuildError(f"--piece-size {piece_size!r} is neither 0 nor in [{MIN_PIECE}, {limits.max_chunk_length}]",
+                         hint="0 makes the whole chunk the unit a device verifies (as releases before pieces)")
     return ver
 
 
@@ -96,7 +102,7 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
                    kernel: Path | None = None, initrd: Path | None = None, uki: Path | None = None,
                    options: str = "", fstype: str = "erofs",
                    level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK, window: int = DEFAULT_WINDOW,
-                   threads: int = 0, created: int | None = None,
+                   threads: int = 0, created: int | None = None, piece_size: int = DEFAULT_PIECE,
                    progress: Callable[[int, int], None] | None = None, limits: Limits = Limits(),
                    delta_from: list[Path] = (), delta_level: int = DEFAULT_DELTA_LEVEL,
                    delta_dictionary: int = DEFAULT_DICTIONARY) -> ReleaseFiles:
@@ -105,7 +111,8 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
     parsed back as the device will parse it before anything is moved into ``out_dir``, so a
     refused release leaves nothing behind (and an existing ``out_dir`` as it was)."""
     ver = check_arguments(product=product, version=version, compatible=compatible, options=options, fstype=fstype,
-                          level=level, chunk_size=chunk_size, window=window, threads=threads, limits=limits)
+                          level=level, chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size,
+                          limits=limits)
     if (kernel is None) == (uki is None):
         raise BuildError("a release boots either a kernel (--kernel, optional --initrd) or a unified kernel image (--uki)",
                          hint="pass exactly one of --kernel and --uki")
@@ -142,7 +149,7 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
     try:
         tdir = release_target_dir(product, str(ver))
         result = compress_image(Path(image), stage / IMAGE_NAME, level=level, chunk_size=chunk_size, window=window,
-                                threads=threads, progress=progress)
+                                threads=threads, piece_size=piece_size, progress=progress)
         boot_files = {}
         for name in ("vmlinuz", "initrd.img", "uki.efi"):
             if (src := sources[name]) is None:

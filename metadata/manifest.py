@@ -89,6 +89,9 @@ class ManifestError(RepositoryError):
     """The manifest or channel pointer is malformed or out of bounds."""
 
 
+MIN_PIECE = 64 << 10  # the smallest verification unit a manifest may ask for
+
+
 @dataclass(frozen=True)
 class Limits:
     """Upper bounds a device accepts (invariant 7). The defaults fit images up to 1 TiB."""
@@ -287,6 +290,16 @@ class Chunk:
     out_offset: int
     out_length: int
     out_sha256: str
+    # sha256 of each ``Compression.piece_size`` slice of the compressed chunk (the last one shorter):
+    # the device verifies and decompresses piece by piece as they arrive (docs/formats.md). Empty
+    # in manifests made before pieces existed: the whole chunk is then the one unit verified.
+    pieces: tuple[str, ...] = ()
+
+    def piece_spans(self, piece_size: int) -> list[tuple[int, int, str]]:
+        """``(start, end, sha256)`` of each verification unit, offsets within the compressed chunk."""
+        if not self.pieces:
+            return [(0, self.length, self.sha256)]
+        return [(k * piece_size, min((k + 1) * piece_size, self.length), h) for k, h in enumerate(self.pieces)]
 
 
 @dataclass(frozen=True)
@@ -295,6 +308,7 @@ class Compression:
     level: int
     chunk_size: int
     window: int
+    piece_size: int = 0  # compressed bytes per verification unit; 0: a whole chunk (older manifests)
 
 
 @dataclass(frozen=True)
@@ -368,6 +382,13 @@ class Release:
         d["version"] = str(self.version)
         d["compatible"] = list(self.compatible)
         d["image"]["chunks"] = [asdict(c) for c in self.image.chunks]
+        if not self.image.compression.piece_size:  # manifests without pieces keep their bytes
+            del d["image"]["compression"]["piece_size"]
+            for c in d["image"]["chunks"]:
+                del c["pieces"]
+        else:
+            for c in d["image"]["chunks"]:
+                c["pieces"] = list(c["pieces"])
         if d["boot"]["uki"] is None:
             del d["boot"]["uki"]  # kernel releases keep the original schema, byte for byte
         if not self.deltas:
@@ -424,6 +445,22 @@ def _parse_boot(d: dict, limits: Limits) -> Boot:
     return Boot(kernel, initrd, options, uki)
 
 
+def _pieces(r: dict, i: int, piece_size: int) -> tuple[str, ...]:
+    """A chunk's piece hashes: exactly one per ``piece_size`` slice when the image has pieces,
+    none otherwise."""
+    raw = r.get("pieces")
+    if not piece_size:
+        _need(raw is None, f"chunk {i} lists pieces but compression.piece_size is not set")
+        return ()
+    length = r["length"]
+    want = -(-length // piece_size)
+    _need(isinstance(raw, list) and len(raw) == want,
+          f"chunk {i} must list {want} piece hashes (one per {piece_size} compressed bytes)")
+    _need(all(isinstance(h, str) and _HEX64.fullmatch(h) for h in raw), f"chunk {i} has a piece hash that is not "
+                                                                         "64 lowercase hex digits")
+    return tuple(raw)
+
+
 def _parse_image(d: dict, limits: Limits) -> Image:
     target = _target(d, "image")
     fstype = d.get("fstype")
@@ -433,7 +470,11 @@ def _parse_image(d: dict, limits: Limits) -> Image:
     c = _obj(d.get("compression"), "image.compression")
     _need(c.get("format") == "zstd", f"compression format {c.get('format')!r} is not zstd")
     _check(compression_problem(c.get("level"), c.get("chunk_size"), c.get("window"), limits))
-    comp = Compression("zstd", c["level"], c["chunk_size"], c["window"])
+    piece_size = c.get("piece_size", 0)
+    _need(piece_size == 0 and "piece_size" not in c or isinstance(piece_size, int) and not isinstance(piece_size, bool)
+          and MIN_PIECE <= piece_size <= limits.max_chunk_length,
+          f"compression.piece_size must be an integer in [{MIN_PIECE}, {limits.max_chunk_length}]")
+    comp = Compression("zstd", c["level"], c["chunk_size"], c["window"], piece_size)
     raw = d.get("chunks")
     _need(isinstance(raw, list) and 1 <= len(raw) <= limits.max_chunks, f"chunks must list 1 to {limits.max_chunks} chunks")
     chunks = []
@@ -443,6 +484,7 @@ def _parse_image(d: dict, limits: Limits) -> Image:
         ch = Chunk(
             _int(r, "offset", 0, 1 << 62), _int(r, "length", 1, limits.max_chunk_length), _str(r, "sha256", _HEX64),
             _int(r, "out_offset", 0, 1 << 62), _int(r, "out_length", 1, limits.max_chunk_out), _str(r, "out_sha256", _HEX64),
+            _pieces(r, i, piece_size),
         )
         _need(ch.offset == offset and ch.out_offset == out_offset, f"chunk {i} is not contiguous with the one before it")
         _need(ch.out_length <= comp.chunk_size, f"chunk {i} decompresses to {ch.out_length} bytes, more than the "

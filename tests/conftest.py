@@ -21,6 +21,7 @@ from metadata.keys import KeyConfig
 from metadata.repository import init_repository
 
 CHUNK = 256 << 10
+PIECE = 64 << 10  # the smallest verification unit: chunks span several (the device reads ahead two)
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
 
 
@@ -39,7 +40,8 @@ def built(tmp_path_factory) -> dict[str, Path]:
         tree = make_rootfs(base / f"tree-{v}", v, size=1 << 20, seed=n + 1)
         img = build_image(tree, base / f"{v}.erofs", source_date_epoch=1700000000)
         create_release(img.path, base / f"release-{v}", product=PRODUCT, version=v, compatible=[HARDWARE],
-                       kernel=kernel, initrd=initrd, options="ro", chunk_size=CHUNK, window=CHUNK, created=1700000000)
+                       kernel=kernel, initrd=initrd, options="ro", chunk_size=CHUNK, window=CHUNK, created=1700000000,
+                       piece_size=PIECE)
         out[v] = base / f"release-{v}"
         out[f"{v}.img"] = img.path
     return out

@@ -104,6 +104,8 @@ def release_create(
     chunk_size: int = typer.Option(32 << 20, help="image bytes per chunk (zstd frame)"),
     window: int = typer.Option(32 << 20, help="bytes before a chunk used as its dictionary"),
     threads: int = typer.Option(0, help="compression threads (0: one per CPU, at most 256)"),
+    piece_size: int = typer.Option(4 << 20, help="compressed bytes per unit a device verifies before decompressing "
+                                                 "(0: the whole chunk); a device reads ahead at most two"),
     output: Path = typer.Option(..., "-o", "--output", help="release directory to write"),
     delta_from: list[Path] = typer.Option([], "--delta-from", help="an earlier release's directory (repeat for more): "
                                                                   "also write a delta from its image (docs/delta.md)"),
@@ -124,8 +126,8 @@ def release_create(
         with progress_bar("compressing", not as_json, size) as progress:
             r = create_release(image, output, product=product, version=version, compatible=compatible, kernel=kernel,
                                initrd=initrd, uki=uki, options=options, fstype=fstype, level=level,
-                               chunk_size=chunk_size, window=window, threads=threads, progress=progress,
-                               delta_from=delta_from, delta_level=delta_level).release
+                               chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size,
+                               progress=progress, delta_from=delta_from, delta_level=delta_level).release
         return {"dir": str(output), "product": r.product, "version": str(r.version), "image_size": r.image.size,
                 "compressed_size": r.image.compressed_size, "chunks": len(r.image.chunks), "sha256": r.image.sha256,
                 "boot": sorted(r.boot.files()),

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path("/tmp/faults/cache")
 CHUNK = 256 << 10
+PIECE = 64 << 10  # several pieces per chunk: the device reads ahead two of them
 SLOT_SIZE = 4 << 20
 VERSIONS = ("1.0.0", "2.0.0")
 
@@ -35,8 +36,9 @@ class Interrupted(BaseException):
 
 
 def _source_key() -> str:
-    """Releases and repository depend on the producer code and the day (metadata expiry)."""
+    """Releases and repository depend on the producer code, this file and the day (metadata expiry)."""
     h = hashlib.sha256(datetime.now(UTC).strftime("%Y-%m-%d").encode())
+    h.update(Path(__file__).read_bytes())
     for d in ("builder", "metadata"):
         for p in sorted((ROOT / d).rglob("*.py")):
             h.update(p.read_bytes())
@@ -108,7 +110,7 @@ def build_releases() -> Releases:
         img = build_image(tree, base / f"{v}.erofs", source_date_epoch=1700000000)
         create_release(img.path, base / f"release-{v}", product=PRODUCT, version=v, compatible=[HARDWARE],
                        kernel=kernel, initrd=initrd, options="ro", chunk_size=CHUNK, window=CHUNK, created=1700000000,
-                       delta_from=[base / "release-1.0.0"] if n else [])
+                       piece_size=PIECE, delta_from=[base / "release-1.0.0"] if n else [])
         shutil.rmtree(base / f"tree-{v}")
     storage = LocalStorage(base / "repo")
     write_signed(storage, init_repository(base / "keys"))

@@ -1,0 +1,246 @@
+"""The overlapped image stream (issue 14): verification pieces in the manifest, and what the
+three stages of :func:`applier.stream.write_image` do with bad pieces, dropped connections
+and a failing slot. Real HTTP on 127.0.0.1, a real release, a file as the slot."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from abflip.httpserver import RepoHandler, Server
+from applier.fetch import HttpFetcher
+from applier.slots import SlotDevice
+from applier.stream import ChunkError, read_ahead, verify_chunk, write_image
+from builder.release import create_release
+from metadata.errors import DeviceError, TransportError, UserError
+from metadata.manifest import ManifestError, Release
+
+CHUNK, PIECE = 256 << 10, 64 << 10
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> tuple[Path, Release]:
+    """Six 256 KiB chunks of half-random bytes (each chunk spans two or three 64 KiB pieces)."""
+    d = tmp_path_factory.mktemp("pipeline")
+    raw = d / "image.raw"
+    rnd = os.urandom(3 * CHUNK)
+    raw.write_bytes(b"".join(rnd[i:i + 4096] + bytes(4096) for i in range(0, len(rnd), 4096)))
+    kernel = d / "vmlinuz"
+    kernel.write_bytes(b"k" * 4096)
+    create_release(raw, d / "release", product="demo-os", version="9.0.0", compatible=["demo-hw"], kernel=kernel,
+                   chunk_size=CHUNK, window=CHUNK, piece_size=PIECE, created=1700000000)
+    rel = Release.from_bytes((d / "release" / "release.json").read_bytes())
+    assert len(rel.image.chunks) == 6 and all(len(c.pieces) >= 2 for c in rel.image.chunks)
+    return d / "release", rel
+
+
+def _slot(tmp_path: Path, size: int) -> Path:
+    slot = tmp_path / "slot"
+    with open(slot, "wb") as f:
+        f.truncate(size)
+    return slot
+
+
+def _write(url: str, rel: Release, slot: Path, **kw) -> tuple[int, list[tuple[int, int]]]:
+    seen: list[tuple[int, int]] = []
+    fetcher = HttpFetcher(timeout=5)
+    with SlotDevice("b", slot, write=True) as dev:
+        n = write_image(rel.image, dev, lambda s, e: fetcher.open_range(url, s, e),
+                        on_chunk=lambda i, got: seen.append((i, got)), backoff=0.01, **kw)
+    return n, seen
+
+
+# -- the manifest ---------------------------------------------------------------------------
+def test_pieces_are_in_the_manifest_and_round_trip(release):
+    _, rel = release
+    data = json.loads(rel.to_bytes())
+    assert data["image"]["compression"]["piece_size"] == PIECE
+    for c, raw in zip(rel.image.chunks, data["image"]["chunks"]):
+        assert raw["pieces"] == list(c.pieces) and len(c.pieces) == -(-c.length // PIECE)
+    assert Release.from_bytes(rel.to_bytes()) == rel
+
+
+def test_a_manifest_without_pieces_keeps_its_bytes(release):
+    """Releases made before pieces parse as before and serialise byte for byte as before."""
+    _, rel = release
+    old = json.loads(rel.to_bytes())
+    del old["image"]["compression"]["piece_size"]
+    for c in old["image"]["chunks"]:
+        del c["pieces"]
+    text = (json.dumps(old, indent=1, sort_keys=True) + "\n").encode()
+    parsed = Release.from_bytes(text)
+    assert parsed.image.compression.piece_size == 0 and all(not c.pieces for c in parsed.image.chunks)
+    assert parsed.to_bytes() == text
+    assert read_ahead(parsed.image) == 0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["image"]["chunks"][1]["pieces"].pop(), "must list"),
+    (lambda d: d["image"]["chunks"][1]["pieces"].append("0" * 64), "must list"),
+    (lambda d: d["image"]["chunks"][0]["pieces"].__setitem__(0, "X" * 64), "not 64 lowercase hex"),
+    (lambda d: d["image"]["chunks"][0].__setitem__("pieces", "abc"), "must list"),
+    (lambda d: d["image"]["compression"].__setitem__("piece_size", 1024), "piece_size must be"),
+    (lambda d: d["image"]["compression"].__setitem__("piece_size", True), "piece_size must be"),
+    (lambda d: d["image"]["compression"].__setitem__("piece_size", 0), "piece_size must be"),
+    (lambda d: d["image"]["compression"].pop("piece_size"), "lists pieces but"),
+])
+def test_hostile_piece_tables_are_refused(release, mutate, message):
+    _, rel = release
+    d = json.loads(rel.to_bytes())
+    mutate(d)
+    with pytest.raises(ManifestError, match=message):
+        Release.from_bytes(json.dumps(d).encode())
+
+
+def test_piece_size_is_checked_before_any_work(tmp_path):
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(bytes(8192))
+    with pytest.raises(UserError, match="--piece-size"):
+        create_release(raw, tmp_path / "out", product="demo-os", version="1.0.0", compatible=["demo-hw"],
+                       kernel=raw, chunk_size=4096, piece_size=100)
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_deep_checks_pieces_against_the_chunk(release):
+    d, rel = release
+    ch = rel.image.chunks[2]
+    data = (d / "rootfs.img.zst").read_bytes()[ch.offset:ch.offset + ch.length]
+    verify_chunk(2, ch, data, PIECE)
+    bad = dataclasses.replace(ch, pieces=(ch.pieces[0], "0" * 64, *ch.pieces[2:]))
+    verify_chunk(2, bad, data)  # without the piece size: the whole chunk only
+    with pytest.raises(ChunkError, match="chunk 2 piece 1"):
+        verify_chunk(2, bad, data, PIECE)
+
+
+# -- the stream -----------------------------------------------------------------------------
+def test_the_stream_writes_the_image(release, tmp_path):
+    d, rel = release
+    slot = _slot(tmp_path, rel.image.size)
+    with Server(d) as srv:
+        n, seen = _write(f"{srv.url}/rootfs.img.zst", rel, slot)
+    assert n == rel.image.compressed_size
+    assert [i for i, _ in seen] == list(range(6))
+    assert hashlib.sha256(slot.read_bytes()).hexdigest() == rel.image.sha256
+
+
+class _Tamper(RepoHandler):
+    """Flips one byte of the image at ``at`` (an offset in the compressed stream)."""
+
+    at = 0
+
+    def send_bytes(self, data, start, end):
+        body = bytearray(memoryview(data)[start:end])
+        if start <= self.at < end:
+            body[self.at - start] ^= 1
+        self.wfile.write(body)
+
+
+def test_a_tampered_piece_stops_before_it_is_decompressed(release, tmp_path):
+    """A byte flipped in chunk 3's second piece: the chunks before it are written, chunk 3 is
+    not (its first piece was already being decompressed, but nothing of it is committed), and
+    the error names the piece."""
+    d, rel = release
+    ch = rel.image.chunks[3]
+    _Tamper.at = ch.offset + PIECE + 17
+    slot = _slot(tmp_path, rel.image.size)
+    seen: list[tuple[int, int]] = []
+    fetcher = HttpFetcher(timeout=5)
+    with Server(d, handler=_Tamper) as srv, SlotDevice("b", slot, write=True) as dev:
+        with pytest.raises(ChunkError, match=r"chunk 3 piece 1 \(bytes .*\) failed verification"):
+            write_image(rel.image, dev, lambda s, e: fetcher.open_range(f"{srv.url}/rootfs.img.zst", s, e),
+                        on_chunk=lambda i, got: seen.append((i, got)))
+    assert [i for i, _ in seen] == [0, 1, 2]
+    _no_stage_left()
+
+
+class _DropOnce(RepoHandler):
+    """Cuts the first connection after ``cut`` bytes; records every Range asked for."""
+
+    cut = 0
+    ranges: list[str] = []
+    dropped = False
+
+    def send_bytes(self, data, start, end):
+        _DropOnce.ranges.append(self.headers.get("Range", ""))
+        view = memoryview(data)[start:end]
+        if not _DropOnce.dropped:
+            _DropOnce.dropped = True
+            self.wfile.write(view[:self.cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(view)
+
+
+def test_a_dropped_connection_resumes_at_the_piece_it_was_in(release, tmp_path):
+    d, rel = release
+    ch = rel.image.chunks[2]
+    piece_start = ch.offset + PIECE
+    _DropOnce.cut, _DropOnce.ranges, _DropOnce.dropped = piece_start + 1000, [], False
+    slot = _slot(tmp_path, rel.image.size)
+    with Server(d, handler=_DropOnce) as srv:
+        n, seen = _write(f"{srv.url}/rootfs.img.zst", rel, slot)
+    assert _DropOnce.ranges[1] == f"bytes={piece_start}-{rel.image.compressed_size - 1}", _DropOnce.ranges
+    assert n == rel.image.compressed_size + 1000  # the 1000 bytes of the cut piece came twice
+    assert hashlib.sha256(slot.read_bytes()).hexdigest() == rel.image.sha256
+
+
+def test_a_server_that_keeps_failing_is_a_transport_error(release, tmp_path):
+    d, rel = release
+    slot = _slot(tmp_path, rel.image.size)
+    with Server(d) as srv:
+        url = f"{srv.url}/rootfs.img.zst"
+    with pytest.raises(TransportError, match="failed at chunk 0 after 2 retries"):  # the server is gone
+        _write(url, rel, slot, retries=2)
+    _no_stage_left()
+
+
+class _Slow(RepoHandler):
+    def send_bytes(self, data, start, end):
+        view = memoryview(data)[start:end]
+        for i in range(0, len(view), 16384):
+            self.wfile.write(view[i:i + 16384])
+            time.sleep(0.002)
+
+
+class _FailingSlot(SlotDevice):
+    writes = 0
+
+    def pwrite(self, offset, data):
+        _FailingSlot.writes += 1
+        if offset >= 2 * CHUNK:
+            raise DeviceError(f"writing slot {self.name} at byte {offset} failed: [Errno 5] Input/output error")
+        super().pwrite(offset, data)
+
+
+def test_a_failing_slot_stops_every_stage(release, tmp_path):
+    """An I/O error in the write stage ends the stream with that error; the fetch and
+    decompress stages stop too (none is left running, downloading or waiting)."""
+    d, rel = release
+    slot = _slot(tmp_path, rel.image.size)
+    fetcher = HttpFetcher(timeout=5)
+    seen: list[int] = []
+    with Server(d, handler=_Slow) as srv, _FailingSlot("b", slot, write=True) as dev:
+        with pytest.raises(DeviceError, match="Input/output error"):
+            write_image(rel.image, dev, lambda s, e: fetcher.open_range(f"{srv.url}/rootfs.img.zst", s, e),
+                        on_chunk=lambda i, got: seen.append(i))
+    assert seen == [0, 1]
+    _no_stage_left()
+
+
+def _no_stage_left() -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("abflip-")]
+        if not alive:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"pipeline stages still running: {alive}")
