@@ -297,7 +297,9 @@ class _Pipeline:
 
     @property
     def received(self) -> int:
-        return self.wire + (self.reader.received if self.reader is not None else 0)
+        with self.cond:
+            reader = self.reader
+            return self.wire + (reader.received if reader is not None else 0)
 
     # -- coordination ------------------------------------------------------------------------
     def _wait(self, ready: Callable[[], bool], timeout: float | None = None) -> None:
@@ -398,9 +400,10 @@ class _Pipeline:
                 i, k = i + 1, 0
 
     def _drop_reader(self) -> None:
-        if self.reader is not None:
-            self.wire += self.reader.received
-            self.reader = None
+        with self.cond:
+            if self.reader is not None:
+                self.wire += self.reader.received
+                self.reader = None
 
     def _sleep(self, seconds: float) -> None:
         with self.cond:
