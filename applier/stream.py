@@ -96,12 +96,11 @@ def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, diction
 
 
 class _Reader:
-    """Cut a byte source into exact lengths, into one reused buffer (no joined copies).
+    """Cut a byte source into exact lengths, into a reused buffer (no joined copies).
 
     A source with ``read(n)`` (:class:`applier.fetch.RangeStream`) is asked for exactly
-    what the chunk in hand still needs, so nothing past the chunk being processed ever
-    leaves the socket: a process killed at any point re-downloads at most that chunk.
-    Any other iterable of pieces is cut as it comes (its pieces may run ahead)."""
+    what the unit in hand (a piece, or a chunk) still needs, so nothing past it ever leaves
+    the socket. Any other iterable of pieces is cut as it comes (its pieces may run ahead)."""
 
     def __init__(self, source: Iterable[bytes], buf: bytearray) -> None:
         self._source = source
