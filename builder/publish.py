@@ -16,7 +16,8 @@ signs a newer timestamp naming the newest snapshot.
 Re-publishing the same release to the same channel is a no-op.
 
 Split signing (issue 13, docs/release-control.md): a product CI's keys directory holds only its
-delegated role's key. Such a publish stops after step 1 and ``N.<product>.json`` (create-only):
+delegated role's key. Such a publish stops after step 1 and ``N.<product>.json`` (and the
+``N.<product>-bin-<hex>.json`` hash bins it touched; create-only):
 the release becomes visible when the repository's online signer (``abflip repo snapshot``,
 :mod:`builder.signer`) has checked that metadata against its delegation and signed a snapshot
 and timestamp. Keys that can sign snapshot and timestamp (one operator, a local repository)
