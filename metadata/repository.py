@@ -267,7 +267,8 @@ class Repository:
         if name in self.delegated:
             return self.delegated[name]
         raise UserError(f"the repository has no role {name!r}",
-                        hint=f"roles: {', '.join([*TOP_ROLES, *sorted(self.delegated)])}")
+                        hint=f"roles: {', '.join([*TOP_ROLES, *sorted(n for n in self.delegated if n not in self.bins)])}"
+                             + (" and the products' hash bins" if self.bins else ""))
 
     def delegator(self, name: str) -> Metadata:
         """The metadata that holds ``name``'s keys and threshold: root, targets for a product role,

@@ -45,8 +45,8 @@ from .repository import (
     signature_report,
 )
 
-__all__ = ["staged_files", "stage", "sign_staged", "stage_rotation", "stage_delegation", "stage_bins", "commit_staged",
-           "STAGED_DIR"]
+__all__ = ["staged_files", "stage", "sign_staged", "check_rotatable", "stage_rotation", "stage_delegation", "stage_bins",
+           "commit_staged", "STAGED_DIR"]
 
 STAGED_DIR = "staged"
 _NAME = re.compile(r"^(\d+)\.([A-Za-z0-9_.-]+)\.json$")
@@ -110,6 +110,14 @@ def _root_keys(root: Root) -> dict[str, Key]:
     return {kid: root.keys[kid] for kid in root.roles["root"].keyids}
 
 
+def check_rotatable(repo: Repository, role: str) -> None:
+    """A role whose keys can be rotated: a top-level or product role (not a hash bin)."""
+    if role in repo.bins:
+        raise UserError(f"{role} is a hash bin of {repo.bins[role]}: it is signed with its product's keys",
+                        hint=f"rotate the keys of {repo.bins[role]}; its bins follow")
+    repo.role(role)  # raises for an unknown role
+
+
 def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[tuple[Key, str]] = (),
                    revoke: list[str] = (), threshold: int | None = None,
                    now: datetime | None = None) -> list[Path]:
@@ -120,14 +128,11 @@ def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[
     New key URIs are added to keys.json now; revoked ones are dropped from it.
     """
     now = now or datetime.now(timezone.utc)
-    if role in repo.bins:
-        raise UserError(f"{role} is a hash bin of {repo.bins[role]}: it is signed with its product's keys",
-                        hint=f"rotate the keys of {repo.bins[role]}; its bins follow")
+    check_rotatable(repo, role)
     if role in TOP_ROLES:
         md = repo.next_root(now=now, days=config.expiry("root"))
         holder, days_role = md.signed, "root"
     else:
-        repo.role(role)  # raises for an unknown role
         md = repo.next_targets(now=now, days=config.expiry("targets"))
         holder, days_role = md.signed, "targets"
     current, _ = repo.role_keys(role)

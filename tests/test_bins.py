@@ -350,6 +350,10 @@ def test_cli_delegate_with_and_without_bins_and_move_to_bins(world):
     assert abflip("repo", "commit", "--keys", keys, "--to", repo).returncode == 0
     r = abflip("repo", "bins", PRODUCT, "--keys", keys, "--to", repo)
     assert r.returncode == 2 and "already has 16 hash bins" in r.stderr
+    before = sorted(world.keys.dir.iterdir())
+    r = abflip("repo", "rotate", f"{PRODUCT}-bin-3", "--keys", keys, "--to", repo, "--generate", "1")
+    assert r.returncode == 2 and "rotate the keys of demo-os" in r.stderr
+    assert sorted(world.keys.dir.iterdir()) == before  # no key file made for it
     world.publish("2.0.0")
     assert _own(world) == _pointers("stable") | _files(world, "2.0.0")
     r = abflip("repo", "verify", repo)

@@ -290,14 +290,15 @@ def repo_rotate(
     """Stage a key rotation, revocation or threshold change (a new root, or targets for a delegated role)."""
     from metadata.keys import KeyConfig, generate_file_key, public_key_from
     from metadata.repository import Repository
-    from metadata.staging import stage_rotation
+    from metadata.staging import check_rotatable, stage_rotation
 
     def go() -> dict:
         config = KeyConfig.load(keys)
+        repository = Repository.load(_reader(to))
+        check_rotatable(repository, role)  # before a key file is generated for it
         pairs = [public_key_from(k, keys) for k in add_key]
         pairs += [generate_file_key(keys, role) for _ in range(generate)]
-        paths = stage_rotation(Repository.load(_reader(to)), config, role, add=pairs, revoke=revoke,
-                               threshold=threshold)
+        paths = stage_rotation(repository, config, role, add=pairs, revoke=revoke, threshold=threshold)
         return {"staged": [str(p) for p in paths], "added": [k.keyid for k, _ in pairs]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
