@@ -75,7 +75,7 @@ MAX_PROBE = 1000
 MAX_TARGET_DEPTH = 6  # path segments below <product>/ a delegated role is trusted for
 # Hash bins per product: 2^bits roles, each a line in every snapshot (~40 B) that every device of every
 # product downloads with each update; fewer bins make each bin (and a producer's load) bigger.
-DEFAULT_BIN_BITS = 4  # 16 bins: at 500 releases ~17 KB each, the snapshot ~0.6 KB more
+DEFAULT_BIN_BITS = 4  # 16 bins: at 500 releases ~18 KB each, the snapshot ~0.6 KB more
 MAX_BIN_BITS = 8  # 256 bins: the snapshot ~10 KB more for every device
 BIN_BITS_FIELD = "x-abflip-bin-bits"  # in the product's DelegatedRole in targets (signed offline)
 
