@@ -12,9 +12,13 @@ device's own :class:`applier.fetch.HttpFetcher`), then checks every channel of e
   decompressed with its dictionary and checked, and the whole image's sha256 compared
   (memory: one chunk, one window, read in pieces from every backend; nothing is written to disk).
 
-It reports each role's version and expiry. Without a trusted root given, the repository's
-own ``1.root.json`` is trusted (the audit then checks consistency, not authenticity).
-Problems are collected, not raised, so one report lists them all.
+It reports each role's version and expiry. A product with hash bins (docs/formats.md): every
+bin is loaded and verified as a device would (signatures, snapshot version, expiry), though a
+device never needs one, and each release target its role lists besides the channel pointers
+must be in its bin too (gc and later publishes read releases from the bins).
+Without a trusted root given, the repository's own ``1.root.json`` is trusted (the audit then
+checks consistency, not authenticity). Problems are collected, not raised, so one report lists
+them all.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = ["audit", "AuditFailed", "StorageFetcher"]
 
 STORAGE_BASE = "abflip-storage:///"
 PROBE = "__abflip_audit_probe__"
+MAX_BINS = 1 << 8  # metadata.repository.MAX_BIN_BITS: more is not what abflip publishes
 
 
 class AuditFailed(RepositoryError):
@@ -113,14 +118,15 @@ def _role_info(mdir: Path, name: str, now: datetime) -> dict | None:
             "expires_in_days": round((exp - now).total_seconds() / 86400, 2)}
 
 
-def _all_targets(updater: Updater, mdir: Path) -> tuple[dict[str, TargetFile], list[str]]:
+def _all_targets(updater: Updater, mdir: Path, problems: list[str]) -> tuple[dict[str, TargetFile], list[str]]:
     """Every target path of the top-level role and of every delegated role (loaded on demand
-    by ngclient: a probe path under each role's patterns makes it fetch and verify the role)."""
+    by ngclient: a probe path under each role's patterns makes it fetch and verify the role;
+    for hash bins, one probe path that hashes to each bin)."""
     out: dict[str, TargetFile] = {}
-    roles = ["targets"]
+    roles: list[tuple[str, str]] = [("targets", "")]  # (role, a probe path that reaches it)
     seen: set[str] = set()
     while roles:
-        name = roles.pop(0)
+        name, base = roles.pop(0)
         if name in seen:
             continue
         seen.add(name)
@@ -131,9 +137,12 @@ def _all_targets(updater: Updater, mdir: Path) -> tuple[dict[str, TargetFile], l
         for path, t in md.signed.targets.items():
             out.setdefault(path, t)
         dele = md.signed.delegations
+        if dele is not None and dele.succinct_roles is not None:
+            roles += _load_bins(updater, mdir, name, md, base, problems)
         if dele is None or dele.roles is None:
             continue
         for role in dele.roles.values():
+            probe = ""
             for pattern in role.paths or []:
                 probe = pattern.replace("*", PROBE).replace("?", "x")
                 if fnmatch(probe, pattern):
@@ -142,8 +151,39 @@ def _all_targets(updater: Updater, mdir: Path) -> tuple[dict[str, TargetFile], l
                     except tuf_exc.RepositoryError:
                         pass  # reported when the real targets are looked up
                     break
-            roles.append(role.name)
+            roles.append((role.name, probe))
     return out, sorted(seen)
+
+
+def _load_bins(updater: Updater, mdir: Path, name: str, md: Metadata, base: str,
+               problems: list[str]) -> list[tuple[str, str]]:
+    """Load each hash bin ``name`` delegates to (a probe path below ``base`` that hashes to it),
+    and check that every target ``name`` lists but its channel pointers is in its bin too."""
+    succinct = md.signed.delegations.succinct_roles
+    base = base or PROBE
+    if succinct.number_of_bins > MAX_BINS:
+        problems.append(f"{name} delegates to {succinct.number_of_bins} hash bins; abflip makes at most {MAX_BINS}")
+        return []
+    probes: dict[str, str] = {}
+    for i in range(64 * succinct.number_of_bins):  # a few tries per bin on average
+        probe = f"{base}{i}"
+        probes.setdefault(succinct.get_role_for_target(probe), probe)
+        if len(probes) == succinct.number_of_bins:
+            break
+    for b, probe in sorted(probes.items()):
+        try:
+            updater.get_targetinfo(probe)
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+            problems.append(f"hash bin {b} of {name}: {type(e).__name__}: {e}")
+    for path, t in md.signed.targets.items():
+        if "/channels/" in path:
+            continue
+        b = succinct.get_role_for_target(path)
+        f = mdir / f"{quote(b, '')}.json"
+        listed = Metadata.from_bytes(f.read_bytes()).signed.targets.get(path) if f.exists() else None
+        if listed != t:
+            problems.append(f"{path}: listed by {name} but {'differently ' if listed else 'not '}by its hash bin {b}")
+    return [(b, probe) for b, probe in sorted(probes.items())]
 
 
 def _fetch_target(updater: Updater, fetcher: FetcherInterface, base: str, info: TargetFile, max_length: int) -> bytes:
@@ -213,7 +253,7 @@ def audit(location: str, *, deep: bool = False, trusted_root: bytes | None = Non
             updater.refresh()
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
             raise _tuf("TUF refresh failed", e) from None
-        targets, roles = _all_targets(updater, mdir)
+        targets, roles = _all_targets(updater, mdir, problems)
         for name in ["root", "timestamp", "snapshot", *roles]:
             info = _role_info(mdir, name, now)
             if info is not None:
@@ -303,6 +343,9 @@ def render(report: dict) -> str:
         lines.append(f"  {c['product']}/{c['channel']}: {c['version']}  {state}")
     if not report["channels"]:
         lines.append("  no channels")
+    channel_problems = {f"{c['product']}/channels/{c['channel']}.json: {c['problem']}" for c in report["channels"]
+                        if "problem" in c}
+    lines += [f"  FAIL: {p}" for p in report["problems"] if p not in channel_problems]
     return "\n".join(lines)
 
 

@@ -199,14 +199,16 @@ class UpdateClient:
 
         A lookup under ``<product>/channels/`` makes ngclient load (and verify) the roles that
         may hold them; then the loaded roles are walked from the top-level targets through their
-        delegations, a delegated role's paths counted only where its delegator trusts it for
-        them. Bounded: at most ``MAX_ROLES`` roles and ``MAX_CHANNELS`` names. A diagnostic, so
-        best effort: a role that cannot be loaded (say, delegated but never published) adds
-        nothing, and the caller's own error stands."""
+        delegations, a delegated role's paths counted only where its delegators trust it for
+        them. Of a hash-bin delegation (TAP 15; abflip's product roles list their channel pointers
+        themselves), only the bin the lookup loaded is walked. Bounded: at most ``MAX_ROLES`` roles
+        and ``MAX_CHANNELS`` names. A diagnostic, so best effort: a role that cannot be loaded (say,
+        delegated but never published) adds nothing, and the caller's own error stands."""
+        probe = f"{product}/channels/{_PROBE}"
         try:
             with translate_errors(f"listing the channels of {product}", self._expiry_of, lambda: self._naming.last,
                                   local=self._cache, received=self._naming.describe):
-                self.updater.get_targetinfo(f"{product}/channels/{_PROBE}")
+                self.updater.get_targetinfo(probe)
         except (RepositoryError, TransportError, DeviceError):
             pass  # list what the roles loaded so far hold
         trusted = getattr(self.updater, "_trusted_set", None)
@@ -214,10 +216,10 @@ class UpdateClient:
             return []
         pattern = re.compile(re.escape(product) + r"/channels/([^/]+)\.json")
         found: set[str] = set()
-        queue: list[tuple[str, object]] = [("targets", None)]
+        queue: list[tuple[str, Callable[[str], bool]]] = [("targets", lambda path: True)]
         seen: set[str] = set()
         while queue and len(seen) < MAX_ROLES:
-            name, delegation = queue.pop(0)
+            name, trusted_for = queue.pop(0)
             if name in seen:
                 continue
             seen.add(name)
@@ -227,11 +229,15 @@ class UpdateClient:
                 continue  # not loaded: not on the lookup's path
             for path in signed.targets:
                 m = pattern.fullmatch(path)
-                if m and m[1] != _PROBE[:-5] and (delegation is None or delegation.is_delegated_path(path)):
+                if m and m[1] != _PROBE[:-5] and trusted_for(path):
                     found.add(m[1])
             delegations = signed.delegations
             for role in (delegations.roles or {}).values() if delegations is not None else ():
-                queue.append((role.name, role))
+                queue.append((role.name, lambda path, up=trusted_for, role=role: up(path) and role.is_delegated_path(path)))
+            if delegations is not None and delegations.succinct_roles is not None:
+                bins = delegations.succinct_roles
+                b = bins.get_role_for_target(probe)
+                queue.append((b, lambda path, up=trusted_for, bins=bins, b=b: up(path) and bins.get_role_for_target(path) == b))
         return sorted(found)[:MAX_CHANNELS]
 
     def target_url(self, info: TargetFile) -> str:

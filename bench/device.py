@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: what a device pays when nothing happens, and per update (issue 14).
 
-    python3 bench/device.py [--runs 7] [--releases 50,500] [--workdir DIR]
+    python3 bench/device.py [--runs 7] [--releases 50,500] [--layouts bins,flat] [--workdir DIR]
 
 Measures, and asserts nothing about speed:
 
@@ -13,8 +13,12 @@ Measures, and asserts nothing about speed:
 2. **Bytes on the wire** (counted by the server: response bodies, every file): per idle check
    (TUF timestamp only when nothing changed) and per update (the check that finds release
    ``N`` after the device saw ``N - 1``: TUF metadata, channel pointer, manifest; not the
-   image) when the product has ``N`` releases, for each ``N`` in ``--releases``. The releases
-   are tiny (a 1 MiB image); publishing 500 takes a few minutes.
+   image) when the product has ``N`` releases, for each ``N`` in ``--releases``, for each layout
+   in ``--layouts`` (the product delegated to its own key, as ``abflip repo delegate`` does):
+   ``bins``, the default since issue 14 (16 hash bins; the product role lists the channel
+   pointers and the releases they point at), and ``flat`` (``--bin-bits 0``: the product role
+   lists every release, as before). The releases are tiny (a 1 MiB image); publishing 500 takes
+   a few minutes per layout.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from builder.image import build_image  # noqa: E402
 from builder.publish import publish_release, write_signed  # noqa: E402
 from builder.release import create_release  # noqa: E402
 from builder.storage.local import LocalStorage  # noqa: E402
-from metadata.keys import KeyConfig  # noqa: E402
-from metadata.repository import init_repository  # noqa: E402
+from metadata.keys import KeyConfig, generate_file_key  # noqa: E402
+from metadata.repository import DEFAULT_BIN_BITS, Repository, init_repository  # noqa: E402
+from metadata.staging import clear_staged, commit_staged, stage_delegation  # noqa: E402
 
 EPOCH = 1700000000
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
@@ -77,8 +82,11 @@ def imports(argv: list[str]) -> tuple[int, bool, bool]:
     return len(names), boto, "pydantic" in loaded
 
 
+LAYOUTS = {"bins": DEFAULT_BIN_BITS, "flat": 0}
+
+
 class Bench:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, bits: int) -> None:
         self.work = work
         base = work / "src"
         base.mkdir(parents=True)
@@ -91,6 +99,13 @@ class Bench:
         self.storage = LocalStorage(self.repo)
         write_signed(self.storage, init_repository(work / "keys"))
         self.keys = KeyConfig.load(work / "keys")
+
+        def load() -> Repository:
+            return Repository.load(lambda n: self.storage.get(f"metadata/{n}"))
+
+        stage_delegation(load(), self.keys, PRODUCT, [generate_file_key(self.keys.dir, f"ci-{PRODUCT}")], bits=bits)
+        write_signed(self.storage, commit_staged(load(), self.keys))
+        clear_staged(self.keys.dir)
         self.count = 0
 
     def release(self, n: int) -> Path:
@@ -125,14 +140,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--releases", default="50,500", help="comma-separated release counts for the bytes table")
+    ap.add_argument("--layouts", default="bins,flat", help=f"comma-separated, of {', '.join(LAYOUTS)}")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     counts = sorted(int(x) for x in args.releases.split(",") if x)
+    layouts = [x for x in args.layouts.split(",") if x]
+    if not layouts or set(layouts) - set(LAYOUTS):
+        ap.error(f"--layouts: choose from {', '.join(LAYOUTS)}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="abflip-bench-device-"))
     if work.exists() and any(work.iterdir()):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    bench = Bench(work)
+    bench = Bench(work / layouts[0], LAYOUTS[layouts[0]])
     with Server(bench.repo, handler=Counting) as server:
         bench.publish_up_to(1)
         sim, dev = bench.device(server.url, "dev")
@@ -151,25 +170,31 @@ def main() -> int:
             n, boto, pyd = imports(argv)
             print(f"| `{label}` | {t:.3f} | {t / base:.2f}x | {n} | {'yes' if boto else 'no'} | {'yes' if pyd else 'no'} |",
                   flush=True)
-        print()
-        print("| releases of the product | bytes per idle check | bytes per update (metadata) | of which TUF "
-              "metadata | largest file |")
-        print("|---:|---:|---:|---:|---|")
-        for n in counts:
-            bench.publish_up_to(n - 1)
-            sim, dev = bench.device(server.url, f"dev-{n}")
-            dev.check()
-            Counting.sent = []
-            dev.check()
-            idle = sum(b for _, b in Counting.sent)
-            bench.publish_up_to(n)
-            Counting.sent = []
-            found = dev.check()
-            assert found["available"] and found["version"] == f"1.0.{n}", found
-            update = sum(b for _, b in Counting.sent)
-            tuf = sum(b for p, b in Counting.sent if p.startswith("/metadata/"))
-            path, size = max(Counting.sent, key=lambda s: s[1])
-            print(f"| {n} | {idle:,} | {update:,} | {tuf:,} | {path.rsplit('/', 1)[-1]} {size:,} B |", flush=True)
+    print()
+    print("| layout | releases of the product | bytes per idle check | bytes per update (metadata) | of which TUF "
+          "metadata | largest file | hash bins fetched |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    for layout in layouts:
+        if layout != layouts[0]:
+            bench = Bench(work / layout, LAYOUTS[layout])
+        with Server(bench.repo, handler=Counting) as server:
+            for n in counts:
+                bench.publish_up_to(n - 1)
+                sim, dev = bench.device(server.url, f"dev-{n}")
+                dev.check()
+                Counting.sent = []
+                dev.check()
+                idle = sum(b for _, b in Counting.sent)
+                bench.publish_up_to(n)
+                Counting.sent = []
+                found = dev.check()
+                assert found["available"] and found["version"] == f"1.0.{n}", found
+                update = sum(b for _, b in Counting.sent)
+                tuf = sum(b for p, b in Counting.sent if p.startswith("/metadata/"))
+                bins = sum(1 for p, _ in Counting.sent if f"{PRODUCT}-bin-" in p)
+                path, size = max(Counting.sent, key=lambda s: s[1])
+                print(f"| {layout} | {n} | {idle:,} | {update:,} | {tuf:,} | {path.rsplit('/', 1)[-1]} {size:,} B "
+                      f"| {bins} |", flush=True)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

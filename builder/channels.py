@@ -10,6 +10,11 @@ product's key only, devices see the change once the online signer ran (``abflip 
 
 The rollout and the withdrawn list are signed into the pointer, so a mirror can neither widen,
 narrow nor undo them; every value is checked here with the device's own validators first.
+
+For a product with hash bins (docs/formats.md), every change of a pointer also re-computes what
+the product's role lists besides its bins: the targets of the releases its channels point at now
+(:func:`current_releases`, :meth:`metadata.repository.Repository.set_current`), so devices
+following a channel find everything in that one small role.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from .errors import StorageError
 from .publish import IMMUTABLE, RETRIES, commit, holds_online_keys, load_tagged, target_key
 from .storage import Storage
 
-__all__ = ["promote", "set_rollout", "withdraw", "next_pointer", "current_pointer", "ChannelResult", "make_rollout"]
+__all__ = ["promote", "set_rollout", "withdraw", "next_pointer", "current_pointer", "current_releases", "ChannelResult",
+           "make_rollout"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,27 @@ def current_pointer(storage: Storage, repo: Repository, product: str, channel: s
     except ManifestError as e:
         raise UserError(f"channel {channel} of {product} holds a pointer this version of abflip cannot read: "
                         f"{e.message}", hint="upgrade abflip on this machine") from None
+
+
+def current_releases(storage: Storage, repo: Repository, product: str) -> set[str]:
+    """The release directories (``"<product>/releases/<version>/"``) the product's channel
+    pointers, as ``repo`` lists them now, point at. A pointer that cannot be read pins nothing
+    gc or this can know of, so then every release the product's role lists now stays current."""
+    prefix = f"{product}/channels/"
+    dirs: set[str] = set()
+    for path, t in repo.target_files.items():
+        if not (path.startswith(prefix) and path.endswith(".json")):
+            continue
+        try:
+            data = storage.get(target_key(t))
+            ptr = Channel.from_bytes(data) if data is not None else None
+        except ManifestError:
+            ptr = None
+        if ptr is None:
+            return dirs | {p.rsplit("/", 1)[0] + "/" for p in repo.role(product).signed.targets
+                           if p.startswith(f"{product}/releases/")}
+        dirs.add(ptr.release.rsplit("/", 1)[0] + "/")
+    return dirs
 
 
 def next_pointer(storage: Storage, repo: Repository, product: str, channel: str, version: Version,
@@ -126,6 +153,8 @@ def _update(storage: Storage, keys: KeyConfig, product: str, channel: str,
         if not storage.exists(key):
             storage.put(key, pointer, content_type="application/json", cache_control=IMMUTABLE)
         repo.add_target(target)
+        if repo.has_bins(product):
+            repo.set_current(product, current_releases(storage, repo, product))
         if commit(storage, keys, repo, tag, now=now, online=online):
             return result(True, online)
         time.sleep(min(0.05 * (attempt + 1), 1.0))

@@ -3,13 +3,14 @@
 What stays, per product: the ``keep`` newest released versions, plus every version a channel
 points at (whatever its age). Everything else:
 
-1. its target entries are removed from the targets metadata, and targets, snapshot and
-   timestamp are re-signed and written in the publish order (:func:`builder.publish.commit`),
-   so devices stop seeing it first;
+1. its target entries are removed from the targets metadata (a product with hash bins: from
+   its bins and from the product role), and what changed, snapshot and timestamp are re-signed
+   and written in the publish order (:func:`builder.publish.commit`), so devices stop seeing it
+   first;
 2. only then are its objects deleted (image, boot files, manifest), with the superseded
    channel-pointer objects;
 3. versioned metadata older than the previous version of each role is deleted
-   (``N.targets.json``, ``N.snapshot.json``, delegated ``N.<role>.json``): a device that
+   (``N.targets.json``, ``N.snapshot.json``, delegated ``N.<role>.json`` and bins): a device that
    read the timestamp just before step 1 can still fetch what it names. Root versions are
    never deleted: devices walk the root chain from the root they ship with.
 

@@ -16,11 +16,16 @@ signs a newer timestamp naming the newest snapshot.
 Re-publishing the same release to the same channel is a no-op.
 
 Split signing (issue 13, docs/release-control.md): a product CI's keys directory holds only its
-delegated role's key. Such a publish stops after step 1 and ``N.<product>.json`` (create-only):
+delegated role's key. Such a publish stops after step 1 and ``N.<product>.json`` (and the
+``N.<product>-bin-<hex>.json`` hash bins it touched; create-only):
 the release becomes visible when the repository's online signer (``abflip repo snapshot``,
 :mod:`builder.signer`) has checked that metadata against its delegation and signed a snapshot
 and timestamp. Keys that can sign snapshot and timestamp (one operator, a local repository)
 still publish all the way, through the same checked loading.
+
+A product with hash bins (docs/formats.md): the release's targets go into the bins their paths
+hash to, and the product's role lists the channel pointers and the targets of the releases they
+point at now, so the metadata a device downloads per update does not grow with the releases.
 """
 
 from __future__ import annotations
@@ -164,7 +169,7 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
     for attempt in range(RETRIES):
         repo, tag = load_tagged(storage)
         current = repo.target_files
-        from .channels import next_pointer  # the channel's withdrawn versions carry over (docs/release-control.md)
+        from .channels import current_releases, next_pointer  # withdrawn versions carry over (docs/release-control.md)
 
         pointer = next_pointer(storage, repo, release.product, channel, release.version, release.target_path)
         pointer_target = TargetFile.from_data(channel_target_path(release.product, channel), pointer, ["sha256"])
@@ -198,6 +203,8 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
             storage.put(key, pointer, content_type="application/json", cache_control=IMMUTABLE)
             uploaded.append(key)
         repo.add_target(pointer_target)
+        if repo.has_bins(release.product):
+            repo.set_current(release.product, current_releases(storage, repo, release.product))
         # 2.-4. metadata in publish order
         if not commit(storage, keys, repo, tag, now=now, online=online):
             time.sleep(min(0.05 * (attempt + 1), 1.0))  # another publisher won; re-read and retry

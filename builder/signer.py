@@ -8,8 +8,10 @@ makes their work visible:
 1. load the repository: root chain, timestamp, the newest snapshot and targets, and for every
    delegated role its newest metadata *that passes its delegation's checks* — signed to the
    threshold by the delegation's keys, version = file name, every target under the
-   delegation's paths, no further delegation (``metadata.repository``: a candidate that fails
-   is skipped and reported, never included, never fatal);
+   delegation's paths, no further delegation but, for a product with hash bins, exactly its
+   bins; each bin signed by the product's keys and listing only paths that hash to it
+   (``metadata.repository``: a candidate that fails is skipped and reported, never included,
+   never fatal);
 2. sign ``N.snapshot.json`` (create-only, above any file already there) naming those versions;
    never a version lower than the snapshot named before (no rollback);
 3. compare-and-swap ``timestamp.json`` to name it, then settle it (a concurrent signer's older

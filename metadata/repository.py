@@ -13,7 +13,8 @@ root, every delegated role against targets), so a publisher never signs over met
 someone else slipped into the bucket. Above the version the snapshot (or timestamp) names,
 each newer ``N.<role>.json`` is a *candidate*: it is taken only if it is signed to its
 delegation's threshold by its delegation's keys, carries version N, and (a delegated role)
-lists only targets under its delegation's paths and delegates nothing further. A candidate
+lists only targets under its delegation's paths and delegates nothing further (a product
+with hash bins: nothing but its bins, and a bin lists only paths that hash to it). A candidate
 that fails is skipped and reported (:attr:`Repository.skipped`), never fatal, and the next
 version signed goes above every file present (:attr:`Repository.highest`), so nobody who can
 write a junk ``N.other-os.json`` can freeze, roll back or hide another product's releases
@@ -27,6 +28,16 @@ Roles (DESIGN.md "Roles"): ``root`` and ``targets`` are offline and may need sev
 signatures (thresholds); a change to them is *staged* (:mod:`metadata.staging`) and signed
 by each key holder before it is published. ``snapshot`` and ``timestamp`` are online.
 Each product may have a delegated targets role named after it, trusted for ``<product>/*``.
+
+Hash bins (issue 14, TAP 15 succinct delegations; docs/formats.md): a product delegation that
+carries ``"x-abflip-bin-bits": N`` in targets (set offline, so a product key cannot choose how
+many roles the snapshot lists) has 2^N bins ``<product>-bin-<hex>``, delegated by the product
+role with exactly the product's keys and threshold. Every target of the product but its channel
+pointers is listed in the bin its path hashes to; the product role lists the channel pointers and
+every target of the releases they point at (:meth:`Repository.set_current`), so a device, whose
+lookups ngclient answers from the product role before it descends into a bin, never loads a bin,
+and its metadata per update stays flat in the number of releases. A product role may delegate
+nothing but those bins, and a bin may list only paths of its product that hash to it.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from tuf.api.metadata import (
     MetaFile,
     Root,
     Snapshot,
+    SuccinctRoles,
     TargetFile,
     Targets,
     Timestamp,
@@ -55,11 +67,17 @@ from tuf.api.serialization import DeserializationError
 from .errors import RepositoryError, UserError
 from .keys import DEFAULT_EXPIRY_DAYS, TOP_ROLES, KeyConfig, RoleKeys, generate_file_key
 
-__all__ = ["empty_role", "add_delegation", "Repository", "SignedFile", "init_repository", "Reader", "RoleSpec", "product_paths", "signature_report"]
+__all__ = ["empty_role", "add_delegation", "Repository", "SignedFile", "init_repository", "Reader", "RoleSpec", "product_paths",
+           "signature_report", "bin_bits", "check_bin_bits", "set_bin_bits", "bins_delegations", "DEFAULT_BIN_BITS", "MAX_BIN_BITS"]
 
 Reader = Callable[[str], "bytes | None"]  # metadata file name ("3.root.json") -> bytes, None if absent
 MAX_PROBE = 1000
 MAX_TARGET_DEPTH = 6  # path segments below <product>/ a delegated role is trusted for
+# Hash bins per product: 2^bits roles, each a line in every snapshot (~40 B) that every device of every
+# product downloads with each update; fewer bins make each bin (and a producer's load) bigger.
+DEFAULT_BIN_BITS = 4  # 16 bins: at 500 releases ~18 KB each, the snapshot ~0.6 KB more
+MAX_BIN_BITS = 8  # 256 bins: the snapshot ~10 KB more for every device
+BIN_BITS_FIELD = "x-abflip-bin-bits"  # in the product's DelegatedRole in targets (signed offline)
 
 
 @dataclass(frozen=True)
@@ -169,12 +187,14 @@ class Repository:
     """One consistent view of the metadata (top-level and delegated), ready to edit and re-sign."""
 
     def __init__(self, root: Metadata[Root], targets: Metadata[Targets], snapshot: Metadata[Snapshot],
-                 timestamp: Metadata[Timestamp], delegated: dict[str, Metadata[Targets]] | None = None) -> None:
+                 timestamp: Metadata[Timestamp], delegated: dict[str, Metadata[Targets]] | None = None,
+                 bins: dict[str, str] | None = None) -> None:
         self.root = root
         self.targets = targets
         self.snapshot = snapshot
         self.timestamp = timestamp
-        self.delegated: dict[str, Metadata[Targets]] = dict(delegated or {})
+        self.delegated: dict[str, Metadata[Targets]] = dict(delegated or {})  # product roles and their bins
+        self.bins: dict[str, str] = dict(bins or {})  # bin role -> its product
         self.root_history: list[Metadata[Root]] = [root]
         self._changed: set[str] = set()
         self.skipped: list[str] = []  # candidate metadata refused while loading, and why
@@ -206,16 +226,25 @@ class Repository:
         targets = _newest(read, root, "targets", snapshot.signed.meta["targets.json"].version, Targets, skipped,
                           highest)
         delegated = {}
-        for name, role in _delegated_roles(targets).items():
+        bins: dict[str, str] = {}
+
+        def newest(delegator: Metadata, name: str, check: Callable[[Metadata], None]) -> Metadata:
             meta = snapshot.signed.meta.get(f"{name}.json")
-            check = _within_delegation(role)
             if meta is not None:
-                md = _newest(read, targets, name, meta.version, Targets, skipped, highest, check)
-            else:  # never in a snapshot yet: a first publish, or nothing (starts empty, version 1)
-                md = _newest(read, targets, name, 1, Targets, skipped, highest, check, optional=True) \
-                    or empty_role(targets.signed.expires)
-            delegated[name] = md
-        repo = cls(root, targets, snapshot, timestamp, delegated)
+                return _newest(read, delegator, name, meta.version, Targets, skipped, highest, check)
+            # never in a snapshot yet: a first publish, or nothing (starts empty, version 1)
+            return (_newest(read, delegator, name, 1, Targets, skipped, highest, check, optional=True)
+                    or empty_role(targets.signed.expires))
+
+        for name, role in _delegated_roles(targets).items():
+            want = bins_delegations(targets.signed, name)
+            delegated[name] = newest(targets, name, _within_delegation(role, want))
+            if want is not None:  # checked against what targets delegates, whatever the product role says
+                holder = Metadata(Targets(expires=targets.signed.expires, delegations=want))
+                for b in want.succinct_roles.get_roles():
+                    delegated[b] = newest(holder, b, _within_bin(role, want.succinct_roles, b))
+                    bins[b] = name
+        repo = cls(root, targets, snapshot, timestamp, delegated, bins)
         repo.root_history = history
         repo.skipped = skipped
         repo.highest = highest
@@ -238,23 +267,37 @@ class Repository:
         if name in self.delegated:
             return self.delegated[name]
         raise UserError(f"the repository has no role {name!r}",
-                        hint=f"roles: {', '.join([*TOP_ROLES, *sorted(self.delegated)])}")
+                        hint=f"roles: {', '.join([*TOP_ROLES, *sorted(n for n in self.delegated if n not in self.bins)])}"
+                             + (" and the products' hash bins" if self.bins else ""))
 
     def delegator(self, name: str) -> Metadata:
-        """The metadata that holds ``name``'s keys and threshold (root, or targets for a delegated role)."""
-        return self.root if name in TOP_ROLES else self.targets
+        """The metadata that holds ``name``'s keys and threshold: root, targets for a product role,
+        and for a bin the delegation its product role must carry (derived from targets)."""
+        if name in TOP_ROLES:
+            return self.root
+        if name in self.bins:
+            return Metadata(Targets(expires=self.targets.signed.expires,
+                                    delegations=bins_delegations(self.targets.signed, self.bins[name])))
+        return self.targets
+
+    def key_role(self, name: str) -> str:
+        """The role whose keys sign ``name`` in keys.json: a bin is signed with its product's keys."""
+        return self.bins.get(name, name)
 
     def role_keys(self, name: str) -> tuple[dict[str, Key], int]:
         """The public keys trusted for ``name`` and its threshold."""
         d = self.delegator(name).signed
-        role = d.roles[name] if name in TOP_ROLES else d.delegations.roles[name]
-        keys = d.keys if name in TOP_ROLES else d.delegations.keys
+        if name in TOP_ROLES:
+            role, keys = d.roles[name], d.keys
+        else:
+            role, keys = d.get_delegated_role(name), d.delegations.keys
         return {kid: keys[kid] for kid in role.keyids}, role.threshold
 
     def signing_problem(self, name: str, config: KeyConfig) -> str | None:
         """Why ``config`` cannot sign ``name`` to its threshold here, or None: what a publish
         checks for every role it will re-sign before it uploads anything."""
         keys, threshold = self.role_keys(name)
+        name = self.key_role(name)  # a bin: its product's keys
         configured = config.roles.get(name, [])
         usable = [k for k in configured if k.keyid in keys and config.reachable(k.uri)]
         if len(usable) >= threshold:
@@ -290,40 +333,120 @@ class Repository:
 
     # -- editing ---------------------------------------------------------------------------
     def role_for_path(self, path: str) -> str:
-        """The role a target path belongs to: its product's delegated role if there is one, else targets."""
+        """The role a target path belongs to: its product's delegated role if there is one (for a
+        product with bins: the bin the path hashes to, but for channel pointers), else targets."""
         for name, role in _delegated_roles(self.targets).items():
             if role.is_delegated_path(path):
+                want = bins_delegations(self.targets.signed, name)
+                if want is not None and not _is_pointer(name, path):
+                    return want.succinct_roles.get_role_for_target(path)
                 return name
         return "targets"
 
     @property
     def target_files(self) -> dict[str, TargetFile]:
         """Every target a device can find: top-level targets first (ngclient asks targets before
-        its delegations), then each delegated role's, for the paths it is trusted for."""
+        its delegations), then each product role's, for the paths it is trusted for, then the
+        product's bins (only once the product role delegates to them)."""
         out: dict[str, TargetFile] = {}
         roles = _delegated_roles(self.targets)
         for name, md in self.delegated.items():
-            out.update({p: t for p, t in md.signed.targets.items() if roles[name].is_delegated_path(p)})
+            product = self.bins.get(name)
+            if product is not None and not self._binned(product):
+                continue  # not reachable yet: the product role does not delegate to its bins
+            role = roles[product or name]
+            out.update({p: t for p, t in md.signed.targets.items() if role.is_delegated_path(p)})
+        for name in roles:  # a product role's own entries are what ngclient finds first
+            out.update({p: t for p, t in self.delegated[name].signed.targets.items() if roles[name].is_delegated_path(p)})
         out.update(self.targets.signed.targets)
         return out
 
     def add_target(self, target: TargetFile) -> None:
         name = self.role_for_path(target.path)
+        product = self.bins.get(name)
+        if product is not None:
+            self._bins_ready(product)
+            listed = self.delegated[product].signed.targets
+            if target.path in listed and listed[target.path] != target:  # a current release's copy
+                listed[target.path] = target
+                self._changed.add(product)
+        elif name in self.delegated:
+            self._bins_ready(name)
         self.role(name).signed.targets[target.path] = target
         self._changed.add(name)
 
     def remove_target(self, path: str) -> None:
         name = self.role_for_path(path)
+        product = self.bins.get(name)
+        if product is not None:
+            self._bins_ready(product)
+            if self.delegated[product].signed.targets.pop(path, None) is not None:
+                self._changed.add(product)
         if self.role(name).signed.targets.pop(path, None) is not None:
             self._changed.add(name)
+
+    def has_bins(self, product: str) -> bool:
+        """Does targets give ``product``'s delegation hash bins?"""
+        roles = _delegated_roles(self.targets)
+        return product in roles and bin_bits(roles[product]) > 0
+
+    def set_current(self, product: str, release_dirs: set[str]) -> None:
+        """Make a product with bins list, in its own role, its channel pointers and every target
+        under ``release_dirs`` (``"<product>/releases/<version>/"``: what its channels point at)
+        and nothing else, so a device following a pointer never needs a bin."""
+        if not self.has_bins(product):
+            raise UserError(f"{product} has no hash bins")
+        self._bins_ready(product)
+        md = self.delegated[product]
+        want = {p: t for p, t in md.signed.targets.items() if _is_pointer(product, p)}
+        for b in self._bins_of(product):
+            want.update({p: t for p, t in self.delegated[b].signed.targets.items()
+                         if not _is_pointer(product, p) and any(p.startswith(d) for d in release_dirs)})
+        want = dict(sorted(want.items()))
+        if want != md.signed.targets:
+            md.signed.targets = want
+            self._changed.add(product)
+
+    def adopt_bins(self, product: str) -> None:
+        """After an offline change to targets: know the bins it now gives ``product`` (each empty,
+        version 0, until the product's key first signs it)."""
+        want = bins_delegations(self.targets.signed, product)
+        for b in want.succinct_roles.get_roles() if want is not None else ():
+            if b not in self.delegated:
+                self.delegated[b] = empty_role(self.targets.signed.expires)
+            self.bins[b] = product
+
+    def _bins_of(self, product: str) -> list[str]:
+        return [b for b, p in self.bins.items() if p == product]
+
+    def _binned(self, product: str) -> bool:
+        """Does the product role delegate to its bins as targets says it must?"""
+        want = bins_delegations(self.targets.signed, product)
+        return want is not None and _bins_problem(self.delegated[product].signed.delegations, want) is None
+
+    def _bins_ready(self, product: str) -> None:
+        """Before a product role with bins is signed: it delegates to its bins exactly as targets
+        says (first publish, a product moving to bins, new keys). If it did not, it gets that
+        delegation, every target it lists but the channel pointers is listed in its bin too (it
+        stays in the product role until :meth:`set_current` runs), and every bin is signed anew."""
+        want = bins_delegations(self.targets.signed, product)
+        if want is None or self._binned(product):
+            return
+        md = self.delegated[product]
+        md.signed.delegations = want
+        for path, t in md.signed.targets.items():
+            if not _is_pointer(product, path):
+                self.delegated[want.succinct_roles.get_role_for_target(path)].signed.targets.setdefault(path, t)
+        self._changed.update([product, *self._bins_of(product)])
 
     # -- signing ---------------------------------------------------------------------------
     def _sign_role(self, name: str, config: KeyConfig, now: datetime) -> SignedFile:
         md = self.role(name)
         md.signed.version = max(md.signed.version, self.highest.get(name, 0)) + 1  # above any junk file
-        md.signed.expires = _expiry(now, config.expiry(name))
+        by = self.key_role(name)
+        md.signed.expires = _expiry(now, config.expiry(by))
         keys, threshold = self.role_keys(name)
-        _sign(md, config.signers(name, keys), threshold, name, config.unreachable(name, keys), trusted=list(keys))
+        _sign(md, config.signers(by, keys), threshold, by, config.unreachable(by, keys), trusted=list(keys))
         if name == "timestamp":
             return SignedFile("timestamp.json", md.to_bytes(), False)
         return SignedFile(f"{md.signed.version}.{name}.json", md.to_bytes(), True)
@@ -345,13 +468,28 @@ class Repository:
         self.timestamp.signed.snapshot_meta = MetaFile(self.snapshot.signed.version)
         return self._sign_role("timestamp", config, now)
 
+    def _due(self, name: str, config: KeyConfig, now: datetime) -> bool:
+        """Expires within half its period: a scheduled job re-signs it now."""
+        return self.role(name).signed.expires - now <= timedelta(days=config.expiry(self.key_role(name))) / 2
+
+    def _delegated_to_sign(self, config: KeyConfig, now: datetime) -> list[str]:
+        """The changed delegated roles in write order: bins before product roles (a publish cut
+        short leaves new bin versions no product role points at yet). A product role with bins
+        is never signed without its bins delegation; its published bins that are due are
+        re-signed with it (so bins stay fresh while the product publishes)."""
+        for product in [n for n in self._changed if n in self.delegated and n not in self.bins]:
+            self._bins_ready(product)
+            self._changed.update(b for b in self._bins_of(product)
+                                 if self.delegated[b].signed.version > 0 and self._due(b, config, now))
+        return sorted(self._changed & set(self.delegated), key=lambda n: (n not in self.bins, n))
+
     def signed_files(self, config: KeyConfig, *, now: datetime | None = None, online: bool = True) -> list[SignedFile]:
         """Bump and sign what changed (delegated roles, targets), then snapshot and timestamp;
         return them in publish order. ``online=False`` (a product CI, which holds no snapshot
         or timestamp key): only the changed roles; the repository's online signer
         (:mod:`builder.signer`) makes them visible."""
         now = now or datetime.now(timezone.utc)
-        out = [self._sign_role(n, config, now) for n in sorted(self._changed & set(self.delegated))]
+        out = [self._sign_role(n, config, now) for n in self._delegated_to_sign(config, now)]
         if "targets" in self._changed:
             out.append(self._sign_role("targets", config, now))
         if not online:
@@ -369,12 +507,13 @@ class Repository:
         now = now or datetime.now(timezone.utc)
 
         def due(name: str) -> bool:
-            return self.role(name).signed.expires - now <= timedelta(days=config.expiry(name)) / 2
+            return self._due(name, config, now)
 
         for name in self.delegated:
-            if self.delegated[name].signed.version > 0 and due(name) and config.signers(name, self.role_keys(name)[0]):
+            if (self.delegated[name].signed.version > 0 and due(name)
+                    and config.signers(self.key_role(name), self.role_keys(name)[0])):
                 self._changed.add(name)
-        out = [self._sign_role(n, config, now) for n in sorted(self._changed & set(self.delegated))]
+        out = [self._sign_role(n, config, now) for n in self._delegated_to_sign(config, now)]
         self._changed.clear()
         if out or due("snapshot") or not self.is_current:  # newer checked metadata: a new snapshot
             out.append(self._sign_snapshot(config, now))
@@ -415,18 +554,97 @@ def product_paths(product: str) -> list[str]:
     return ["/".join([product, *["*"] * depth]) for depth in range(1, MAX_TARGET_DEPTH + 1)]
 
 
-def add_delegation(targets: Metadata[Targets], product: str, keys: list[Key], threshold: int) -> DelegatedRole:
-    """Delegate ``<product>/*`` to a role named ``product`` (terminating: no other role is asked)."""
+def add_delegation(targets: Metadata[Targets], product: str, keys: list[Key], threshold: int, *,
+                   bits: int = DEFAULT_BIN_BITS) -> DelegatedRole:
+    """Delegate ``<product>/*`` to a role named ``product`` (terminating: no other role is asked),
+    with 2^``bits`` hash bins (0: none, every target in the product role)."""
     t = targets.signed
     if t.delegations is None:
         t.delegations = Delegations(keys={}, roles={})
     if product in (t.delegations.roles or {}):
         raise UserError(f"{product} is already delegated", hint="use 'abflip repo rotate' to change its keys")
+    for other in t.delegations.roles:
+        want = bins_delegations(t, other)
+        if want is not None and want.succinct_roles.is_delegated_role(product):
+            raise UserError(f"{product!r} is the name of one of {other}'s hash bins",
+                            hint="choose another product name")
     role = DelegatedRole(name=product, keyids=[], threshold=threshold, terminating=True, paths=product_paths(product))
     t.delegations.roles[product] = role
     for k in keys:
         t.add_key(k, product)
+    set_bin_bits(t, product, bits)
     return role
+
+
+def set_bin_bits(targets: Targets, product: str, bits: int) -> None:
+    """Give ``product``'s delegation 2^``bits`` hash bins (0: none). Its bins' names must not be
+    another delegated role's (the snapshot and ngclient know roles by name only)."""
+    check_bin_bits(bits)
+    role = targets.delegations.roles[product]
+    role.unrecognized_fields.pop(BIN_BITS_FIELD, None)
+    if not bits:
+        return
+    succinct = SuccinctRoles([], 1, bits, _bin_prefix(product))
+    taken = sorted(n for n in targets.delegations.roles if succinct.is_delegated_role(n))
+    if taken:
+        raise UserError(f"{product}'s hash bins would be named like the delegated role {taken[0]!r}",
+                        hint="use fewer or more bin bits, or no bins (0)")
+    role.unrecognized_fields[BIN_BITS_FIELD] = bits
+
+
+def check_bin_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= MAX_BIN_BITS:
+        raise UserError(f"{bits!r} bin bits: expected 0 (no bins) to {MAX_BIN_BITS} ({1 << MAX_BIN_BITS} bins)",
+                        hint=f"the default is {DEFAULT_BIN_BITS} ({1 << DEFAULT_BIN_BITS} bins)")
+
+
+def bin_bits(role: DelegatedRole) -> int:
+    """How many bits of hash bins targets gives this product delegation (0: none)."""
+    bits = role.unrecognized_fields.get(BIN_BITS_FIELD, 0)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= MAX_BIN_BITS:
+        raise RepositoryError(f"targets gives {role.name} {BIN_BITS_FIELD} {bits!r}, not 0..{MAX_BIN_BITS}",
+                              hint="the targets key holders must fix the product's delegation in targets")
+    return bits
+
+
+def bins_delegations(targets: Targets, product: str) -> Delegations | None:
+    """What the role of a ``product`` with hash bins must delegate: its 2^bits bins
+    ``<product>-bin-<hex>``, with exactly the product's keys and threshold (None: no bins)."""
+    role = targets.delegations.roles[product]
+    bits = bin_bits(role)
+    if not bits:
+        return None
+    keyids = sorted(role.keyids)
+    return Delegations(keys={k: targets.delegations.keys[k] for k in keyids}, roles=None,
+                       succinct_roles=SuccinctRoles(keyids, role.threshold, bits, _bin_prefix(product)))
+
+
+def _bin_prefix(product: str) -> str:
+    return f"{product}-bin"
+
+
+def _is_pointer(product: str, path: str) -> bool:
+    """A channel pointer (``<product>/channels/<channel>.json``): listed in the product role itself."""
+    return path.startswith(f"{product}/channels/")
+
+
+def _bins_problem(d: Delegations | None, want: Delegations) -> str | None:
+    """Why the delegations a product role carries are not its bins as targets defines them
+    (None: they are). ``None`` delegations are a product role not (yet) moved to its bins."""
+    if d is None:
+        return "it does not delegate to its hash bins"
+    s = d.succinct_roles
+    if d.roles is not None or s is None:
+        return "it delegates to roles other than its hash bins"
+    w = want.succinct_roles
+    if s.name_prefix != w.name_prefix or s.bit_length != w.bit_length:
+        return (f"it delegates to {s.number_of_bins} bins named {s.name_prefix[:80]!r}-..., targets says "
+                f"{w.number_of_bins} named {w.name_prefix!r}-...")
+    if sorted(s.keyids) != w.keyids or s.threshold != w.threshold or d.keys != want.keys:
+        return "its bins are trusted for other keys or another threshold than the product's"
+    if s.unrecognized_fields or d.unrecognized_fields:
+        return "its bins delegation carries fields abflip does not know"
+    return None
 
 
 def _delegated_roles(targets: Metadata[Targets]) -> dict[str, DelegatedRole]:
@@ -453,16 +671,39 @@ def _verify(delegator: Metadata, md: Metadata, role: str) -> None:
         raise RepositoryError(f"{role} metadata version {md.signed.version} is not signed by its threshold: {e}") from None
 
 
-def _within_delegation(role: DelegatedRole) -> Callable[[Metadata], None]:
+def _within_delegation(role: DelegatedRole, bins: Delegations | None = None) -> Callable[[Metadata], None]:
     """The paths check of a delegated role's candidate metadata: every target under the
-    delegation's paths, no delegations of its own (abflip's product roles never delegate)."""
+    delegation's paths; no delegations of its own, but for a product with ``bins``: exactly
+    those (or none yet: a product role not moved to its bins)."""
     def check(md: Metadata) -> None:
         outside = sorted(p for p in md.signed.targets if not role.is_delegated_path(p))
         if outside:
             raise RepositoryError(f"it lists {len(outside)} target(s) outside {role.name}'s delegation, e.g. "
                                   f"{outside[0][:120]!r}")
-        if md.signed.delegations is not None and (md.signed.delegations.roles or md.signed.delegations.keys):
+        d = md.signed.delegations
+        if d is None or not (d.roles or d.keys or d.succinct_roles):
+            return
+        if bins is None:
             raise RepositoryError(f"it delegates further; role {role.name} may not")
+        if (problem := _bins_problem(d, bins)) is not None:
+            raise RepositoryError(f"{problem}; role {role.name} may delegate only to its own hash bins")
+    return check
+
+
+def _within_bin(role: DelegatedRole, succinct: SuccinctRoles, name: str) -> Callable[[Metadata], None]:
+    """The check of a bin's candidate metadata: every target under its product's paths and
+    hashing to this bin (ngclient would never look for any other there), no delegations."""
+    def check(md: Metadata) -> None:
+        outside = sorted(p for p in md.signed.targets if not role.is_delegated_path(p))
+        if outside:
+            raise RepositoryError(f"it lists {len(outside)} target(s) outside {role.name}'s delegation, e.g. "
+                                  f"{outside[0][:120]!r}")
+        elsewhere = sorted(p for p in md.signed.targets if succinct.get_role_for_target(p) != name)
+        if elsewhere:
+            raise RepositoryError(f"it lists {len(elsewhere)} target(s) that hash to another bin than {name}, e.g. "
+                                  f"{elsewhere[0][:120]!r}")
+        if md.signed.delegations is not None:
+            raise RepositoryError(f"it delegates further; bin {name} may not")
     return check
 
 

@@ -14,6 +14,10 @@ timestamp signed with the online keys.
 
 A new root must be signed by the threshold of the *previous* root and by its own (TUF 5.3.4),
 which is what lets a device that trusts an old root follow each rotation.
+
+A product delegation's hash bins (:mod:`metadata.repository`) are part of the delegation: their
+number is set in targets here (``stage_delegation``, ``stage_bins``), and they follow the product's
+keys (a rotation of the product re-signs its role and every bin).
 """
 
 from __future__ import annotations
@@ -31,14 +35,18 @@ from tuf.api.serialization.json import JSONSerializer
 from .errors import UserError
 from .keys import TOP_ROLES, KeyConfig, RoleKeys
 from .repository import (
+    DEFAULT_BIN_BITS,
     Repository,
     SignedFile,
     add_delegation,
+    bin_bits,
     empty_role,
+    set_bin_bits,
     signature_report,
 )
 
-__all__ = ["staged_files", "stage", "sign_staged", "stage_rotation", "stage_delegation", "commit_staged", "STAGED_DIR"]
+__all__ = ["staged_files", "stage", "sign_staged", "check_rotatable", "stage_rotation", "stage_delegation", "stage_bins",
+           "commit_staged", "STAGED_DIR"]
 
 STAGED_DIR = "staged"
 _NAME = re.compile(r"^(\d+)\.([A-Za-z0-9_.-]+)\.json$")
@@ -102,6 +110,14 @@ def _root_keys(root: Root) -> dict[str, Key]:
     return {kid: root.keys[kid] for kid in root.roles["root"].keyids}
 
 
+def check_rotatable(repo: Repository, role: str) -> None:
+    """A role whose keys can be rotated: a top-level or product role (not a hash bin)."""
+    if role in repo.bins:
+        raise UserError(f"{role} is a hash bin of {repo.bins[role]}: it is signed with its product's keys",
+                        hint=f"rotate the keys of {repo.bins[role]}; its bins follow")
+    repo.role(role)  # raises for an unknown role
+
+
 def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[tuple[Key, str]] = (),
                    revoke: list[str] = (), threshold: int | None = None,
                    now: datetime | None = None) -> list[Path]:
@@ -112,11 +128,11 @@ def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[
     New key URIs are added to keys.json now; revoked ones are dropped from it.
     """
     now = now or datetime.now(timezone.utc)
+    check_rotatable(repo, role)
     if role in TOP_ROLES:
         md = repo.next_root(now=now, days=config.expiry("root"))
         holder, days_role = md.signed, "root"
     else:
-        repo.role(role)  # raises for an unknown role
         md = repo.next_targets(now=now, days=config.expiry("targets"))
         holder, days_role = md.signed, "targets"
     current, _ = repo.role_keys(role)
@@ -157,8 +173,9 @@ def _with(config: KeyConfig, role: str, entries: list[RoleKeys]) -> KeyConfig:
 
 
 def stage_delegation(repo: Repository, config: KeyConfig, product: str, keys: list[tuple[Key, str]], *,
-                     threshold: int = 1, now: datetime | None = None) -> list[Path]:
-    """Stage targets N+1 delegating ``<product>/*`` to a role named ``product`` with ``keys``.
+                     threshold: int = 1, bits: int = DEFAULT_BIN_BITS, now: datetime | None = None) -> list[Path]:
+    """Stage targets N+1 delegating ``<product>/*`` to a role named ``product`` with ``keys``,
+    with 2^``bits`` hash bins (0: none).
 
     The product's targets already in top-level targets move to the new role on commit."""
     now = now or datetime.now(timezone.utc)
@@ -169,7 +186,7 @@ def stage_delegation(repo: Repository, config: KeyConfig, product: str, keys: li
     if not 1 <= threshold <= len(keys):
         raise UserError(f"threshold {threshold} with {len(keys)} key(s)")
     md = repo.next_targets(now=now, days=config.expiry("targets"))
-    role = add_delegation(md, product, [k for k, _ in keys], threshold)
+    role = add_delegation(md, product, [k for k, _ in keys], threshold, bits=bits)
     for path in [p for p in md.signed.targets if role.is_delegated_path(p)]:
         del md.signed.targets[path]
     _sign_available(md, config, "targets", repo.role_keys("targets")[0])
@@ -177,6 +194,26 @@ def stage_delegation(repo: Repository, config: KeyConfig, product: str, keys: li
     config.roles[product] = [RoleKeys(k.keyid, uri) for k, uri in keys]
     config.save()
     return [staged]
+
+
+def stage_bins(repo: Repository, config: KeyConfig, product: str, bits: int, *,
+               now: datetime | None = None) -> list[Path]:
+    """Stage targets N+1 giving an existing product without bins 2^``bits`` hash bins. Its role
+    moves its releases into them the next time the product's key signs it (a publish or a
+    channel change); until then it works as before."""
+    now = now or datetime.now(timezone.utc)
+    roles = repo.targets.signed.delegations.roles if repo.targets.signed.delegations else None
+    if not roles or product not in roles:
+        raise UserError(f"{product} is not a delegated product", hint="delegate it with 'abflip repo delegate'")
+    if bin_bits(roles[product]):
+        raise UserError(f"{product} already has {1 << bin_bits(roles[product])} hash bins",
+                        hint="changing the number of bins of a product is not supported")
+    if not bits:
+        raise UserError(f"{product} has no hash bins already", hint="pass --bin-bits 1 or more")
+    md = repo.next_targets(now=now, days=config.expiry("targets"))
+    set_bin_bits(md.signed, product, bits)
+    _sign_available(md, config, "targets", repo.role_keys("targets")[0])
+    return [stage(config.dir, md, "targets")]
 
 
 def commit_staged(repo: Repository, config: KeyConfig, *, now: datetime | None = None) -> list[SignedFile]:
@@ -222,20 +259,25 @@ def commit_staged(repo: Repository, config: KeyConfig, *, now: datetime | None =
     if "targets" not in {_NAME.match(p.name)[2] for p in files} and not repo.verification("targets").verified:
         repo.mark_changed("targets")  # its keys changed in root: re-sign with the new keys configured here
     # delegated roles after a targets change: new ones (with the targets they take over),
-    # removed ones, and ones whose keys changed (re-signed with the keys configured here)
+    # removed ones, and ones whose keys changed (re-signed with the keys configured here; a
+    # product's bins are re-signed with it)
     roles = repo.targets.signed.delegations.roles if repo.targets.signed.delegations else {}
     for name in list(repo.delegated):
-        if name not in roles:
+        if repo.key_role(name) not in roles:
             del repo.delegated[name]
+            repo.bins.pop(name, None)
     for name, role in roles.items():
-        md = repo.delegated.get(name)
-        if md is None:
-            md = repo.delegated[name] = empty_role(repo.targets.signed.expires)
+        new = name not in repo.delegated
+        md = repo.delegated.setdefault(name, empty_role(repo.targets.signed.expires))
+        repo.adopt_bins(name)  # the bins targets now gives it: empty until first signed
+        if new:
             moved = {p: t for p, t in old_targets.signed.targets.items()
                      if role.is_delegated_path(p) and p not in repo.targets.signed.targets}
-            if moved:
-                md.signed.targets.update(moved)
-                repo.mark_changed(name)
+            if moved:  # into the role, or its bins and (no pointer is read here: all of it current) the role
+                for t in moved.values():
+                    repo.add_target(t)
+                if repo.has_bins(name):
+                    repo.set_current(name, {p.rsplit("/", 1)[0] + "/" for p in moved})
         elif md.signed.version > 0 and not repo.verification(name).verified:
             repo.mark_changed(name)
     try:

@@ -17,7 +17,7 @@ from builder.publish import publish_release, write_signed
 from builder.signer import sign_online
 from metadata.errors import UserError
 from metadata.keys import KeyConfig, generate_file_key, load_signer
-from metadata.repository import Repository
+from metadata.repository import DEFAULT_BIN_BITS, Repository
 from metadata.staging import clear_staged, commit_staged, stage_delegation
 
 from s3server import backend, moto  # noqa: F401  (fixtures)
@@ -35,10 +35,12 @@ def _only(keys: KeyConfig, *roles: str) -> KeyConfig:
     return KeyConfig(keys.path, {r: keys.roles[r] for r in roles}, keys.expiry_days)
 
 
-def _split(w):
-    """Delegate demo-os and evil-os to their own CI keys; return (signer, demo CI, evil CI) keys."""
+def _split(w, bits: int = DEFAULT_BIN_BITS):
+    """Delegate demo-os and evil-os to their own CI keys (with 2^bits hash bins); return (signer,
+    demo CI, evil CI) keys."""
     for product in (PRODUCT, EVIL):
-        stage_delegation(_load(w.storage), w.keys, product, [generate_file_key(w.keys.dir, f"ci-{product}")])
+        stage_delegation(_load(w.storage), w.keys, product, [generate_file_key(w.keys.dir, f"ci-{product}")],
+                         bits=bits)
         write_signed(w.storage, commit_staged(_load(w.storage), w.keys))
         clear_staged(w.keys.dir)
     return _only(w.keys, "snapshot", "timestamp"), _only(w.keys, PRODUCT), _only(w.keys, EVIL)
@@ -56,7 +58,8 @@ def test_a_product_ci_publish_is_visible_only_after_the_online_signer_ran(backen
     ts_before = _load(backend.storage).timestamp.signed.version
     assert _load(backend.storage).timestamp.signed.version == ts_before  # the CI signed no timestamp
     s = sign_online(backend.storage, signer_keys)
-    assert s.newly_included == {PRODUCT: 1} and not s.skipped
+    bins = {f"{PRODUCT}-bin-{i:x}" for i in range(1 << DEFAULT_BIN_BITS)}  # every bin signed with the product role
+    assert s.newly_included == {PRODUCT: 1, **{b: 1 for b in bins}} and not s.skipped
     assert _load(backend.storage).is_current
     assert sign_online(backend.storage, signer_keys).signed == ()  # nothing new, nothing due
     # republishing the same release with the CI key only is a no-op
@@ -64,8 +67,9 @@ def test_a_product_ci_publish_is_visible_only_after_the_online_signer_ran(backen
     assert not again.changed and again.visible
 
 
-def test_a_compromised_product_key_cannot_freeze_roll_back_or_hide_another_products_releases(backend):
-    signer_keys, demo_ci, evil_ci = _split(backend)
+@pytest.mark.parametrize("bits", [0, DEFAULT_BIN_BITS], ids=["flat", "bins"])
+def test_a_compromised_product_key_cannot_freeze_roll_back_or_hide_another_products_releases(backend, bits):
+    signer_keys, demo_ci, evil_ci = _split(backend, bits)
     publish_release(backend.built["1.0.0"], backend.storage, demo_ci, channel="stable")
     sign_online(backend.storage, signer_keys)
     sim, dev = backend.device()
@@ -116,7 +120,7 @@ def test_a_compromised_product_key_cannot_freeze_roll_back_or_hide_another_produ
     # The junk files cannot freeze the product either: its next publish goes above them.
     r = publish_release(backend.built["3.0.0"], backend.storage, demo_ci, channel="stable")
     assert not r.visible
-    assert sign_online(backend.storage, signer_keys).newly_included == {PRODUCT: 5}
+    assert sign_online(backend.storage, signer_keys).newly_included[PRODUCT] == 5
     assert dev.check()["version"] == "3.0.0"
 
 

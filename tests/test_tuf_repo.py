@@ -106,10 +106,11 @@ def test_publishing_below_threshold_names_the_role(repo_keys):
 
 
 def test_delegation_routes_product_targets_and_ci_key_publishes_only_its_product(repo_keys, tmp_path):
+    """A product role without hash bins (--bin-bits 0, the layout before issue 14; bins: tests/test_bins.py)."""
     store, config = repo_keys
     store.write(_publish(store, config, "prod/channels/stable.json", b"v1"))  # before the delegation
     key, uri = generate_file_key(tmp_path / "keys", "ci-prod")
-    stage_delegation(store.repo(), config, "prod", [(key, uri)])
+    stage_delegation(store.repo(), config, "prod", [(key, uri)], bits=0)
     names = store.write(commit_staged(store.repo(), config))
     clear_staged(config.dir)
     assert names[0].endswith(".targets.json") and "1.prod.json" in names  # the old target moved into the role
@@ -214,9 +215,10 @@ def test_config_keeps_uris_not_keys(repo_keys):
     assert "PRIVATE" not in text and all(isinstance(k, RoleKeys) for ks in config.roles.values() for k in ks)
 
 
-def _delegated(store, config, tmp_path, product="prod"):
+def _delegated(store, config, tmp_path, product="prod", bits=0):
+    """A product role without hash bins unless ``bits`` (the layout before issue 14; bins: tests/test_bins.py)."""
     key, uri = generate_file_key(tmp_path / "keys", f"ci-{product}")
-    stage_delegation(store.repo(), config, product, [(key, uri)])
+    stage_delegation(store.repo(), config, product, [(key, uri)], bits=bits)
     store.write(commit_staged(store.repo(), config))
     clear_staged(config.dir)
     store.write(_publish(store, config, f"{product}/channels/stable.json", b"v1"))

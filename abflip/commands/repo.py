@@ -1,4 +1,4 @@
-"""Repository commands: init, status, delegate, rotate, sign, commit, refresh, snapshot (the online signer).
+"""Repository commands: init, status, delegate, bins, rotate, sign, commit, refresh, snapshot (the online signer).
 
 Offline changes (rotate, delegate) are staged in ``<keys>/staged/`` and signed there with the
 keys this machine holds; other key holders add theirs with ``repo sign``; ``repo commit``
@@ -231,22 +231,47 @@ def repo_delegate(
     key: list[str] = typer.Option([], help="the role's key: signer URI or key file (repeat for several)"),
     generate: bool = typer.Option(False, help="generate a new key file <keys>/<product>.pem for the role"),
     threshold: int = typer.Option(1, help="signatures needed"),
+    bin_bits: int = typer.Option(4, "--bin-bits", help="2^N hash bins for the product's releases (0: none, every "
+                                                       "release in the product's role; docs/formats.md)"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Stage a delegated targets role for one product (e.g. a CI pipeline's key)."""
     from metadata.keys import KeyConfig, generate_file_key, public_key_from
     from metadata.manifest import check_name
-    from metadata.repository import Repository
+    from metadata.repository import Repository, check_bin_bits
     from metadata.staging import stage_delegation
 
     def go() -> dict:
         check_name("product", product)
+        check_bin_bits(bin_bits)
         config = KeyConfig.load(keys)
+        repo = Repository.load(_reader(to))
         pairs = [public_key_from(k, keys) for k in key]
         if generate:
             pairs.append(generate_file_key(keys, product))
-        paths = stage_delegation(Repository.load(_reader(to)), config, product, pairs, threshold=threshold)
+        paths = stage_delegation(repo, config, product, pairs, threshold=threshold, bits=bin_bits)
         return {"staged": [str(p) for p in paths], "keyids": [k.keyid for k, _ in pairs]}
+
+    run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
+
+
+@repo_app.command("bins")
+def repo_bins(
+    product: str = typer.Argument(..., help="a delegated product without hash bins"),
+    keys: Path = KEYS_OPT,
+    to: str = REPO_OPT,
+    bin_bits: int = typer.Option(4, "--bin-bits", help="2^N hash bins"),  # metadata.repository.DEFAULT_BIN_BITS
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage hash bins for a product delegated without them; its role moves its releases into
+    them the next time its key signs it (a publish or channel change), devices keep working."""
+    from metadata.keys import KeyConfig
+    from metadata.repository import Repository
+    from metadata.staging import stage_bins
+
+    def go() -> dict:
+        paths = stage_bins(Repository.load(_reader(to)), KeyConfig.load(keys), product, bin_bits)
+        return {"staged": [str(p) for p in paths]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
 
@@ -265,14 +290,15 @@ def repo_rotate(
     """Stage a key rotation, revocation or threshold change (a new root, or targets for a delegated role)."""
     from metadata.keys import KeyConfig, generate_file_key, public_key_from
     from metadata.repository import Repository
-    from metadata.staging import stage_rotation
+    from metadata.staging import check_rotatable, stage_rotation
 
     def go() -> dict:
         config = KeyConfig.load(keys)
+        repository = Repository.load(_reader(to))
+        check_rotatable(repository, role)  # before a key file is generated for it
         pairs = [public_key_from(k, keys) for k in add_key]
         pairs += [generate_file_key(keys, role) for _ in range(generate)]
-        paths = stage_rotation(Repository.load(_reader(to)), config, role, add=pairs, revoke=revoke,
-                               threshold=threshold)
+        paths = stage_rotation(repository, config, role, add=pairs, revoke=revoke, threshold=threshold)
         return {"staged": [str(p) for p in paths], "added": [k.keyid for k, _ in pairs]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
