@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import math
 import os
 import re
@@ -300,6 +299,8 @@ class SlotDevice:
 def slot_hash_ok(dev, slot: str, sha: str, size: int) -> bool:
     """The first ``size`` bytes of ``slot`` hash to ``sha`` (read-only; ``dev``: an
     :class:`applier.agent.Device`, which is told the progress)."""
+    import hashlib  # here: status and boot-check import this module, only rollback and apply hash a slot
+
     h = hashlib.sha256()
     with SlotDevice(slot, dev.config.slots[slot].device, write=False) as sd:
         if sd.capacity < size:
