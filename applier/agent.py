@@ -10,6 +10,11 @@ removes what killed runs left behind (temp files by their prefixes), and loads t
 reconciled with the boot loader (:func:`applier.lifecycle.reconcile`): the entries on the
 ESP and the loader variables outrank the state file. An error exit means nothing changed,
 or its message says exactly what did (docs/invariants.md).
+
+Start-up (issue 14): ``status`` and ``boot-check`` run on every boot, so what this module
+imports at its top is what they pay for. The TUF client and the HTTP fetcher are imported
+when the offer is refreshed, the verbs' modules (and through them :mod:`applier.stream` and
+:mod:`applier.delta`) when a verb runs (tests/test_startup.py).
 """
 
 from __future__ import annotations
