@@ -10,6 +10,11 @@ removes what killed runs left behind (temp files by their prefixes), and loads t
 reconciled with the boot loader (:func:`applier.lifecycle.reconcile`): the entries on the
 ESP and the loader variables outrank the state file. An error exit means nothing changed,
 or its message says exactly what did (docs/invariants.md).
+
+Start-up (issue 14): ``status`` and ``boot-check`` run on every boot, so what this module
+imports at its top is what they pay for. The TUF client and the HTTP fetcher are imported
+when the offer is refreshed, the verbs' modules (and through them :mod:`applier.stream` and
+:mod:`applier.delta`) when a verb runs (tests/test_startup.py).
 """
 
 from __future__ import annotations
@@ -17,26 +22,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import re
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import HWID_RE, Channel, Limits, Release, channel_target_path
 
 from . import boot
 from .boot import Entry
-from .client import TargetMissing, UpdateClient
 from .config import Config
 from .context import Context
-from .delta import last_record
+from .download_record import last_record
 from .esp import DirectoryEsp, Esp
-from .fetch import HttpFetcher
 from .lifecycle import BootFacts, rebuild, reconcile
 from .policy import StageDiscarded, check_offered, check_release, floor_of, same_version
 from .release_control import load_record, read_device_id, save_record
@@ -44,6 +46,10 @@ from .rollout import Decision, decide
 from .slots import booted_slot, other_slot
 from .state import State, load_state, quarantine_state, save_state
 from .windows import in_window, next_window
+
+if TYPE_CHECKING:
+    from .client import UpdateClient
+    from .fetch import HttpFetcher
 
 __all__ = ["ApplyResult", "Device", "DownloadResult", "InstallResult"]
 
@@ -105,6 +111,8 @@ def _utcnow() -> datetime:
 
 
 def _run_command(argv: tuple[str, ...]) -> None:
+    import subprocess
+
     try:
         subprocess.run(list(argv), check=True, stdin=subprocess.DEVNULL, timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
@@ -117,12 +125,35 @@ def normalize_hardware_id(value: str) -> str:
     return re.sub(r"[^a-z0-9._:/+-]+", "-", value.strip().lower()).strip("-")
 
 
+class _Fetcher:
+    """``Device.fetcher``: the fetcher given, else an :class:`~applier.fetch.HttpFetcher` made
+    from the config when first read. A dataclass field whose default is this descriptor (its
+    value is kept in the instance's ``__dict__``): the commands that never touch the network
+    (status, boot-check, mark-good) do not import the HTTP stack or the TUF client (issue 14)."""
+
+    def __get__(self, dev: Device | None, owner: type | None = None) -> HttpFetcher | None:
+        if dev is None:
+            return None  # the field's default: made on first use
+        fetcher = dev.__dict__.get("_fetcher")
+        if fetcher is None:
+            from .fetch import HttpFetcher
+
+            cfg = dev.config
+            fetcher = dev.__dict__["_fetcher"] = HttpFetcher(
+                timeout=cfg.http_timeout, deadline=cfg.metadata_deadline, rate_limit=cfg.bandwidth_limit,
+                low_speed_limit=cfg.low_speed_limit, low_speed_time=cfg.low_speed_time)
+        return fetcher
+
+    def __set__(self, dev: Device, fetcher: HttpFetcher | None) -> None:
+        dev.__dict__["_fetcher"] = fetcher
+
+
 @dataclass
 class Device:
     config: Config
     ctx: Context | None = None
     esp: Esp | None = None
-    fetcher: HttpFetcher | None = None
+    fetcher: HttpFetcher | None = _Fetcher()  # type: ignore[assignment]  # read: never None (see _Fetcher)
     limits: Limits = field(default_factory=Limits)
     clock: Callable[[], datetime] = _utcnow  # the only clock the agent reads (maintenance windows)
     reboot: Callable[[], None] | None = None  # default: run config.reboot_command
@@ -145,10 +176,6 @@ class Device:
                                       hint=f"mount the ESP, or set paths.esp in {cfg.path}")
                 root = found
             self.esp = DirectoryEsp(root)
-        if self.fetcher is None:
-            self.fetcher = HttpFetcher(timeout=cfg.http_timeout, deadline=cfg.metadata_deadline,
-                                       rate_limit=cfg.bandwidth_limit, low_speed_limit=cfg.low_speed_limit,
-                                       low_speed_time=cfg.low_speed_time)
         if self.reboot is None:
             self.reboot = (lambda: _run_command(cfg.reboot_command)) if cfg.reboot_command else None
 
@@ -381,6 +408,8 @@ class Device:
 
     # -- the release on offer --------------------------------------------------------------
     def _client(self) -> UpdateClient:
+        from .client import UpdateClient
+
         return UpdateClient(metadata_url=self.config.metadata_url, targets_url=self.config.targets_url,
                             metadata_dir=self.config.state_dir / "tuf", trusted_root=self.config.trusted_root,
                             fetcher=self.fetcher)
@@ -393,6 +422,8 @@ class Device:
         """Refresh TUF; the channel pointer and its release manifest, verified and bounded. Both
         are kept in ``<state_dir>/offer/``: when the signed targets metadata says they did not
         change, an idle check fetches nothing but TUF's own (timestamp) metadata."""
+        from .client import TargetMissing
+
         cfg, limits = self.config, self.limits
         self._emit(phase="refresh")
         client = self._client()
@@ -449,6 +480,8 @@ class Device:
     # -- check -----------------------------------------------------------------------------
     def check(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> dict:
         """Is there a release for this device? Never changes the slots or the ESP."""
+        import hashlib
+
         state, booted = self._load(mutating=False)
         _, channel, release, rel_bytes = self._offer()
         manifest_sha = hashlib.sha256(rel_bytes).hexdigest()

@@ -55,7 +55,6 @@ two slot devices that overlap (see :func:`applier.slots.overlaps`) are refused.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -285,6 +284,8 @@ def _read_toml(path: Path) -> dict:
 
 def _nearest(name: str, candidates: dict[str, str], cutoff: float = 0.6) -> str:
     """``"; did you mean X?"`` for the candidate (``{spelling to compare: name to show}``) nearest to ``name``."""
+    import difflib  # an error path only
+
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=cutoff)
     return f"; did you mean {candidates[match[0]]}?" if match else ""
 

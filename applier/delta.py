@@ -265,10 +265,6 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
 
 
 # -- the agent's side: choose, write, record ------------------------------------------------------
-RECORD = "download.json"  # in <state_dir>/staged/: how the staged release was downloaded
-RECORD_MAX = 64 << 10
-
-
 @dataclass
 class Via:
     """How a download goes: through ``plan`` (a delta), or the full image (``plan`` None;
@@ -332,17 +328,3 @@ def write_planned(dev, via: Via, release: Release, slot_dev: SlotDevice, booted:
                                 lambda s, e: dev.fetcher.open_range(data_url, s, e), full, chunks_done=start,
                                 retries=cfg.retries, on_chunk=on_chunk)
     return via.stats.downloaded
-
-
-def last_record(state_dir) -> dict | None:
-    """The record of the last download (for status), or None."""
-    import json
-    from pathlib import Path
-
-    try:
-        with open(Path(state_dir) / "staged" / RECORD, "rb") as f:
-            data = f.read(RECORD_MAX + 1)
-        obj = json.loads(data) if len(data) <= RECORD_MAX else None
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None

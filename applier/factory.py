@@ -35,9 +35,9 @@ from metadata.manifest import ManifestError, Release
 
 from . import boot
 from .boot import Entry
-from .install import ESP_MARGIN, slot_hash_ok
+from .install import ESP_MARGIN
 from .lifecycle import other
-from .slots import SlotDevice, booted_slot
+from .slots import SlotDevice, booted_slot, slot_hash_ok
 from .state import SlotState, State, load_state, save_state
 
 __all__ = ["provision", "read_release"]

@@ -43,10 +43,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metadata.errors import DeviceError
 
-__all__ = ["HOOK_KINDS", "HookError", "HookResult", "check_hooks", "list_hooks", "run_hooks"]
+if TYPE_CHECKING:
+    from .state import State, Target
+
+__all__ = ["HOOK_KINDS", "HookError", "HookResult", "check_hooks", "hook_env", "list_hooks", "run_hooks"]
 
 HOOK_KINDS = ("pre-install", "post-install", "health-check")
 OUTPUT_KEEP = 64 << 10  # bytes of a hook's output kept (the tail); the rest is discarded as it streams
@@ -161,6 +165,15 @@ def _user(uid: int) -> str:
 
 
 # -- running ---------------------------------------------------------------------------------
+def hook_env(dev, state: State, booted: str, t: Target | None) -> dict[str, str]:
+    """The ``ABFLIP_*`` values the agent passes to its hooks (``dev``: an :class:`applier.agent.Device`)."""
+    env = {"ABFLIP_BOOTED_SLOT": booted, "ABFLIP_STATE": state.state, "ABFLIP_CONFIG": str(dev.config.path)}
+    if t is not None:
+        env.update(ABFLIP_VERSION=t.version, ABFLIP_SLOT=t.slot,
+                   ABFLIP_SLOT_DEVICE=str(dev.config.slots[t.slot].device))
+    return env
+
+
 def hook_environment(env: dict[str, str], kind: str) -> dict[str, str]:
     """What a hook sees: a few locale/path variables of the agent, then abflip's own."""
     base = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("LC_")}

@@ -45,17 +45,17 @@ from metadata.manifest import Release
 from . import boot, delta
 from .atomic import write_atomic
 from .boot import Entry
+from .download_record import RECORD
 from .esp import DirectoryEsp
-from .hooks import run_hooks
+from .hooks import hook_env, run_hooks
 from .policy import StageDiscarded
-from .slots import SlotDevice, other_slot
+from .slots import SlotDevice, other_slot, slot_hash_ok
 from .state import SlotState, State, Target
 from .stream import memory_needed, write_image
 from .windows import in_window
 
-__all__ = ["apply", "download", "slot_hash_ok"]
+__all__ = ["apply", "download"]
 
-VERIFY_PIECE = 4 << 20
 COPY_PIECE = 1 << 20
 ESP_MARGIN = 64 << 10  # room left on the ESP besides the boot files (directory entries, temp names)
 STAGED_DIR = "staged"
@@ -171,7 +171,7 @@ def download(dev, *, allow_downgrade: bool, retry_failed: bool):
         for name, bf in release.boot.files().items():
             if _sha256_file(staged / name) != bf.sha256:
                 client.download_target(boot_infos[name], staged / name)  # streamed, bounded, verified, atomic
-        write_atomic(staged / delta.RECORD, via.record(release, downloaded, base_downloaded))
+        write_atomic(staged / RECORD, via.record(release, downloaded, base_downloaded))
         write_atomic(staged / "release.json", rel_bytes)
     except OSError as e:
         raise DeviceError(f"cannot keep the staged boot files in {staged}: {e}",
@@ -206,25 +206,6 @@ def _staged_release(dev, t: Target) -> Release:
         raise DeviceError(f"the staged manifest {path} is missing or does not match the state",
                           hint="run `abflip download` again")
     return Release.from_bytes(raw, dev.limits)
-
-
-def slot_hash_ok(dev, slot: str, sha: str, size: int) -> bool:
-    h = hashlib.sha256()
-    with SlotDevice(slot, dev.config.slots[slot].device, write=False) as sd:
-        if sd.capacity < size:
-            return False
-        for off in range(0, size, VERIFY_PIECE):
-            h.update(sd.pread(off, min(VERIFY_PIECE, size - off)))
-            dev._emit(phase="verify", slot=slot, bytes=min(size, off + VERIFY_PIECE), total_bytes=size)
-    return h.hexdigest() == sha
-
-
-def hook_env(dev, state: State, booted: str, t: Target | None) -> dict[str, str]:
-    env = {"ABFLIP_BOOTED_SLOT": booted, "ABFLIP_STATE": state.state, "ABFLIP_CONFIG": str(dev.config.path)}
-    if t is not None:
-        env.update(ABFLIP_VERSION=t.version, ABFLIP_SLOT=t.slot,
-                   ABFLIP_SLOT_DEVICE=str(dev.config.slots[t.slot].device))
-    return env
 
 
 def _undo_entry(dev, slot: str) -> str:

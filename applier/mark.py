@@ -23,11 +23,10 @@ import time
 from metadata.errors import DeviceError, Error
 
 from . import boot
-from .hooks import HookError, run_hooks
-from .install import hook_env, slot_hash_ok
+from .hooks import HookError, hook_env, run_hooks
 from .lifecycle import commit, rebuild
 from .policy import same_version
-from .slots import booted_slot, other_slot
+from .slots import booted_slot, other_slot, slot_hash_ok
 from .state import load_state, quarantine_state
 
 __all__ = ["boot_check", "mark_good", "rollback"]

@@ -6,8 +6,8 @@
   ``check``/``status`` say why.
 - :func:`save_record` / :func:`load_record`: ``<state_dir>/release-control.json``, the last
   verified channel pointer's rollout and withdrawn versions and this device's decision, written
-  atomically after each check, so the offline ``status`` can say that the running release was
-  withdrawn. Loaded strictly and bounded (64 KiB); anything odd reads as "nothing recorded".
+  atomically after each check that changed it, so the offline ``status`` can say that the running
+  release was withdrawn. Loaded strictly and bounded (64 KiB); anything odd reads as "nothing recorded".
 """
 
 from __future__ import annotations
@@ -56,11 +56,19 @@ def read_device_id(path: Path) -> tuple[str | None, str | None]:
 
 
 def save_record(state_dir: Path, record: dict) -> None:
-    """Best effort: a check that cannot write it still answers."""
+    """Best effort: a check that cannot write it still answers. A record that is already there
+    is not written again (an idle check, every timer tick, then syncs nothing)."""
+    data = (json.dumps(record, sort_keys=True) + "\n").encode()
+    try:
+        with open(state_dir / RECORD, "rb") as f:
+            if f.read(len(data) + 1) == data:
+                return
+    except OSError:
+        pass
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         # '.state-' temps are what the sweep removes after a kill
-        write_atomic(state_dir / RECORD, (json.dumps(record, sort_keys=True) + "\n").encode(), prefix=".state-rc-")
+        write_atomic(state_dir / RECORD, data, prefix=".state-rc-")
     except OSError:
         pass
 

@@ -18,7 +18,6 @@ a device that has started finishes. A device without a readable id is in only at
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -46,6 +45,8 @@ def device_id_problem(value: object) -> str | None:
 
 def bucket(device_id: str, product: str, seed: str) -> int:
     """The device's stable bucket in ``[0, BUCKETS)`` for this product and seed."""
+    import hashlib  # here: status and boot-check import this module, only check buckets (issue 14)
+
     h = hashlib.sha256(b"\0".join([b"abflip-rollout/1", product.encode(), seed.encode(), device_id.encode()]))
     return int.from_bytes(h.digest()[:8], "big") % BUCKETS
 

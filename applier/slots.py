@@ -34,10 +34,12 @@ from .config import Config
 from .context import Context
 
 WRITE_PIECE = 256 << 10
+VERIFY_PIECE = 4 << 20
 
 SYSFS = Path("/sys")
 
-__all__ = ["SlotDevice", "booted_slot", "device_identity", "other_slot", "overlaps", "slot_from_entry_name"]
+__all__ = ["SlotDevice", "booted_slot", "device_identity", "other_slot", "overlaps", "slot_from_entry_name",
+           "slot_hash_ok"]
 
 _ENTRY_SLOT = re.compile(r"abflip-.+-([ab])(?:\+\d+(?:-\d+)?)?\.conf$")
 
@@ -315,3 +317,18 @@ class SlotDevice:
             os.fsync(self.fd)
         except OSError as e:
             raise DeviceError(f"flushing slot {self.name} failed: {e}") from None
+
+
+def slot_hash_ok(dev, slot: str, sha: str, size: int) -> bool:
+    """The first ``size`` bytes of ``slot`` hash to ``sha`` (read-only; ``dev``: an
+    :class:`applier.agent.Device`, which is told the progress)."""
+    import hashlib  # here: status and boot-check import this module, only rollback and apply hash a slot
+
+    h = hashlib.sha256()
+    with SlotDevice(slot, dev.config.slots[slot].device, write=False) as sd:
+        if sd.capacity < size:
+            return False
+        for off in range(0, size, VERIFY_PIECE):
+            h.update(sd.pread(off, min(VERIFY_PIECE, size - off)))
+            dev._emit(phase="verify", slot=slot, bytes=min(size, off + VERIFY_PIECE), total_bytes=size)
+    return h.hexdigest() == sha

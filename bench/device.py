@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: what a device pays when nothing happens, and per update (issue 14).
 
-    python3 bench/device.py [--runs 7] [--releases 50,500] [--layouts bins,flat] [--workdir DIR]
+    python3 bench/device.py [--runs 7] [--releases 50,500] [--layouts bins,flat] [--workdir DIR] [--no-bytecode-cache]
 
 Measures, and asserts nothing about speed:
 
@@ -9,7 +9,11 @@ Measures, and asserts nothing about speed:
    ``abflip status --json``, ``abflip boot-check --json`` and an idle ``abflip check --json``
    (real CLI processes against a simulated device, the repository served over HTTP on
    127.0.0.1 by a server thread of this process), each also with the module count and whether
-   boto3 / pydantic were imported.
+   boto3 / pydantic were imported. Every process, ``python3 -c pass`` too, runs with its
+   bytecode cached, as an installed package has it (``PYTHONPYCACHEPREFIX`` in the work
+   directory, written by a first run, even where ``PYTHONDONTWRITEBYTECODE`` is set);
+   ``--no-bytecode-cache`` measures with the environment as it is instead (a source checkout
+   under ``PYTHONDONTWRITEBYTECODE=1`` compiles abflip's modules in every process).
 2. **Bytes on the wire** (counted by the server: response bodies, every file): per idle check
    (TUF timestamp only when nothing changed) and per update (the check that finds release
    ``N`` after the device saw ``N - 1``: TUF metadata, channel pointer, manifest; not the
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -64,18 +69,18 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def timed(argv: list[str], runs: int) -> float:
-    subprocess.run(argv, capture_output=True)  # warm the page cache
+def timed(argv: list[str], runs: int, env: dict[str, str]) -> float:
+    subprocess.run(argv, capture_output=True, env=env)  # warm the page cache (and write the bytecode cache)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run(argv, capture_output=True)
+        subprocess.run(argv, capture_output=True, env=env)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def imports(argv: list[str]) -> tuple[int, bool, bool]:
-    p = subprocess.run([sys.executable, "-X", "importtime", *argv[1:]], capture_output=True, text=True)
+def imports(argv: list[str], env: dict[str, str]) -> tuple[int, bool, bool]:
+    p = subprocess.run([sys.executable, "-X", "importtime", *argv[1:]], capture_output=True, text=True, env=env)
     names = [ln.rsplit("|", 1)[1].strip() for ln in p.stderr.splitlines() if ln.startswith("import time:")][1:]
     loaded = set(names)  # an import that failed on purpose (sys.modules[name] = None) is listed too
     boto = any(n == "botocore.session" or n.startswith("boto3.") for n in loaded)
@@ -142,6 +147,8 @@ def main() -> int:
     ap.add_argument("--releases", default="50,500", help="comma-separated release counts for the bytes table")
     ap.add_argument("--layouts", default="bins,flat", help=f"comma-separated, of {', '.join(LAYOUTS)}")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="run the start-up processes in this environment as it is (no bytecode cache of our own)")
     args = ap.parse_args()
     counts = sorted(int(x) for x in args.releases.split(",") if x)
     layouts = [x for x in args.layouts.split(",") if x]
@@ -152,6 +159,10 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(work / layouts[0], LAYOUTS[layouts[0]])
+    env = dict(os.environ)
+    if not args.no_bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     with Server(bench.repo, handler=Counting) as server:
         bench.publish_up_to(1)
         sim, dev = bench.device(server.url, "dev")
@@ -162,12 +173,13 @@ def main() -> int:
                  for c in (["status", "--json"], ["boot-check", "--json"], ["check", "--json"])]
         rows.append(("abflip status --json --config=PATH (through typer)", [*ABFLIP, "status", "--json", f"--config={cfg}"]))
         base = None
-        print("| command (warm) | median s | vs `python3 -c pass` | modules | boto3 | pydantic |")
+        warm = "warm" if args.no_bytecode_cache else "warm, bytecode cached"
+        print(f"| command ({warm}) | median s | vs `python3 -c pass` | modules | boto3 | pydantic |")
         print("|---|---:|---:|---:|---|---|")
         for label, argv in rows:
-            t = timed(argv, args.runs)
+            t = timed(argv, args.runs, env)
             base = base or t
-            n, boto, pyd = imports(argv)
+            n, boto, pyd = imports(argv, env)
             print(f"| `{label}` | {t:.3f} | {t / base:.2f}x | {n} | {'yes' if boto else 'no'} | {'yes' if pyd else 'no'} |",
                   flush=True)
     print()

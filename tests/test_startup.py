@@ -48,6 +48,36 @@ def test_device_commands_load_no_signer_sdk_pydantic_or_producer_code(world, tmp
         assert json.loads(stdout)  # the same JSON as through typer (compared below)
 
 
+# Beyond HEAVY, by command (issue 14). status and boot-check never touch the network: no TUF
+# client, HTTP stack or the crypto behind them. An idle check (TUF says nothing changed) needs
+# those, but never the code that writes a slot: streaming, deltas (zstandard), the installer.
+# None of the three needs typer (the CLI parses their plain arguments itself).
+NETWORK = ("tuf", "urllib3", "cryptography", "securesystemslib", "applier.client", "applier.fetch")
+WRITING = ("zstandard", "applier.stream", "applier.delta", "applier.install")
+NOT_LOADED = {"status": ("typer", *NETWORK, *WRITING, "applier.mark", "applier.hooks"),
+              "boot-check": ("typer", *NETWORK, *WRITING),
+              "check": ("typer", *WRITING, "applier.mark", "applier.hooks")}
+
+
+def _any_of(mods: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in mods if any(m == n or m.startswith(n + ".") for n in names))
+
+
+@pytest.mark.parametrize("command", ["status", "boot-check", "check"])
+def test_each_device_command_loads_only_what_it_needs(world, tmp_path, command):
+    world.publish("1.0.0")
+    sim, dev = world.device()
+    dev.check()  # the next check is idle (TUF timestamp only)
+    rc, stdout, mods = _loaded(tmp_path, command, "--json", "--config", str(sim.config.path))
+    assert rc == 0, stdout
+    assert _any_of(mods, NOT_LOADED[command]) == []
+    if command == "check":
+        assert json.loads(stdout)["available"] is False  # it really asked the repository: nothing new
+        assert {"tuf.ngclient", "applier.client"} <= mods
+    else:
+        assert json.loads(stdout)["booted_slot"] == "a"
+
+
 def test_plain_arguments_and_typer_give_the_same_output(world):
     """The fast path (``--config PATH``) and typer's (``--config=PATH``, which it alone parses)
     print the same bytes and exit the same way, including for errors."""

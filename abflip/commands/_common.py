@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from metadata.errors import Error
+from ._device import DEFAULT_CONFIG
+from ._output import report
 
 __all__ = ["app", "image_app", "release_app", "repo_app", "channel_app", "run", "CONFIG_OPT", "JSON_OPT"]
 
@@ -40,20 +38,11 @@ app.add_typer(release_app, name="release")
 app.add_typer(repo_app, name="repo")
 app.add_typer(channel_app, name="channel")
 
-CONFIG_OPT = typer.Option(Path("/etc/abflip/abflip.toml"), "--config", "-c", help="device configuration file")
+CONFIG_OPT = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="device configuration file")
 JSON_OPT = typer.Option(False, "--json", help="machine-readable output")
 
 
 def run(fn: Callable[[], Any], as_json: bool, render: Callable[[Any], str]) -> None:
     """Call ``fn``; print its result (JSON or rendered) or its error, and exit with the error's code."""
-    try:
-        result = fn()
-    except Error as e:
-        if as_json:
-            print(json.dumps({"error": e.to_json()}, indent=1))
-        print(e.diagnostics(), file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
-    if as_json:
-        print(json.dumps(result, indent=1, sort_keys=True, default=str))
-    elif text := render(result):
-        print(text)
+    if code := report(fn, as_json, render):
+        raise typer.Exit(code)

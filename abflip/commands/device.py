@@ -1,4 +1,7 @@
-"""Device commands: status, check, download, apply, run, install, boot-check, mark-good, rollback."""
+"""Device commands: status, check, download, apply, run, install, boot-check, mark-good, rollback.
+
+status, check and boot-check are typer's wrappers over the plain functions of :mod:`._device`
+(which the CLI's fast path calls without typer)."""
 
 from __future__ import annotations
 
@@ -12,48 +15,17 @@ import typer
 
 from metadata.errors import Error
 
+from . import _device as plain
 from ._common import CONFIG_OPT, JSON_OPT, app, run
+from ._device import open_device, render_check, render_status, window_line
 
 DOWNGRADE_OPT = typer.Option(False, "--allow-downgrade", help="allow a version not newer than the running one")
 RETRY_OPT = typer.Option(False, "--retry-failed", help="retry a version that failed to boot before")
 
 
-def _device(config: Path, progress=None):
-    from applier.agent import Device
-    from applier.config import Config
-
-    return Device(Config.load(config), progress=progress)
-
-
-def _window_line(w: dict | None) -> str:
-    if w is None:
-        return "window:  none configured (updates apply at any time)"
-    return f"window:  {'open now, until ' + w['end'] if w['open'] else 'next ' + w['start'] + ' until ' + w['end']}"
-
-
-def _render_status(s: dict) -> str:
-    booted = (f"slot {s['booted_slot']} ({s['booted_version'] or 'unknown version'}, "
-              f"entry {s['booted_entry'] or 'unknown'})" if s["booted_slot"] else "unknown slot (every write is refused)")
-    lines = [f"state:   {s['state']}", f"booted:  {booted}", f"floor:   {s['floor'] or 'none'}"]
-    if s["booted_slot"] and not s["booted_version"]:
-        lines.append("         (not provisioned: `abflip provision RELEASE` records the image in the booted slot)")
-    for name, slot in sorted(s["slots"].items()):
-        lines.append(f"slot {name}:  {slot['status']:8} {slot['version'] or '-':12} {slot['device']}"
-                     + ("  (booted)" if slot["booted"] else ""))
-    if s["pending_entry"]:
-        lines.append(f"pending: {s['pending_entry']}")
-    if s.get("rollback"):
-        lines.append(f"rollback: to slot {s['rollback']['to_slot']} at the next boot")
-    if s["failed_versions"]:
-        lines.append(f"failed:  {', '.join(s['failed_versions'])}")
-    if "next_window" in s:
-        lines.append(_window_line(s["next_window"]))
-    if s.get("state_invalid"):
-        lines.append(f"state file invalid: {s['state_invalid']} (shown: rebuilt from the boot entries; "
-                     "`abflip reset-state` keeps it so)")
-    if s["last_error"]:
-        lines.append(f"last error ({s['last_error']['blame']}): {s['last_error']['message']}")
-    return "\n".join(lines)
+def _exit(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
 
 
 def _streaming(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], str]) -> None:
@@ -110,17 +82,10 @@ def _render_download(r: dict) -> str:
             + (f", resumed at chunk {r['resumed_at_chunk']})" if r["resumed_at_chunk"] else ")"))
 
 
-def _render_check(r: dict) -> str:
-    if r["available"]:
-        return (f"{r['version']} is available (running {r['current'] or 'an unknown version'})"
-                + ("; it is staged" if r["staged"] else "") + "\n" + _window_line(r["next_window"]))
-    return f"no update: {r['reason']}"
-
-
 def _render_run(r: dict) -> str:
     if r.get("skipped"):
         return f"skipped: {r['skipped']}"
-    lines = [_render_check(r["check"])] if r["check"] else []
+    lines = [render_check(r["check"])] if r["check"] else []
     if r["download"]:
         lines.append(_render_download(r["download"]))
     if r["apply"]:
@@ -129,37 +94,36 @@ def _render_run(r: dict) -> str:
         lines.append("staged; applied in the next maintenance window")
     if r["rebooted"]:
         lines.append("rebooting")
-    lines.append(_window_line(r.get("next_window")))
+    lines.append(window_line(r.get("next_window")))
     return "\n".join(lines)
 
 
 @app.command("status")
 def status(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Show slots, versions, the booted slot, the pending entry, the next window and the last error."""
-    run(lambda: _device(config).status(), as_json, _render_status)
+    _exit(plain.status(config, as_json))
 
 
 @app.command("check")
 def check(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
           as_json: bool = JSON_OPT) -> None:
     """Is there a newer release for this device? Changes nothing; exits 0 either way."""
-    run(lambda: _device(config).check(allow_downgrade=allow_downgrade, retry_failed=retry_failed), as_json,
-        _render_check)
+    _exit(plain.check(config, allow_downgrade, retry_failed, as_json))
 
 
 @app.command("download")
 def download(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
              as_json: bool = JSON_OPT) -> None:
     """Stage the channel's release: stream and verify it into the inactive slot (no boot entry yet)."""
-    _streaming(lambda p: _device(config, p).download(allow_downgrade=allow_downgrade,
-                                                     retry_failed=retry_failed).to_json(), as_json, _render_download)
+    _streaming(lambda p: open_device(config, p).download(allow_downgrade=allow_downgrade,
+                                                         retry_failed=retry_failed).to_json(), as_json, _render_download)
 
 
 @app.command("apply")
 def apply(config: Path = CONFIG_OPT, now: bool = typer.Option(False, "--now", help="apply outside a maintenance window"),
           as_json: bool = JSON_OPT) -> None:
     """Re-verify the staged slot, write its boot files and an entry with tries (in a maintenance window)."""
-    _streaming(lambda p: _device(config, p).apply(now=now).to_json(), as_json,
+    _streaming(lambda p: open_device(config, p).apply(now=now).to_json(), as_json,
                lambda r: (f"{r['version']} is already applied ({r['entry']}); reboot to try it" if r["already"]
                           else f"applied {r['version']} to slot {r['slot']}; next boot tries {r['entry']}"))
 
@@ -169,15 +133,16 @@ def run_once(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, r
              no_reboot: bool = typer.Option(False, "--no-reboot", help="do not run the reboot command"),
              as_json: bool = JSON_OPT) -> None:
     """One pass (the systemd timer's): check -> download -> apply in a window -> reboot."""
-    _streaming(lambda p: _device(config, p).run(allow_downgrade=allow_downgrade, retry_failed=retry_failed,
-                                                reboot=not no_reboot), as_json, _render_run)
+    _streaming(lambda p: open_device(config, p).run(allow_downgrade=allow_downgrade, retry_failed=retry_failed,
+                                                    reboot=not no_reboot), as_json, _render_run)
 
 
 @app.command("install")
 def install(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
             as_json: bool = JSON_OPT) -> None:
     """download + apply --now: stream the release into the inactive slot and add its boot entry."""
-    _streaming(lambda p: _device(config, p).install(allow_downgrade=allow_downgrade, retry_failed=retry_failed).to_json(),
+    _streaming(lambda p: open_device(config, p).install(allow_downgrade=allow_downgrade,
+                                                        retry_failed=retry_failed).to_json(),
                as_json, lambda r: (f"{r['version']} is already installed in slot {r['slot']} ({r['entry']}); reboot to "
                                    f"try it" if r["already"] else
                                    f"installed {r['version']} into slot {r['slot']}; next boot tries {r['entry']}"))
@@ -186,29 +151,29 @@ def install(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, re
 @app.command("boot-check")
 def boot_check(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """On boot (abflip-health.service): record what booted; on a trial boot run health hooks, then bless or roll back."""
-    run(lambda: _device(config).boot_check(), as_json, _render_status)
+    _exit(plain.boot_check(config, as_json))
 
 
 @app.command("mark-good")
 def mark_good(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Run the health-check hooks, bless the booted entry (drop its tries counter) and commit a trial update."""
-    run(lambda: _device(config).mark_good(), as_json, _render_status)
+    run(lambda: open_device(config).mark_good(), as_json, render_status)
 
 
 @app.command("rollback")
 def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Boot the other (verified) slot next, or withdraw a pending update."""
-    run(lambda: _device(config).rollback(), as_json,
+    run(lambda: open_device(config).rollback(), as_json,
         lambda s: {"cancelled-pending": "the pending update was withdrawn; the booted slot stays",
                    "rollback-on-reboot": f"slot {s['rollback']['to_slot'] if s.get('rollback') else '?'} boots next; reboot to roll back",
                    "already-requested": "a rollback is already requested; reboot"}.get(s.get("action"), "")
-        + "\n" + _render_status(s))
+        + "\n" + render_status(s))
 
 
 @app.command("reset-state")
 def reset_state(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Rebuild the state file from the boot entries (an invalid file is kept as state.json.invalid)."""
-    run(lambda: _device(config).reset_state(), as_json, lambda s: "state rebuilt from the boot entries\n" + _render_status(s))
+    run(lambda: open_device(config).reset_state(), as_json, lambda s: "state rebuilt from the boot entries\n" + render_status(s))
 
 
 def _render_provision(r: dict) -> str:
@@ -232,5 +197,5 @@ def provision(release: Path = typer.Argument(..., help="the release of the image
     boot files and a blessed entry, and record it (slot good, version floor) in the state."""
     from applier.factory import provision as provision_slot
 
-    _streaming(lambda p: provision_slot(_device(config, p), release, slot=slot, force=force), as_json,
+    _streaming(lambda p: provision_slot(open_device(config, p), release, slot=slot, force=force), as_json,
                _render_provision)
