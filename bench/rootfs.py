@@ -52,6 +52,7 @@ import statistics
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 __all__ = ["ROOTS", "Entry", "Repeat", "TreeInfo", "build_tree", "copy_usr", "layout", "plan", "measure", "summarize"]
@@ -173,7 +174,7 @@ class Repeat:
     def size(self) -> int:
         return sum(e.size for e in self.files)
 
-    @property
+    @cached_property  # asked per file of the copy; the files are complete by then
     def common(self) -> str:
         """The source's common directory (the copy holds the files relative to it)."""
         return posixpath.commonpath([posixpath.dirname(e.path) for e in self.files])
