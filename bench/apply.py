@@ -23,8 +23,9 @@ Method
    *long-range repeats* (issue 14): copies of runs of 4-24 MiB of those files, half of them
    byte-identical and half lightly modified (an edit every 32 KiB on average), placed so
    that in the image 3 in 4 lie 24-112 MiB after their source (inside zstd ``--long=27``'s
-   128 MiB window, beyond abflip's default 32 MiB one) and up to 1 in 4 lie 160-768 MiB after it
-   (beyond both; fewer when the image is too small to hold them). An image larger than what ``/usr`` offers gets more copies.
+   128 MiB window, beyond abflip's default window) and up to 1 in 4 lie 160-768 MiB after it
+   (beyond both; fewer when the image is too small to hold them). An image larger than what
+   ``/usr`` offers gets more copies.
    ``--repeats 0`` is the plain ``/usr`` image of the benchmark before issue 14.
    ``builder.image.build_image`` turns the tree into an (uncompressed) erofs image; the
    distances the repeats really got are read back with ``dump.erofs`` and reported. A tiny
@@ -108,7 +109,6 @@ from abflip.sim import SimDevice
 from applier.agent import Device
 from applier.config import DEFAULT_MEMORY, parse_size
 from applier.stream import memory_needed
-from builder.compress import DEFAULT_WINDOW
 from builder.image import ImageInfo, build_image
 from builder.publish import publish_release, write_signed
 from builder.release import ReleaseFiles, create_release
@@ -206,8 +206,9 @@ def ensure_small_image(work: Path) -> Path:
     return out
 
 
-def ensure_release(work: Path, img: ImageInfo, level: int, window: int, cache: Cache) -> ReleaseFiles:
-    """``window``: the one asked for (the manifest records the one used, which may be smaller)."""
+def ensure_release(work: Path, img: ImageInfo, level: int, window: int | None, cache: Cache) -> ReleaseFiles:
+    """``window``: the one asked for, None for the builder's default (the manifest records the
+    one used, which may be smaller)."""
     rdir = work / f"release-{NEW}"
     try:
         rel = Release.from_bytes((rdir / "release.json").read_bytes())
@@ -223,10 +224,12 @@ def ensure_release(work: Path, img: ImageInfo, level: int, window: int, cache: C
     kernel, initrd = work / "vmlinuz", work / "initrd.img"
     kernel.write_bytes(b"bench kernel placeholder\n" * 1000)
     initrd.write_bytes(b"bench initrd placeholder\n" * 1000)
-    log(f"release: compressing the image at level {level} (32 MiB chunks, {window >> 20} MiB dictionary window asked) ...")
+    asked = "the default" if window is None else f"{window >> 20} MiB"
+    log(f"release: compressing the image at level {level} (default chunks, {asked} dictionary window) ...")
     t0 = time.monotonic()
     rf = create_release(img.path, rdir, product=PRODUCT, version=NEW, compatible=[HARDWARE], kernel=kernel,
-                        initrd=initrd, options="ro", level=level, window=window, created=EPOCH)
+                        initrd=initrd, options="ro", level=level, created=EPOCH,
+                        **({} if window is None else {"window": window}))
     dt = time.monotonic() - t0
     cache.data["release"] = {"seconds": round(dt, 2), "level": level, "window": window,
                              "compressed": rf.release.image.compressed_size}
@@ -518,7 +521,7 @@ def repeats_table(image: dict) -> list[str]:
 
 
 def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, cache: Cache, cmdline: str, *,
-           link_mbps: float, memory: int | None, window_asked: int, run_seconds: float) -> str:
+           link_mbps: float, memory: int | None, window_asked: int | None, run_seconds: float) -> str:
     by = {v: [r for r in runs if r.variant == v] for v in ("pipeline", "abflip")}
     wall = {v: _median(rs, lambda r: r.wall) for v, rs in by.items()}
     cpu = {v: _median(rs, lambda r: r.cpu) for v, rs in by.items()}
@@ -556,7 +559,8 @@ def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, ca
                      f"{cpu[v] / cpu['pipeline']:.2f}x | {rss} | {int(_median(rs, lambda r: r.outside_total))} | "
                      f"{int(_median(rs, lambda r: r.downloaded))} | {int(_median(rs, lambda r: r.written_extra))} |")
     ab = rel.release.image.compressed_size
-    used = f"{comp.window >> 20} MiB window" + (f" (asked {window_asked >> 20} MiB)" if comp.window != window_asked else "")
+    used = f"{comp.window >> 20} MiB window" + (" (the default)" if window_asked is None else
+                                                 f" (asked {window_asked >> 20} MiB)" if comp.window != window_asked else "")
     lines += ["",
               f"compressed sizes: abflip chunked (zstd level {comp.level}, {comp.chunk_size >> 20} MiB chunks, "
               f"{used}, {len(rel.release.image.chunks)} frames) {ab} bytes "
@@ -606,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="MiB of file content in the image")
     ap.add_argument("--repeats", type=float, default=DEFAULT_REPEATS,
                     help="share of the file content that is long-range repeats (0: only /usr)")
-    ap.add_argument("--window", type=parse_size, default=DEFAULT_WINDOW,
+    ap.add_argument("--window", type=parse_size, default=None,
                     help="abflip's dictionary window, e.g. 128M (default: the builder's)")
     ap.add_argument("--link-mbps", type=float, default=0.0,
                     help="limit the server's throughput to this many 10**6 bit/s (default: unlimited)")
@@ -618,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=15, help="profile entries to print")
     ap.add_argument("--keep-tree", action="store_true", help="keep the file tree after building the image")
     args = ap.parse_args(argv)
-    if not 0 <= args.repeats < 1 or args.runs < 1 or args.size_mib < 1 or args.link_mbps < 0:
-        ap.error("need 0 <= --repeats < 1, --runs >= 1, --size-mib >= 1, --link-mbps >= 0")
+    if not 0 <= args.repeats < 1 or args.runs < 1 or args.size_mib < 1 or args.link_mbps < 0 or args.window == 0:
+        ap.error("need 0 <= --repeats < 1, --runs >= 1, --size-mib >= 1, --link-mbps >= 0, --window > 0")
     for tool in ("curl", "zstd", "dd", TIME):
         if not shutil.which(tool):
             log(f"missing tool: {tool}")
