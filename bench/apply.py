@@ -3,35 +3,50 @@
 
 Usage::
 
-    python3 bench/apply.py [--size-mib 1024] [--workdir DIR] [--runs 3] [--profile]
+    python3 bench/apply.py [--size-mib 1024] [--repeats 0.25] [--window 128M] [--link-mbps 20]
+                           [--runs 3] [--level 9] [--workdir DIR] [--build-only] [--profile]
 
 This is a benchmark, not a test: it measures and prints; it asserts nothing about speed.
 It exits non-zero only when something is *wrong* (a command failed, or a slot does not
-hash to the image's sha256).
+hash to the image's sha256). The last line of its output is the summary::
+
+    apply/pipeline: W.WWx wall, C.CCx cpu; peak RSS N MiB (zstd -d M MiB); size S.SSSx CLI
+
+W and C: abflip's median wall and CPU time over the pipeline's; N and M: the median peak RSS
+of abflip and of the pipeline's ``zstd -d``; S: abflip's compressed stream over the zstd CLI's.
 
 Method
 ------
-1. **Image.** A realistic root filesystem: files from this machine's ``/usr`` are copied
-   (regular files and symlinks, unreadable and special files skipped, walk order sorted so
-   the selection is deterministic) into ``<workdir>/tree`` until within 1 % of
-   ``--size-mib`` MiB of file content (a file that would overshoot is skipped). Roots are ``/usr/bin``, ``/usr/sbin``, ``/usr/libexec``,
-   ``/usr/lib/x86_64-linux-gnu`` (shared libraries), the rest of ``/usr/lib`` and
-   ``/usr/share``; they are drained byte-fairly (always from the root that has given the
-   fewest bytes so far), so the mix is executables, libraries, Python/Java code and data
-   rather than whatever sorts first. ``builder.image.build_image`` turns it into an
-   (uncompressed) erofs image. A tiny second image is built for the device's factory slot.
-2. **Compression.** ``builder.release.create_release`` (default level 9, 32 MiB chunks,
-   32 MiB dictionary window) makes the abflip stream; the zstd CLI
-   (``zstd -T0 -<level> --long=27``) compresses the same image for the baseline. The abflip
-   stream cannot be the baseline's input: every frame after the first needs the previous
-   32 MiB of *image* bytes as a raw-content dictionary, which ``zstd -d`` does not know.
-   Image, release directory and CLI stream are cached in the workdir (with a ``cache.json``
-   recording what they were made from, and how long making them took), so re-runs skip
-   the slow part.
+1. **Image** (``bench/rootfs.py`` has the rules). About ``--size-mib`` MiB of file content:
+   files of this machine's ``/usr`` (bin, sbin, libexec, the multiarch and other libraries,
+   share, drained byte-fairly, walk sorted) make ``1 - --repeats`` of it; the rest are
+   *long-range repeats* (issue 14): copies of runs of 4-24 MiB of those files, half of them
+   byte-identical and half lightly modified (an edit every 32 KiB on average), placed so
+   that in the image 3 in 4 lie 24-112 MiB after their source (inside zstd ``--long=27``'s
+   128 MiB window, beyond abflip's default window) and up to 1 in 4 lie 160-768 MiB after it
+   (beyond both; fewer when the image is too small to hold them). An image larger than what
+   ``/usr`` offers gets more copies.
+   ``--repeats 0`` is the plain ``/usr`` image of the benchmark before issue 14.
+   ``builder.image.build_image`` turns the tree into an (uncompressed) erofs image; the
+   distances the repeats really got are read back with ``dump.erofs`` and reported. A tiny
+   second image is built for the device's factory slot.
+2. **Compression.** ``builder.release.create_release`` (default level 9, 32 MiB chunks;
+   ``--window`` sets the dictionary window, default the builder's) makes the abflip stream;
+   the zstd CLI (``zstd -T0 -<level> --long=27``) compresses the same image for the
+   baseline. The abflip stream cannot be the baseline's input: every frame after the first
+   needs the previous ``window`` bytes of *image* as a raw-content dictionary, which
+   ``zstd -d`` does not know. Image, release directory and CLI stream are cached in the
+   workdir (with a ``cache.json`` recording what they were made from, and how long making
+   them took), so re-runs skip the slow part; another ``--size-mib``, ``--repeats``,
+   ``--level`` or ``--window`` rebuilds what depends on it (use one ``--workdir`` per
+   configuration to keep several). ``--build-only`` stops after the caches are made (run it
+   under ``nice`` on a shared machine).
 3. **Repository and server.** A fresh TUF repository (``init_repository``, ``LocalStorage``,
    ``publish_release`` to channel ``stable``) holds the release; the CLI stream is placed
-   next to it. ``abflip serve`` serves it from a **separate process**, so the server's
-   memory and CPU accounting do not land on the device side.
+   next to it. ``bench/linkserver.py`` (``abflip serve``'s handler; with ``--link-mbps`` a
+   token bucket shared by all its connections limits the throughput to that many 10**6
+   bit/s) serves it from a **separate process**, so the server's memory and CPU accounting
+   do not land on the device side, and both variants see the same link.
 4. **Variants**, alternated, each run preceded by ``sync`` and ``echo 3 >
    /proc/sys/vm/drop_caches`` (skipped if not permitted), every process wrapped in
    ``/usr/bin/time -v``:
@@ -45,24 +60,29 @@ Method
      timed. It refreshes TUF metadata, fetches channel pointer and manifest, streams the
      hash-prefixed ``targets/.../<sha256>.rootfs.img.zst`` into slot b (verify, decompress,
      write, fsync, per chunk) and writes the boot files (tiny placeholders here, so the
-     comparison is about the image) and the boot entry.
+     comparison is about the image) and the boot entry. The device keeps the default
+     ``[limits] memory`` (256 MiB) unless ``applier.stream.memory_needed`` of the release
+     plus :data:`MEMORY_MARGIN` is more (a large ``--window``); then ``limits.memory`` is set
+     to that, rounded up to a MiB. The budget used is printed.
 
-   Reported per variant (median over ``--runs``): wall time; peak RSS ("Maximum resident
-   set size"; for the pipeline the largest of its three processes and their sum); bytes
-   outside the slot, i.e. the growth of the device directory without the slot files (state
-   file, ESP, TUF metadata cache) -- 0 for the pipeline by construction; bytes the process
-   tree wrote to files according to the kernel's I/O accounting ("File system outputs",
-   i.e. ``write_bytes`` as the pages were dirtied) minus the image size, which also counts
-   rewrites (the state file is saved after every chunk); and download bytes (curl's
-   ``size_download``; abflip's ``bytes_downloaded``, the image stream only, without the
-   few KiB of metadata and boot files). After each abflip run, ``abflip status`` on the
-   same device is timed from a cold page cache too: the command's fixed cost (interpreter
-   start, imports), which is part of the install's wall time.
+   Reported per variant (median over ``--runs``): wall time; CPU time (user + system of
+   the process tree, from ``time -v``; the pipeline's is the sum of its three processes);
+   peak RSS ("Maximum resident set size"; for the pipeline the largest of its three
+   processes and their sum); bytes outside the slot, i.e. the growth of the device
+   directory without the slot files (state file, ESP, TUF metadata cache) -- 0 for the
+   pipeline by construction; bytes the process tree wrote to files according to the
+   kernel's I/O accounting ("File system outputs", i.e. ``write_bytes`` as the pages were
+   dirtied) minus the image size, which also counts rewrites; and download bytes (curl's
+   ``size_download``; abflip's ``bytes_downloaded``, the image stream only, without the few
+   KiB of metadata and boot files). After each abflip run, ``abflip status`` on the same
+   device is timed from a cold page cache too: the command's fixed cost (interpreter start,
+   imports), which is part of the install's wall time.
 5. After every run the slot's first ``image size`` bytes are hashed and compared with the
    image sha256 (printed).
 
 ``--profile`` additionally runs one install in-process under cProfile (the server stays
-in its own process) and prints the top entries by cumulative and by own time.
+in its own process) and prints the top entries by cumulative and by own time (before the
+summary line).
 """
 
 from __future__ import annotations
@@ -80,12 +100,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import rootfs  # bench/rootfs.py (bench/ is on sys.path: this script's directory)
+
 from abflip.sim import SimDevice
 from applier.agent import Device
+from applier.config import DEFAULT_MEMORY, parse_size
+from applier.stream import memory_needed
 from builder.image import ImageInfo, build_image
 from builder.publish import publish_release, write_signed
 from builder.release import ReleaseFiles, create_release
@@ -101,17 +124,12 @@ OLD, NEW = "1.0.0", "2.0.0"
 EPOCH = 1700000000
 MIB = 1 << 20
 DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / ".bench" / "apply"
+DEFAULT_REPEATS = 0.25  # share of the image's file content that is long-range repeats
+MEMORY_MARGIN = 16 * MIB  # over memory_needed: install adds a boot-file piece, the interpreter is not counted
+CLI_STREAM = "rootfs.erofs.cli.zst"
 TIME = "/usr/bin/time"
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
-# (source root, sub-directories of it left to another root)
-ROOTS = [
-    ("/usr/bin", ()),
-    ("/usr/sbin", ()),
-    ("/usr/libexec", ()),
-    ("/usr/lib/x86_64-linux-gnu", ()),
-    ("/usr/lib", ("x86_64-linux-gnu",)),
-    ("/usr/share", ()),
-]
+LINKSERVER = [sys.executable, str(Path(__file__).resolve().parent / "linkserver.py")]
 
 
 def log(msg: str) -> None:
@@ -119,62 +137,6 @@ def log(msg: str) -> None:
 
 
 # -- the image ----------------------------------------------------------------------------
-def _walk(root: str, exclude: tuple[str, ...]) -> Iterator[tuple[str, int]]:
-    """(path, bytes) of the regular files and symlinks under ``root``, sorted, readable only."""
-    for dirpath, dirs, files in os.walk(root):
-        if dirpath == root:
-            dirs[:] = [d for d in dirs if d not in exclude]
-        keep = []
-        for d in sorted(dirs):
-            p = os.path.join(dirpath, d)
-            if os.path.islink(p):  # os.walk does not descend symlinked dirs; copy the link itself
-                yield p, 0
-            elif os.access(p, os.R_OK | os.X_OK):
-                keep.append(d)
-        dirs[:] = keep
-        for name in sorted(files):
-            p = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            if os.path.islink(p):
-                yield p, 0
-            elif os.path.isfile(p) and os.access(p, os.R_OK):
-                yield p, st.st_size
-
-
-def copy_usr(tree: Path, budget: int) -> tuple[int, int]:
-    """Copy files from ``ROOTS`` into ``tree`` (same paths below it) until within 1 % of
-    ``budget`` bytes; a file that would overshoot the budget is skipped."""
-    gens = {root: _walk(root, excl) for root, excl in ROOTS if os.path.isdir(root)}
-    given = dict.fromkeys(gens, 0)
-    total = files = 0
-    while gens and total < budget - budget // 100:
-        root = min(gens, key=given.__getitem__)
-        item = next(gens[root], None)
-        if item is None:
-            del gens[root]
-            continue
-        src, size = item
-        if total + size > budget:
-            continue
-        dst = tree / src.lstrip("/")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if os.path.islink(src):
-                os.symlink(os.readlink(src), dst)
-            else:
-                shutil.copy2(src, dst)  # sendfile on Linux
-        except OSError:  # vanished, unreadable after all, ...
-            dst.unlink(missing_ok=True)
-            continue
-        given[root] += size
-        total += size
-        files += 1
-    return total, files
-
-
 @dataclass
 class Cache:
     """``<workdir>/cache.json``: what the cached artefacts were made from, and timings."""
@@ -193,27 +155,40 @@ class Cache:
         self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
 
 
-def ensure_image(work: Path, size_mib: int, cache: Cache, keep_tree: bool) -> ImageInfo:
+def ensure_image(work: Path, size_mib: int, cache: Cache, keep_tree: bool,
+                 repeats: float = DEFAULT_REPEATS) -> ImageInfo:
     out = work / "rootfs.erofs"
+    want = {"size_mib": size_mib, "repeats": repeats, "recipe": rootfs.RECIPE}
     c = cache.data.get("image")
-    if c and c["size_mib"] == size_mib and out.is_file() and out.stat().st_size == c["size"]:
+    if c and all(c.get(k) == v for k, v in want.items()) and out.is_file() and out.stat().st_size == c["size"]:
         log(f"image: cached {out} ({c['size']} bytes)")
         return ImageInfo(out, "erofs", c["size"], c["sha256"])
-    tree = work / "tree"
-    shutil.rmtree(tree, ignore_errors=True)
-    t0 = time.monotonic()
-    log(f"image: copying ~{size_mib} MiB of /usr into {tree} ...")
-    nbytes, nfiles = copy_usr(tree, size_mib * MIB)
-    t1 = time.monotonic()
-    log(f"image: copied {nfiles} files, {nbytes} bytes in {t1 - t0:.1f} s; mkfs.erofs ...")
-    img = build_image(tree, out, source_date_epoch=EPOCH)
-    t2 = time.monotonic()
-    if not keep_tree:
-        shutil.rmtree(tree, ignore_errors=True)
-    cache.data["image"] = {"size_mib": size_mib, "size": img.size, "sha256": img.sha256, "input_bytes": nbytes,
-                           "input_files": nfiles, "copy_s": round(t1 - t0, 2), "mkfs_s": round(t2 - t1, 2)}
+    # what was made from another image goes first (disk space: a 6 GiB image has 2 GB streams)
+    cache.data.pop("image", None)
     cache.data.pop("release", None)
     cache.data.pop("cli", None)
+    cache.save()
+    for stale in (work / f"release-{NEW}", work / "repo", work / "runs"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in (out, work / CLI_STREAM):
+        stale.unlink(missing_ok=True)
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir()
+    t0 = time.monotonic()
+    log(f"image: ~{size_mib} MiB of file content into {tree}: /usr, {repeats:.0%} long-range repeats ...")
+    info = rootfs.build_tree(tree, size_mib * MIB, repeats)
+    t1 = time.monotonic()
+    log(f"image: copied {info.base_files} files of /usr, {info.base_bytes} bytes, and {len(info.repeats)} repeats, "
+        f"{info.copy_bytes} bytes, in {t1 - t0:.1f} s; mkfs.erofs ...")
+    img = build_image(tree, out, source_date_epoch=EPOCH)
+    t2 = time.monotonic()
+    measured = rootfs.measure(out, info.repeats)
+    if not keep_tree:
+        shutil.rmtree(tree, ignore_errors=True)
+    cache.data["image"] = {**want, "size": img.size, "sha256": img.sha256, "input_bytes": info.base_bytes + info.copy_bytes,
+                           "input_files": info.base_files, "base_bytes": info.base_bytes, "copy_bytes": info.copy_bytes,
+                           "repeat_list": measured, "copy_s": round(t1 - t0, 2), "mkfs_s": round(t2 - t1, 2)}
     cache.save()
     log(f"image: {img.size} bytes in {t2 - t1:.1f} s, sha256 {img.sha256}")
     return img
@@ -231,33 +206,40 @@ def ensure_small_image(work: Path) -> Path:
     return out
 
 
-def ensure_release(work: Path, img: ImageInfo, level: int, cache: Cache) -> ReleaseFiles:
+def ensure_release(work: Path, img: ImageInfo, level: int, window: int | None, cache: Cache) -> ReleaseFiles:
+    """``window``: the one asked for, None for the builder's default (the manifest records the
+    one used, which may be smaller)."""
     rdir = work / f"release-{NEW}"
     try:
         rel = Release.from_bytes((rdir / "release.json").read_bytes())
         comp = rel.image.compression
-        if rel.image.sha256 == img.sha256 and comp.level == level and (rdir / "rootfs.img.zst").is_file():
+        if (rel.image.sha256 == img.sha256 and comp.level == level and (rdir / "rootfs.img.zst").is_file()
+                and cache.data.get("release", {}).get("window") == window):
             log(f"release: cached {rdir} ({rel.image.compressed_size} bytes compressed)")
             return ReleaseFiles(rdir, rel)
     except (OSError, Error):  # missing or unreadable: rebuild
         pass
-    shutil.rmtree(rdir, ignore_errors=True)
+    for stale in (rdir, work / "repo"):  # the repository holds the old stream too
+        shutil.rmtree(stale, ignore_errors=True)
     kernel, initrd = work / "vmlinuz", work / "initrd.img"
     kernel.write_bytes(b"bench kernel placeholder\n" * 1000)
     initrd.write_bytes(b"bench initrd placeholder\n" * 1000)
-    log(f"release: compressing the image at level {level} (chunked, dictionary window) ...")
+    asked = "the default" if window is None else f"{window >> 20} MiB"
+    log(f"release: compressing the image at level {level} (default chunks, {asked} dictionary window) ...")
     t0 = time.monotonic()
     rf = create_release(img.path, rdir, product=PRODUCT, version=NEW, compatible=[HARDWARE], kernel=kernel,
-                        initrd=initrd, options="ro", level=level, created=EPOCH)
+                        initrd=initrd, options="ro", level=level, created=EPOCH,
+                        **({} if window is None else {"window": window}))
     dt = time.monotonic() - t0
-    cache.data["release"] = {"seconds": round(dt, 2), "level": level, "compressed": rf.release.image.compressed_size}
+    cache.data["release"] = {"seconds": round(dt, 2), "level": level, "window": window,
+                             "compressed": rf.release.image.compressed_size}
     cache.save()
     log(f"release: {rf.release.image.compressed_size} bytes in {len(rf.release.image.chunks)} chunks, {dt:.1f} s")
     return rf
 
 
 def ensure_cli_stream(work: Path, img: ImageInfo, level: int, cache: Cache) -> Path:
-    out = work / "rootfs.erofs.cli.zst"
+    out = work / CLI_STREAM
     c = cache.data.get("cli")
     if c and c["sha256"] == img.sha256 and c["level"] == level and out.is_file() and out.stat().st_size == c["size"]:
         log(f"zstd CLI: cached {out} ({c['size']} bytes)")
@@ -284,7 +266,7 @@ def make_repo(work: Path, release_dir: Path, cli_stream: Path) -> tuple[Path, st
     write_signed(storage, init_repository(keys))
     res = publish_release(release_dir, storage, KeyConfig.load(keys), channel="stable")
     image_key = next(k for k in res.uploaded if k.endswith(".rootfs.img.zst"))
-    cli_key = "bench/rootfs.erofs.cli.zst"
+    cli_key = f"bench/{CLI_STREAM}"
     (repo / "bench").mkdir()
     try:
         os.link(cli_stream, repo / cli_key)
@@ -294,14 +276,15 @@ def make_repo(work: Path, release_dir: Path, cli_stream: Path) -> tuple[Path, st
 
 
 class ServerProcess:
-    """``abflip serve`` in its own process on a free loopback port."""
+    """``bench/linkserver.py`` (``abflip serve``'s handler, optionally behind a token bucket of
+    ``link_mbps`` 10**6 bit/s) in its own process on a free loopback port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, link_mbps: float = 0.0) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([*ABFLIP, "serve", str(root), "--port", str(self.port)],
+        self.proc = subprocess.Popen([*LINKSERVER, str(root), "--port", str(self.port), "--link-mbps", str(link_mbps)],
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if "serving" not in line:
@@ -381,7 +364,11 @@ class Run:
 
     @property
     def cpu(self) -> float:
+        """User + system seconds of the whole process tree (the pipeline: its three processes)."""
         return sum(p.cpu for p in self.procs)
+
+    def rss_of(self, name: str) -> int:
+        return next(p.max_rss for p in self.procs if p.name == name)
 
 
 def slot_sha256(path: Path, size: int) -> str:
@@ -436,10 +423,19 @@ def run_pipeline(run_dir: Path, url: str, img: ImageInfo, slot_size: int) -> Run
     return Run("pipeline", wall, procs, {}, downloaded, img.size, ok, dropped)
 
 
-def make_device(run_dir: Path, server_url: str, repo: Path, factory: Path, slot_size: int) -> SimDevice:
+def memory_budget(rel: Release) -> int | None:
+    """The device's ``limits.memory`` for ``rel``: None (keep the default) when it is enough,
+    else ``memory_needed`` plus ``MEMORY_MARGIN``, rounded up to a MiB."""
+    need = memory_needed(rel.image) + MEMORY_MARGIN
+    return None if need <= DEFAULT_MEMORY else -(-need // MIB) * MIB
+
+
+def make_device(run_dir: Path, server_url: str, repo: Path, factory: Path, slot_size: int,
+                memory: int | None) -> SimDevice:
+    extra = f"\n[limits]\nmemory = {memory}\n" if memory is not None else ""
     dev = SimDevice.create(run_dir / "device", repository_url=server_url,
                            trusted_root=(repo / "metadata" / "1.root.json").read_bytes(), product=PRODUCT,
-                           hardware_id=HARDWARE, slot_size=slot_size, timeout=120.0)
+                           hardware_id=HARDWARE, slot_size=slot_size, timeout=120.0, extra=extra)
     dev.provision(factory, slot="a", version=OLD, product=PRODUCT)
     Device(dev.config).mark_good()
     return dev
@@ -448,8 +444,9 @@ def make_device(run_dir: Path, server_url: str, repo: Path, factory: Path, slot_
 SLOTS = {"slot-a.img", "slot-b.img"}
 
 
-def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: ImageInfo, slot_size: int) -> Run:
-    dev = make_device(run_dir, server_url, repo, factory, slot_size)
+def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: ImageInfo, slot_size: int,
+               memory: int | None) -> Run:
+    dev = make_device(run_dir, server_url, repo, factory, slot_size, memory)
     before = tree_bytes(dev.root, SLOTS)
     tv = run_dir / "time-abflip.txt"
     dropped = drop_caches()
@@ -477,8 +474,8 @@ def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: I
 
 
 def profile_install(run_dir: Path, server_url: str, repo: Path, factory: Path, img: ImageInfo, slot_size: int,
-                    top: int) -> str:
-    dev = make_device(run_dir, server_url, repo, factory, slot_size)
+                    memory: int | None, top: int) -> str:
+    dev = make_device(run_dir, server_url, repo, factory, slot_size, memory)
     device = Device(dev.config)
     drop_caches()
     prof = cProfile.Profile()
@@ -507,38 +504,71 @@ def _mib(n: float) -> str:
     return f"{n / MIB:.1f}"
 
 
-def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, cache: Cache, cmdline: str) -> str:
+def _median(rs: list[Run], key) -> float:  # type: ignore[no-untyped-def]
+    return statistics.median(key(r) for r in rs)
+
+
+def repeats_table(image: dict) -> list[str]:
+    """The long-range repeats of the image by the distance measured in it (``dump.erofs``; the
+    layout model's where nothing could be looked up) and kind."""
+    reps = image.get("repeat_list") or []
+    if not reps:
+        return []
+    unmeasured = sum(r["distance"] is None for r in reps)
+    rows = [{**r, "distance": r["model"] if r["distance"] is None else r["distance"]} for r in reps]
+    return rootfs.summarize(rows) + ([f"\n({unmeasured} distances from the layout model: no file of 8 KiB to look up)"]
+                                     if unmeasured else [])
+
+
+def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, cache: Cache, cmdline: str, *,
+           link_mbps: float, memory: int | None, window_asked: int | None, run_seconds: float) -> str:
     by = {v: [r for r in runs if r.variant == v] for v in ("pipeline", "abflip")}
-    med = {v: statistics.median(r.wall for r in rs) for v, rs in by.items()}
+    wall = {v: _median(rs, lambda r: r.wall) for v, rs in by.items()}
+    cpu = {v: _median(rs, lambda r: r.cpu) for v, rs in by.items()}
     comp = rel.release.image.compression
+    im = cache.data["image"]
+    need = memory_needed(rel.release.image)
+    content = f"{im.get('input_files')} files of /usr ({_mib(im.get('base_bytes', im.get('input_bytes', 0)))} MiB)"
+    if im.get("repeat_list"):
+        share = im["copy_bytes"] / (im["base_bytes"] + im["copy_bytes"])
+        content += (f" + {len(im['repeat_list'])} long-range repeats ({_mib(im['copy_bytes'])} MiB, "
+                    f"{share:.0%} of the file content)")
     lines = ["## abflip apply benchmark\n",
              f"command: `{cmdline}`  ",
              f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.1f} GiB RAM, "
              f"{os.uname().sysname} {os.uname().release}  ",
-             f"image: erofs, {img.size} bytes ({_mib(img.size)} MiB) from {cache.data['image'].get('input_files')} files "
-             f"of /usr, sha256 {img.sha256}  ",
+             f"image: erofs, {img.size} bytes ({_mib(img.size)} MiB): {content}, sha256 {img.sha256}  ",
+             "link: " + (f"{link_mbps:g} Mbit/s (token bucket in the server process, shared by both variants)  "
+                         if link_mbps > 0 else "loopback, unlimited  "),
+             f"device memory budget (limits.memory): {memory >> 20 if memory else DEFAULT_MEMORY >> 20} MiB "
+             + (f"(memory_needed {_mib(need)} MiB + {MEMORY_MARGIN >> 20} MiB margin)  " if memory
+                else f"(the default; memory_needed {_mib(need)} MiB)  "),
              f"runs per variant: {len(by['abflip'])} (median shown); page cache dropped before each run: "
-             f"{'yes' if all(r.dropped for r in runs) else 'NO (not permitted)'}\n",
-             "| variant | wall s | ratio vs pipeline | peak RSS MiB | bytes outside slot | download bytes | "
-             "extra bytes written (I/O acct.) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{'yes' if all(r.dropped for r in runs) else 'NO (not permitted)'}\n"]
+    if rt := repeats_table(im):
+        lines += [*rt, ""]
+    lines += ["| variant | wall s | wall ratio | CPU s (user+sys) | CPU ratio | peak RSS MiB | bytes outside slot | "
+              "download bytes | extra bytes written (I/O acct.) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"pipeline": "curl \\| zstd -d --long=27 \\| dd (zstd CLI stream)",
              "abflip": "abflip install (chunked stream)"}
     for v, rs in by.items():
-        rss = (f"{_mib(statistics.median(r.rss_max for r in rs))} max / {_mib(statistics.median(r.rss_sum for r in rs))} sum"
-               if v == "pipeline" else _mib(statistics.median(r.rss_max for r in rs)))
-        lines.append(f"| {names[v]} | {med[v]:.2f} | {med[v] / med['pipeline']:.2f}x | {rss} | "
-                     f"{int(statistics.median(r.outside_total for r in rs))} | {int(statistics.median(r.downloaded for r in rs))} | "
-                     f"{int(statistics.median(r.written_extra for r in rs))} |")
+        rss = (f"{_mib(_median(rs, lambda r: r.rss_max))} max (zstd -d {_mib(_median(rs, lambda r: r.rss_of('zstd -d')))}) / "
+               f"{_mib(_median(rs, lambda r: r.rss_sum))} sum" if v == "pipeline" else _mib(_median(rs, lambda r: r.rss_max)))
+        lines.append(f"| {names[v]} | {wall[v]:.2f} | {wall[v] / wall['pipeline']:.2f}x | {cpu[v]:.2f} | "
+                     f"{cpu[v] / cpu['pipeline']:.2f}x | {rss} | {int(_median(rs, lambda r: r.outside_total))} | "
+                     f"{int(_median(rs, lambda r: r.downloaded))} | {int(_median(rs, lambda r: r.written_extra))} |")
     ab = rel.release.image.compressed_size
+    used = f"{comp.window >> 20} MiB window" + (" (the default)" if window_asked is None else
+                                                 f" (asked {window_asked >> 20} MiB)" if comp.window != window_asked else "")
     lines += ["",
               f"compressed sizes: abflip chunked (zstd level {comp.level}, {comp.chunk_size >> 20} MiB chunks, "
-              f"{comp.window >> 20} MiB window, {len(rel.release.image.chunks)} frames) {ab} bytes "
+              f"{used}, {len(rel.release.image.chunks)} frames) {ab} bytes "
               f"({ab / img.size:.3f} of the image); zstd CLI (`{cache.data['cli']['cmd']}`) {cli_size} bytes "
               f"({cli_size / img.size:.3f}); abflip / CLI = {ab / cli_size:.4f}",
               "",
               f"abflip fixed cost: `abflip status` on the same device from a cold page cache takes "
-              f"{statistics.median(r.startup for r in by['abflip']):.2f} s (median): interpreter start and imports, "
+              f"{_median(by['abflip'], lambda r: r.startup):.2f} s (median): interpreter start and imports, "
               "included in the abflip wall time above",
               "",
               "per run (wall s, CPU s user+sys, peak RSS MiB per process, slot sha256 check):", ""]
@@ -551,27 +581,49 @@ def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, ca
     lines += ["", f"slot written by abflip: sha256 {', '.join(sorted(shas))} "
               f"({'matches' if shas == {img.sha256} else 'DOES NOT MATCH'} the image sha256 in every run)"]
     one_time = []
-    if "copy_s" in cache.data.get("image", {}):
-        one_time.append(f"/usr copy {cache.data['image']['copy_s']} s, mkfs.erofs {cache.data['image']['mkfs_s']} s")
+    if "copy_s" in im:
+        one_time.append(f"tree (/usr copy and repeats) {im['copy_s']} s, mkfs.erofs {im['mkfs_s']} s")
     if "seconds" in cache.data.get("release", {}):
         one_time.append(f"create_release (level {cache.data['release']['level']}) {cache.data['release']['seconds']} s")
     if "seconds" in cache.data.get("cli", {}):
         one_time.append(f"zstd CLI {cache.data['cli']['seconds']} s")
     if one_time:
         lines += ["", "one-time build costs (from the run that built the cache): " + "; ".join(one_time)]
+    lines += ["", f"measured runs took {run_seconds:.0f} s in all (device set-up, slot hashing and `abflip status` included)"]
     return "\n".join(lines) + "\n"
+
+
+def summary(runs: list[Run], rel: ReleaseFiles, cli_size: int) -> str:
+    """The last line: abflip over the pipeline."""
+    ab = [r for r in runs if r.variant == "abflip"]
+    pl = [r for r in runs if r.variant == "pipeline"]
+    w = _median(ab, lambda r: r.wall) / _median(pl, lambda r: r.wall)
+    c = _median(ab, lambda r: r.cpu) / _median(pl, lambda r: r.cpu)
+    n = round(_median(ab, lambda r: r.rss_max) / MIB)
+    m = round(_median(pl, lambda r: r.rss_of("zstd -d")) / MIB)
+    s = rel.release.image.compressed_size / cli_size
+    return f"apply/pipeline: {w:.2f}x wall, {c:.2f}x cpu; peak RSS {n} MiB (zstd -d {m} MiB); size {s:.3f}x CLI"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024, help="MiB of /usr file content to put in the image")
+    ap.add_argument("--size-mib", type=int, default=1024, help="MiB of file content in the image")
+    ap.add_argument("--repeats", type=float, default=DEFAULT_REPEATS,
+                    help="share of the file content that is long-range repeats (0: only /usr)")
+    ap.add_argument("--window", type=parse_size, default=None,
+                    help="abflip's dictionary window, e.g. 128M (default: the builder's)")
+    ap.add_argument("--link-mbps", type=float, default=0.0,
+                    help="limit the server's throughput to this many 10**6 bit/s (default: unlimited)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache and scratch directory")
     ap.add_argument("--runs", type=int, default=3, help="runs per variant (median reported)")
     ap.add_argument("--level", type=int, default=9, help="zstd level for both streams")
+    ap.add_argument("--build-only", action="store_true", help="make the cached image and streams, measure nothing")
     ap.add_argument("--profile", action="store_true", help="also cProfile one in-process install")
     ap.add_argument("--top", type=int, default=15, help="profile entries to print")
-    ap.add_argument("--keep-tree", action="store_true", help="keep the copied /usr tree after building the image")
+    ap.add_argument("--keep-tree", action="store_true", help="keep the file tree after building the image")
     args = ap.parse_args(argv)
+    if not 0 <= args.repeats < 1 or args.runs < 1 or args.size_mib < 1 or args.link_mbps < 0 or args.window == 0:
+        ap.error("need 0 <= --repeats < 1, --runs >= 1, --size-mib >= 1, --link-mbps >= 0, --window > 0")
     for tool in ("curl", "zstd", "dd", TIME):
         if not shutil.which(tool):
             log(f"missing tool: {tool}")
@@ -579,16 +631,25 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = Cache.load(work / "cache.json")
-    img = ensure_image(work, args.size_mib, cache, args.keep_tree)
+    img = ensure_image(work, args.size_mib, cache, args.keep_tree, args.repeats)
     factory = ensure_small_image(work)
-    rel = ensure_release(work, img, args.level, cache)
+    rel = ensure_release(work, img, args.level, args.window, cache)
     cli_stream = ensure_cli_stream(work, img, args.level, cache)
+    cli_size = cli_stream.stat().st_size
+    memory = memory_budget(rel.release)
+    log(f"device memory budget: {(memory or DEFAULT_MEMORY) >> 20} MiB "
+        f"({'set: ' if memory else 'default; '}memory_needed {_mib(memory_needed(rel.release.image))} MiB)")
+    if args.build_only:
+        log(f"built: image {img.size} bytes, abflip stream {rel.release.image.compressed_size} bytes, "
+            f"CLI stream {cli_size} bytes (abflip / CLI = {rel.release.image.compressed_size / cli_size:.4f})")
+        return 0
     repo, image_key, cli_key = make_repo(work, rel.dir, cli_stream)
     slot_size = (img.size + 64 * MIB + MIB - 1) // MIB * MIB
     run_root = work / "runs"
     shutil.rmtree(run_root, ignore_errors=True)
     runs: list[Run] = []
-    with ServerProcess(repo) as server:
+    t0 = time.monotonic()
+    with ServerProcess(repo, args.link_mbps) as server:
         log(f"serving {repo} at {server.url} (pid {server.proc.pid}); abflip object /{image_key}")
         for i in range(args.runs):
             for variant in ("pipeline", "abflip"):
@@ -597,22 +658,24 @@ def main(argv: list[str] | None = None) -> int:
                 if variant == "pipeline":
                     r = run_pipeline(d, f"{server.url}/{cli_key}", img, slot_size)
                 else:
-                    r = run_abflip(d, server.url, repo, factory, img, slot_size)
-                log(f"run {i + 1}/{args.runs} {variant}: {r.wall:.2f} s, peak RSS {_mib(r.rss_max)} MiB, "
-                    f"slot sha256 {'ok' if r.sha_ok else 'MISMATCH'}")
+                    r = run_abflip(d, server.url, repo, factory, img, slot_size, memory)
+                log(f"run {i + 1}/{args.runs} {variant}: {r.wall:.2f} s, cpu {r.cpu:.2f} s, "
+                    f"peak RSS {_mib(r.rss_max)} MiB, slot sha256 {'ok' if r.sha_ok else 'MISMATCH'}")
                 runs.append(r)
+        run_seconds = time.monotonic() - t0
         prof = ""
         if args.profile:
             d = run_root / "profile"
             d.mkdir(parents=True)
-            prof = profile_install(d, server.url, repo, factory, img, slot_size, args.top)
+            prof = profile_install(d, server.url, repo, factory, img, slot_size, memory, args.top)
     cmdline = " ".join(["python3", "bench/apply.py", *(argv if argv is not None else sys.argv[1:])])
-    print(report(runs, img, rel, cli_stream.stat().st_size, cache, cmdline) + prof)
+    print(report(runs, img, rel, cli_size, cache, cmdline, link_mbps=args.link_mbps, memory=memory,
+                 window_asked=args.window, run_seconds=run_seconds) + prof, flush=True)
     bad = [r for r in runs if not r.sha_ok]
     if bad:
         log(f"{len(bad)} run(s) wrote a slot that does not hash to the image sha256 {img.sha256}")
-        return 1
-    return 0
+    print(summary(runs, rel, cli_size), flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 
 Both compress the same image from the page cache (one untimed read first), in the same run,
 on all cores, runs interleaved (CLI, each variant, then again); medians are reported. Reported per variant: compressed size and wall time, and each as a ratio to
-the zstd CLI (goals: size <= 1.01x, time <= 1.10x). The default image is the 1 GiB erofs
-image of /usr that ``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs`` (built with
-it when absent).
+the zstd CLI (goals: size <= 1.01x, time <= 1.10x). The default image is the erofs image
+``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs``: when absent, it is built with
+apply's defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); when
+present, it is whatever apply last built there (its ``cache.json`` says what).
 """
 
 from __future__ import annotations
