@@ -109,6 +109,7 @@ from abflip.sim import SimDevice
 from applier.agent import Device
 from applier.config import DEFAULT_MEMORY, parse_size
 from applier.stream import memory_needed
+from builder.compress import DEFAULT_PIECE
 from builder.image import ImageInfo, build_image
 from builder.publish import publish_release, write_signed
 from builder.release import ReleaseFiles, create_release
@@ -214,7 +215,7 @@ def ensure_release(work: Path, img: ImageInfo, level: int, window: int | None, c
         rel = Release.from_bytes((rdir / "release.json").read_bytes())
         comp = rel.image.compression
         if (rel.image.sha256 == img.sha256 and comp.level == level and (rdir / "rootfs.img.zst").is_file()
-                and cache.data.get("release", {}).get("window") == window):
+                and cache.data.get("release", {}).get("window") == window and comp.piece_size == DEFAULT_PIECE):
             log(f"release: cached {rdir} ({rel.image.compressed_size} bytes compressed)")
             return ReleaseFiles(rdir, rel)
     except (OSError, Error):  # missing or unreadable: rebuild
