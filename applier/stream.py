@@ -209,13 +209,14 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     2. *decompress*: feed a chunk's verified pieces to zstd as they arrive, with the
        ``window`` image bytes before the chunk as its dictionary, into an output buffer;
     3. *write* (this thread): write each decompressed slice to the slot and hash it; at the
-       chunk's end compare its sha256 with the chunk table, then ``on_chunk(i,
-       downloaded_bytes)`` (the caller persists progress there).
+       chunk's end compare its sha256 with the chunk table;
+    4. *progress*: ``on_chunk(i, downloaded_bytes)`` for each chunk written, in order (the
+       caller persists progress there, with an fsync that no longer holds up the writing).
 
     The chunk table is signed and tiles the image exactly (the manifest parser checks it), so
     every chunk verified is the whole image verified; each decompressed byte is hashed once.
-    The download never runs more than :func:`read_ahead` bytes past the end of the chunk
-    being written: a kill costs at most that chunk and the read-ahead. The slot is flushed
+    The download never runs more than :func:`read_ahead` bytes past the end of the first chunk
+    whose progress is not saved yet: a kill costs at most that chunk and the read-ahead. The slot is flushed
     once at the end; a resume re-verifies the chunks it counts as done. A connection that
     fails is reopened at the piece it was in. Returns the compressed bytes downloaded.
     Raises :class:`ChunkError` / :class:`RepositoryError` for bad data (never retried) and
@@ -289,6 +290,8 @@ class _Pipeline:
         self.written = self.chunks[first].out_offset  # image bytes the write stage has written
         self.cond = threading.Condition()
         self.committed = first  # chunks [0, committed) are in the slot and verified
+        self.persisted = first  # ... and ``on_chunk`` has returned for them (the caller saved its progress)
+        self.progress: queue.SimpleQueue = queue.SimpleQueue()  # write -> progress: (chunk, bytes received)
         self.stopping = False
         self.failure: BaseException | None = None  # the first stage to fail says why
         self.wire = 0  # bytes off the wire by closed connections
@@ -327,10 +330,14 @@ class _Pipeline:
         _heap_for_large_blocks()
         stages = [threading.Thread(target=self._fetch_stage, name="abflip-fetch", daemon=True),
                   threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True)]
-        for t in stages:
+        progress = threading.Thread(target=self._progress_stage, name="abflip-progress", daemon=True)
+        for t in (*stages, progress):
             t.start()
         try:
             self._write_stage()
+            self._wait(lambda: self.persisted == len(self.chunks) or self.failure is not None)
+            if self.failure is not None:
+                raise self.failure
         except BaseException:
             with self.cond:
                 self.stopping = True
@@ -338,12 +345,28 @@ class _Pipeline:
             reader = self.reader
             if reader is not None:
                 reader.close()  # a fetch blocked in a read returns at once
+            progress.join()  # the caller's progress is saved, or not, before the error leaves
             for t in stages:  # neither writes anything that lasts: one still blocked is left behind
                 t.join(timeout=2)
             raise
-        for t in stages:
+        for t in (*stages, progress):
             t.join()
         return self.received
+
+    # -- 4. progress --------------------------------------------------------------------------
+    def _progress_stage(self) -> None:
+        """``on_chunk`` for each chunk written, in order, off the write stage's path (the caller
+        saves its progress there: an fsync, slow on some flash)."""
+        try:
+            while self.persisted < len(self.chunks):
+                i, received = self._get(self.progress)
+                if self.on_chunk:
+                    self.on_chunk(i, received)
+                with self.cond:
+                    self.persisted = i + 1
+                    self.cond.notify_all()
+        except BaseException as e:
+            self._fail(e, self.slices)
 
     # -- 1. fetch and verify ---------------------------------------------------------------------
     def _fetch_stage(self) -> None:
@@ -353,8 +376,9 @@ class _Pipeline:
             self._fail(e, self.pieces)
 
     def _limit(self) -> int:
-        """The last compressed byte (exclusive) the download may reach now."""
-        c = self.committed
+        """The last compressed byte (exclusive) the download may reach now: the read-ahead past
+        the first chunk whose progress is not saved yet."""
+        c = self.persisted
         if c >= len(self.chunks):
             return self.image.compressed_size
         return self.chunks[c].offset + self.chunks[c].length + self.read_ahead
@@ -491,8 +515,7 @@ class _Pipeline:
                 if h.hexdigest() != ch.out_sha256:
                     raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
                 h = hashlib.sha256()
-                if self.on_chunk:
-                    self.on_chunk(i, self.received)
+                self.progress.put((i, self.received))
                 with self.cond:
                     self.committed = i + 1
                     self.cond.notify_all()
