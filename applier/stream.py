@@ -323,6 +323,7 @@ class _Pipeline:
             with self.cond:
                 if self.failure is None:
                     self.failure = e
+                self.cond.notify_all()  # the write stage may be waiting for the progress stage
         to.put(e)
 
     def run(self) -> int:

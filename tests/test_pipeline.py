@@ -236,6 +236,31 @@ def test_a_failing_slot_stops_every_stage(release, tmp_path):
     _no_stage_left()
 
 
+@pytest.mark.parametrize("at", [2, 5], ids=["mid-image", "last-chunk"])
+def test_a_failing_progress_save_ends_the_stream_with_its_error(release, tmp_path, at):
+    """``on_chunk`` (the caller's state save) runs in its own thread; when it fails (EIO/ENOSPC
+    on the state file), the stream ends at once with that error: it neither hangs waiting for
+    progress that will not come (found by the fault campaign) nor reports success."""
+    d, rel = release
+    slot = _slot(tmp_path, rel.image.size)
+    fetcher = HttpFetcher(timeout=5)
+    saved: list[int] = []
+
+    def on_chunk(i, got):
+        if i == at:
+            raise DeviceError("saving the state failed: [Errno 28] No space left on device")
+        saved.append(i)
+
+    t0 = time.monotonic()
+    with Server(d) as srv, SlotDevice("b", slot, write=True) as dev:
+        with pytest.raises(DeviceError, match="No space left"):
+            write_image(rel.image, dev, lambda s, e: fetcher.open_range(f"{srv.url}/rootfs.img.zst", s, e),
+                        on_chunk=on_chunk)
+    assert time.monotonic() - t0 < 30
+    assert saved == list(range(at))
+    _no_stage_left()
+
+
 def _no_stage_left() -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
