@@ -166,8 +166,8 @@ def memory_needed(image: Image) -> int:
     - the compressed pieces in flight: ``POOL`` buffers of the largest verification unit (one
       being downloaded, one queued, one being decompressed; two without pieces);
     - the dictionary: python-zstandard copies the ``window`` bytes it is given; a window
-      wider than the output buffer is copied straight from the slot's page cache (mapped,
-      clean, reclaimable: not counted), so a 128 MiB window costs 128 MiB, not twice that;
+      wider than the output buffer is copied straight from the slot's page cache, mapped
+      while it is copied: clean, reclaimable pages, but resident then, so counted too;
     - the decompressor: its window (at most the chunk, at most ``2**MAX_WINDOW_LOG``) plus
       ``DECODER_OVERHEAD`` for its context and input block;
     - one network read (``READ_SIZE``).
@@ -177,9 +177,10 @@ def memory_needed(image: Image) -> int:
         return 0
     out = max(c.out_length for c in chunks)
     window = min(image.compression.window, max(c.out_offset for c in chunks))
+    mapped = window if window > out else 0
     decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
     piece, pool = _units(image)
-    return out + pool * piece + window + decoder + READ_SIZE
+    return out + pool * piece + window + mapped + decoder + READ_SIZE
 
 
 def _units(image: Image) -> tuple[int, int]:

@@ -14,8 +14,8 @@ Long-range mode (issue 14): a window larger than the chunk (``--window 128M``, 3
 raises zstd's hash table until the whole window is indexed, so repeats up to the window apart
 are found as by ``zstd --long=27``: measured on a 160 MiB image whose halves repeat 96 MiB
 apart, level 9, 32 MiB chunks: 16 MiB (clamped) window 87.08 MB, 128 MiB window 52.28 MB,
-``zstd -T0 -9 --long=27`` 52.25 MB (1.0005x). The device needs the window once (its dictionary,
-copied from the slot's page cache, see ``applier.stream.memory_needed``): a device whose
+``zstd -T0 -9 --long=27`` 52.25 MB (1.0005x). The device needs the window twice (its dictionary,
+and the slot's page cache it is copied from, see ``applier.stream.memory_needed``): a device whose
 ``limits.memory`` is too small refuses such a release before downloading it.
 """
 
