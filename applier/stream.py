@@ -271,7 +271,7 @@ class _Stop(Exception):
 
 
 class _Pipeline:
-    """The three stages of :func:`write_image` and what they share."""
+    """The four stages of :func:`write_image` and what they share."""
 
     def __init__(self, image: Image, slot: SlotDevice, opener: Opener, first: int, retries: int, backoff: float,
                  on_chunk: Callable[[int, int], None] | None) -> None:
