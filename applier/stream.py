@@ -7,10 +7,10 @@ image bytes before it as its dictionary; they are taken from the chunk just deco
 read back from the slot, where they were written (and verified) before. Every chunk's output
 is checked against the signed chunk table, which tiles the image: the whole image verified.
 
-:func:`write_image` overlaps the three steps in three threads (issue 14); memory is bounded
+:func:`write_image` overlaps them in threads (issue 14); memory is bounded
 by the chunk table, whatever the image size (invariant 5): :func:`memory_needed` says how
 much, so a device can refuse a release beyond its budget before downloading anything. The
-download runs at most :func:`read_ahead` bytes past the chunk being written, so a kill
+download runs at most :func:`read_ahead` bytes past the chunk being saved, so a kill
 re-downloads at most that chunk and the read-ahead (invariant 11).
 
 :func:`verify_chunk` and :func:`decompress_chunk` are pure (the delta path and ``verify
@@ -54,26 +54,34 @@ def verify_chunk(index: int, chunk: Chunk, data: bytes | memoryview, piece_size:
     against each of its piece hashes: ``verify --deep`` checks both agree)."""
     if len(data) != chunk.length:
         raise ChunkError(f"chunk {index} is {len(data)} bytes, the manifest says {chunk.length}")
-    spans = [(0, chunk.length, chunk.sha256)] + (chunk.piece_spans(piece_size) if piece_size and chunk.pieces else [])
     view = memoryview(data)
-    for k, (a, b, digest) in enumerate(spans):
-        if hashlib.sha256(view[a:b]).hexdigest() != digest:
-            what = f"chunk {index}" if not k else f"chunk {index} piece {k - 1}"
-            raise ChunkError(f"{what} (bytes {chunk.offset + a}-{chunk.offset + b - 1}) failed verification: "
-                             "sha256 mismatch", hint="the image on the server is corrupt or tampered with; nothing "
-                                                     "was flipped")
+    _check_unit(f"chunk {index}", chunk.offset, view, chunk.sha256)
+    for k, (a, b, digest) in enumerate(chunk.piece_spans(piece_size) if piece_size and chunk.pieces else ()):
+        _check_unit(f"chunk {index} piece {k}", chunk.offset + a, view[a:b], digest)
+
+
+def _check_unit(what: str, offset: int, data: memoryview, sha256: str) -> None:
+    """Compressed bytes from ``offset`` of the image stream against their signed sha256."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ChunkError(f"{what} (bytes {offset}-{offset + len(data) - 1}) failed verification: sha256 mismatch",
+                         hint="the image on the server is corrupt or tampered with; nothing was flipped")
+
+
+def _check_header(index: int, chunk: Chunk, head: bytes | memoryview) -> None:
+    """The frame header (at the start of ``head``) declares the chunk's decompressed size."""
+    try:
+        size = zstandard.frame_content_size(head)
+    except zstandard.ZstdError as e:
+        raise ChunkError(f"chunk {index} is not a zstd frame: {e}") from None
+    if size != chunk.out_length:
+        raise ChunkError(f"chunk {index} declares {size} decompressed bytes, the manifest says {chunk.out_length}")
 
 
 def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, dictionary: bytes | memoryview | None,
                      into: bytearray | None = None) -> memoryview:
     """Decompress one verified chunk (into ``into`` if given, to spare a fresh allocation);
     its output must be exactly what the manifest says."""
-    try:
-        size = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as e:
-        raise ChunkError(f"chunk {index} is not a zstd frame: {e}") from None
-    if size != chunk.out_length:
-        raise ChunkError(f"chunk {index} declares {size} decompressed bytes, the manifest says {chunk.out_length}")
+    _check_header(index, chunk, data)
     kwargs = {}
     if dictionary is not None and len(dictionary):
         kwargs["dict_data"] = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
@@ -192,8 +200,9 @@ def _units(image: Image) -> tuple[int, int]:
 
 
 def read_ahead(image: Image) -> int:
-    """Compressed bytes the download may run past the end of the chunk being written: what a
-    kill can cost beyond that chunk (``READ_AHEAD_PIECES`` pieces; none without pieces)."""
+    """Compressed bytes the download may run past the end of the first chunk whose progress is
+    not saved: what a kill can cost beyond that chunk (``READ_AHEAD_PIECES`` pieces; none
+    without pieces)."""
     return READ_AHEAD_PIECES * image.compression.piece_size
 
 
@@ -201,7 +210,7 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                 on_chunk: Callable[[int, int], None] | None = None, backoff: float = 0.5) -> int:
     """Write ``image`` into ``slot`` starting after ``chunks_done`` verified chunks.
 
-    Three stages overlap (issue 14), each in its own thread, joined by queues whose buffers
+    Four stages overlap (issue 14), each in its own thread, joined by queues whose buffers
     are reused, so memory stays :func:`memory_needed` whatever the image size:
 
     1. *fetch*: read each verification unit (a piece of ``compression.piece_size`` compressed
@@ -216,10 +225,10 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
 
     The chunk table is signed and tiles the image exactly (the manifest parser checks it), so
     every chunk verified is the whole image verified; each decompressed byte is hashed once.
-    The download never runs more than :func:`read_ahead` bytes past the end of the first chunk
-    whose progress is not saved yet: a kill costs at most that chunk and the read-ahead. The slot is flushed
-    once at the end; a resume re-verifies the chunks it counts as done. A connection that
-    fails is reopened at the piece it was in. Returns the compressed bytes downloaded.
+    The download never runs more than :func:`read_ahead` bytes past the end of the first
+    chunk whose progress is not saved yet: a kill costs at most that chunk and the read-ahead.
+    The slot is flushed once at the end; a resume re-verifies the chunks it counts as done. A
+    connection that fails is reopened at the piece it was in. Returns the compressed bytes downloaded.
     Raises :class:`ChunkError` / :class:`RepositoryError` for bad data (never retried) and
     :class:`TransportError` once ``retries`` reconnects in a row have failed.
     """
@@ -413,11 +422,7 @@ class _Pipeline:
                 where = f" {self.reader.url}" if self.reader.url else ""
                 raise RepositoryError(f"the image{where} ended before chunk {i}: the server has fewer than its "
                                       f"signed {total} bytes")
-            if hashlib.sha256(view).hexdigest() != digest:
-                what = f"chunk {i}" if len(spans) == 1 else f"chunk {i} piece {k}"
-                raise ChunkError(f"{what} (bytes {ch.offset + a}-{ch.offset + b - 1}) failed verification: sha256 "
-                                 "mismatch", hint="the image on the server is corrupt or tampered with; nothing was "
-                                                  "flipped")
+            _check_unit(f"chunk {i}" if len(spans) == 1 else f"chunk {i} piece {k}", ch.offset + a, view, digest)
             self.pieces.put((i, view, buf))
             failures = 0
             k += 1
@@ -472,12 +477,7 @@ class _Pipeline:
                 kwargs["dict_data"] = dictionary
             prev = None
             source = _Pieces(self, i)
-            try:
-                size = zstandard.frame_content_size(source.peek())
-            except zstandard.ZstdError as e:
-                raise ChunkError(f"chunk {i} is not a zstd frame: {e}") from None
-            if size != ch.out_length:
-                raise ChunkError(f"chunk {i} declares {size} decompressed bytes, the manifest says {ch.out_length}")
+            _check_header(i, ch, source.peek())
             done = 0
             try:
                 reader = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG, **kwargs).stream_reader(
