@@ -195,7 +195,8 @@ class Server:
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 8080, *, max_connections: int = MAX_CONNECTIONS,
-          timeout: float = TIMEOUT, ready: Callable[[str], None] | None = None) -> None:
+          timeout: float = TIMEOUT, ready: Callable[[str], None] | None = None,
+          handler: type[RepoHandler] = RepoHandler) -> None:
     """Serve ``root`` until interrupted (foreground); ``ready(url)`` once listening.
 
     Raises :class:`UserError` for a root that is not a directory, bad limits, or an address it
@@ -207,7 +208,7 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 8080, *, max_connecti
     if max_connections < 1 or not timeout > 0:
         raise UserError("--max-connections must be at least 1 and --timeout more than 0 seconds")
     try:
-        srv = Server(root, host=host, port=port, max_connections=max_connections, timeout=timeout)
+        srv = Server(root, handler, host=host, port=port, max_connections=max_connections, timeout=timeout)
     except OSError as e:
         what = {errno.EADDRINUSE: "address already in use"}.get(e.errno, e.strerror or str(e))
         hint = {errno.EADDRINUSE: f"another process listens on port {port}; choose another with --port",

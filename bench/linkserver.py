@@ -17,47 +17,33 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from abflip.httpserver import RepoHandler, Server  # noqa: E402
+from abflip.httpserver import RepoHandler, serve  # noqa: E402
+from applier.fetch import RateLimiter  # noqa: E402
 
 PIECE = 64 << 10
 BURST = 256 << 10
 
 
-class TokenBucket:
-    """``rate`` bytes per second on average, at most ``burst`` bytes ahead of it."""
-
-    def __init__(self, rate: float, burst: int = BURST) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.lock = threading.Lock()
-        self.clear = time.monotonic()  # when everything handed out so far has drained
-
-    def take(self, n: int) -> None:
-        """Block until ``n`` more bytes may go."""
-        with self.lock:
-            now = time.monotonic()
-            self.clear = max(self.clear, now - self.burst / self.rate) + n / self.rate
-            wait = self.clear - self.burst / self.rate - now
-        if wait > 0:
-            time.sleep(wait)
-
-
 class LinkHandler(RepoHandler):
-    bucket: TokenBucket | None = None
+    """``RepoHandler`` whose bodies leave through one :class:`applier.fetch.RateLimiter` (the
+    device's own token bucket) shared by every connection, one piece at a time."""
+
+    limiter: RateLimiter | None = None
+    lock = threading.Lock()
 
     def send_bytes(self, data, start: int, end: int) -> None:  # type: ignore[no-untyped-def]
-        if self.bucket is None:
+        if self.limiter is None:
             super().send_bytes(data, start, end)
             return
         view = memoryview(data)[start:end]
         for i in range(0, len(view), PIECE):
             piece = view[i:i + PIECE]
-            self.bucket.take(len(piece))
+            with self.lock:  # one link: the connections take turns at the bucket
+                self.limiter.consume(len(piece))
             self.wfile.write(piece)
 
 
@@ -68,16 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--link-mbps", type=float, default=0.0, help="link throughput, 10**6 bit/s (0: unlimited)")
     args = ap.parse_args(argv)
     if args.link_mbps > 0:
-        LinkHandler.bucket = TokenBucket(args.link_mbps * 1e6 / 8)
-    srv = Server(args.root, handler=LinkHandler, port=args.port)
+        LinkHandler.limiter = RateLimiter(int(args.link_mbps * 1e6 / 8), burst=BURST)
     link = f"{args.link_mbps:g} Mbit/s" if args.link_mbps > 0 else "unlimited"
-    print(f"serving {srv.url} (link {link})", flush=True)
-    try:
-        srv.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.httpd.server_close()
+    serve(args.root, port=args.port, handler=LinkHandler,
+          ready=lambda url: print(f"serving {url} (link {link})", flush=True))
     return 0
 
 
