@@ -19,6 +19,7 @@ re-downloads at most that chunk and the read-ahead (invariant 11).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -28,6 +29,7 @@ import zstandard
 from tuf.api import exceptions as tuf_exc
 
 from metadata.errors import DeviceError, RepositoryError, TransportError
+from metadata import zstdlib
 from metadata.manifest import Chunk, Image
 
 from .fetch import READ_SIZE, transport_hint
@@ -168,17 +170,17 @@ def memory_needed(image: Image) -> int:
     """The peak bytes :func:`write_image` holds for ``image`` (pure; the agent compares it with
     ``limits.memory`` before it downloads anything). Apart from the interpreter itself:
 
-    - one output buffer of the largest decompressed chunk, shared as a ring by the decompress
-      stage (chunk ``i`` fills it from the start) and the write stage (still writing the end
-      of chunk ``i-1``);
+    - the output buffers of the largest decompressed chunk: two with libzstd
+      (:mod:`metadata.zstdlib`: chunk ``i`` decodes into one, straight from zstd, while the
+      write stage writes chunk ``i-1`` from the other, whose tail is chunk ``i``'s dictionary,
+      referenced in place); one, used as a ring, with python-zstandard;
     - the compressed pieces in flight: ``POOL`` buffers of the largest verification unit (one
       being downloaded, one queued, one being decompressed; two without pieces);
-    - the dictionary: python-zstandard copies the ``window`` bytes it is given; a window
-      wider than the output buffer is copied straight from the slot's page cache, mapped
-      while it is copied: clean, reclaimable pages, but resident then, so counted too;
-    - the decompressor: its window (at most the chunk, at most ``2**MAX_WINDOW_LOG``) plus
-      ``DECODER_OVERHEAD`` for its context and input block;
-    - one network read (``READ_SIZE``).
+    - a window wider than the output buffer: read in place from the slot's page cache,
+      mapped while the chunk decodes: clean, reclaimable pages, but resident then, so counted;
+    - python-zstandard only: its copy of the dictionary, and the decoder's own window (at most
+      the chunk, at most ``2**MAX_WINDOW_LOG``);
+    - the decoder's context and input block (``DECODER_OVERHEAD``) and one network read (``READ_SIZE``).
     """
     chunks = image.chunks
     if not chunks:
@@ -186,8 +188,10 @@ def memory_needed(image: Image) -> int:
     out = max(c.out_length for c in chunks)
     window = min(image.compression.window, max(c.out_offset for c in chunks))
     mapped = window if window > out else 0
-    decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
     piece, pool = _units(image)
+    if zstdlib.LIB is not None:
+        return 2 * out + pool * piece + mapped + DECODER_OVERHEAD + READ_SIZE
+    decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
     return out + pool * piece + window + mapped + decoder + READ_SIZE
 
 
@@ -294,9 +298,11 @@ class _Pipeline:
             self.free.put(bytearray(piece))
         self.pieces: queue.SimpleQueue = queue.SimpleQueue()  # fetch -> decompress: (chunk, view, buffer)
         self.slices: queue.SimpleQueue = queue.SimpleQueue()  # decompress -> write: (chunk, start, end)
-        # One output buffer, used as a ring: every chunk decompresses from its start, and the
-        # decompress stage overwrites a region only once the write stage has written it.
-        self.out = bytearray(max(c.out_length for c in self.chunks))
+        # libzstd: two output buffers, chunk i decoding into bufs[i % 2] while the write stage
+        # writes chunk i-1 from the other. python-zstandard: one, used as a ring: every chunk
+        # decompresses from its start, and a region is overwritten only once it is written.
+        out = max(c.out_length for c in self.chunks)
+        self.bufs = [bytearray(out) for _ in range(2 if zstdlib.LIB is not None else 1)]
         self.written = self.chunks[first].out_offset  # image bytes the write stage has written
         self.cond = threading.Condition()
         self.committed = first  # chunks [0, committed) are in the slot and verified
@@ -449,27 +455,43 @@ class _Pipeline:
             self._fail(e, self.slices)
 
     def _dictionary(self, i: int, prev: memoryview | None) -> zstandard.ZstdCompressionDict | None:
-        """Chunk ``i``'s dictionary: the ``window`` image bytes before it, from the chunk just
-        decompressed, else (resuming, or a window wider than a chunk) read back from the slot.
-        A copy (python-zstandard's), so the buffer it came from may be overwritten after."""
+        """python-zstandard: chunk ``i``'s dictionary, a copy of the ``window`` image bytes
+        before it (:meth:`_prefix`), so the buffer it came from may be overwritten after."""
+        with self._prefix(i, prev) as prefix:
+            if prefix is None:
+                return None
+            return zstandard.ZstdCompressionDict(prefix, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+    @contextlib.contextmanager
+    def _prefix(self, i: int, prev: memoryview | None) -> Iterator[memoryview | None]:
+        """Chunk ``i``'s dictionary, the ``window`` image bytes before it, in place while the
+        context lasts: the tail of the chunk just decompressed (``prev``), else (resuming, or
+        a window wider than a chunk) read back from the slot, where it was written and verified
+        before: into the output buffer chunk ``i`` does not use (or will overwrite only after
+        python-zstandard has copied it), or, wider than a buffer, mapped from the page cache."""
         ch, window = self.chunks[i], self.image.compression.window
         if not window or not ch.out_offset:
-            return None
+            yield None
+            return
         lo = max(0, ch.out_offset - window)
         need = ch.out_offset - lo
         if prev is not None and len(prev) >= need:
-            return zstandard.ZstdCompressionDict(prev[len(prev) - need:], dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            yield prev[len(prev) - need:]
+            return
         self._wait(lambda: self.committed >= i)  # every byte before chunk i is in the slot
-        if need <= len(self.out):
-            into = memoryview(self.out)[:need]  # chunk i fills it after the copy
+        if need <= len(self.bufs[0]):
+            into = memoryview(self.bufs[(i + 1) % len(self.bufs)])[:need]
             self.slot.pread_into(lo, into)
-            return zstandard.ZstdCompressionDict(into, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        with self.slot.mapped(lo, need) as view:  # wider than a chunk: straight from the page cache
-            return zstandard.ZstdCompressionDict(view, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            yield into
+            return
+        with self.slot.mapped(lo, need) as view:  # wider than a buffer: straight from the page cache
+            yield view
 
     def _decompress(self) -> None:
+        if zstdlib.LIB is not None:
+            return self._decode()
         prev: memoryview | None = None
-        out = memoryview(self.out)
+        out = memoryview(self.bufs[0])
         for i in range(self.first, len(self.chunks)):
             ch = self.chunks[i]
             kwargs = {}
@@ -503,10 +525,44 @@ class _Pipeline:
             self.slices.put((i, None, None))
             prev = out[:ch.out_length]
 
+    def _decode(self) -> None:
+        """The decompress stage with libzstd: each chunk decodes straight into its own output
+        buffer, its dictionary referenced where it lies (:meth:`_prefix`); what is final is
+        handed to the write stage after every ``READ_IN`` compressed bytes."""
+        decoder = zstdlib.Decoder(MAX_WINDOW_LOG)
+        prev: memoryview | None = None
+        try:
+            for i in range(self.first, len(self.chunks)):
+                ch = self.chunks[i]
+                if i >= self.first + 2:  # bufs[i % 2] held chunk i-2: written yet?
+                    self._wait(lambda: self.written >= self.chunks[i - 1].out_offset)
+                out = memoryview(self.bufs[i % 2])[:ch.out_length]
+                source = _Pieces(self, i)
+                _check_header(i, ch, source.peek())
+                with self._prefix(i, prev) as prefix:
+                    decoder.start(out, prefix)
+                    done = 0
+                    try:
+                        while data := source.read(READ_IN):
+                            if (n := decoder.feed(data)) > done:
+                                self.slices.put((i, done, n))
+                                done = n
+                    except zstdlib.ZstdLibError as e:
+                        raise ChunkError(f"chunk {i} does not decompress: {e}") from None
+                    finally:
+                        decoder.end()
+                if done != ch.out_length or not decoder.done():
+                    raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
+                source.drain()
+                self.slices.put((i, None, None))
+                prev = out
+        finally:
+            decoder.close()
+
     # -- 3. write and hash --------------------------------------------------------------------
     def _write_stage(self) -> None:
         h = hashlib.sha256()
-        out = memoryview(self.out)
+        bufs = [memoryview(b) for b in self.bufs]
         while self.committed < len(self.chunks):
             item = self._get(self.slices)
             if isinstance(item, BaseException):
@@ -522,7 +578,7 @@ class _Pipeline:
                     self.committed = i + 1
                     self.cond.notify_all()
                 continue
-            view = out[a:b]
+            view = bufs[i % len(bufs)][a:b]
             self.slot.pwrite(ch.out_offset + a, view)  # flushed once at the end: the kernel writes back
             h.update(view)
             with self.cond:

@@ -13,16 +13,29 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from abflip.httpserver import RepoHandler, Server
 from applier.fetch import HttpFetcher
 from applier.slots import SlotDevice
 from applier.stream import ChunkError, read_ahead, verify_chunk, write_image
 from builder.release import create_release
+from metadata import zstdlib
 from metadata.errors import DeviceError, TransportError, UserError
-from metadata.manifest import ManifestError, Release
+from metadata.manifest import Chunk, Compression, Image, ManifestError, Release
 
 CHUNK, PIECE = 256 << 10, 64 << 10
+
+
+@pytest.fixture(autouse=True, params=["libzstd", "python"])
+def decoder(request, monkeypatch) -> str:
+    """Every stream test runs with both decoders: libzstd (metadata.zstdlib) and the
+    python-zstandard fallback a device without libzstd uses."""
+    if request.param == "python":
+        monkeypatch.setattr(zstdlib, "LIB", None)
+    elif zstdlib.LIB is None:
+        pytest.skip("no libzstd on this machine")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +282,74 @@ def _no_stage_left() -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"pipeline stages still running: {alive}")
+
+
+# -- frames a hostile signer could sign -------------------------------------------------------
+def _frames(second: bytes, out: bytes) -> tuple[Image, bytes]:
+    """A two-chunk image: chunk 0 a good frame of ``CHUNK`` bytes, chunk 1 the given compressed
+    bytes said to decompress to ``out``; every hash signed as a signer would."""
+    first = os.urandom(CHUNK // 2) * 2
+    a = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(first)
+    chunks = (Chunk(0, len(a), hashlib.sha256(a).hexdigest(), 0, len(first), hashlib.sha256(first).hexdigest()),
+              Chunk(len(a), len(second), hashlib.sha256(second).hexdigest(), len(first), len(out),
+                    hashlib.sha256(out).hexdigest()))
+    image = Image("rootfs.img.zst", "erofs", len(first) + len(out), hashlib.sha256(first + out).hexdigest(),
+                  Compression("zstd", 3, CHUNK, 0), chunks)
+    return image, a + second
+
+
+def _stream(tmp_path: Path, image: Image, data: bytes) -> list[int]:
+    seen: list[int] = []
+    with SlotDevice("b", _slot(tmp_path, image.size), write=True) as dev:
+        write_image(image, dev, lambda s, e: [data[s:e]], on_chunk=lambda i, got: seen.append(i))
+    return seen
+
+
+def test_a_frame_reaching_before_its_window_is_refused(tmp_path):
+    """Chunk 1 compressed against all 256 KiB before it while the manifest says the window is
+    64 KiB: the device hands the decoder only the window, so the matches that reach farther
+    fail (or decode to other bytes): chunk 1 is never committed."""
+    rnd = os.urandom(CHUNK)
+    out = rnd[:CHUNK // 2] * 2
+    a = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(rnd)
+    b = zstandard.ZstdCompressor(level=3, write_content_size=True, dict_data=zstandard.ZstdCompressionDict(
+        rnd, dict_type=zstandard.DICT_TYPE_RAWCONTENT)).compress(out)
+    assert len(b) < CHUNK // 4  # it does match into the first chunk, far back
+    chunks = (Chunk(0, len(a), hashlib.sha256(a).hexdigest(), 0, CHUNK, hashlib.sha256(rnd).hexdigest()),
+              Chunk(len(a), len(b), hashlib.sha256(b).hexdigest(), CHUNK, len(out), hashlib.sha256(out).hexdigest()))
+    image = Image("rootfs.img.zst", "erofs", 2 * CHUNK, hashlib.sha256(rnd + out).hexdigest(),
+                  Compression("zstd", 3, CHUNK, 64 << 10), chunks)
+    with pytest.raises(ChunkError, match="chunk 1 (does not decompress|decompresses to other bytes)"):
+        assert _stream(tmp_path, image, a + b) == [0]
+    _no_stage_left()
+
+
+@pytest.mark.parametrize("case", ["truncated", "short", "corrupt"])
+def test_a_bad_frame_is_refused_before_it_is_committed(tmp_path, case):
+    """Signed but bad: the frame cut short, a frame whose content is shorter than the manifest
+    says (and its header agreeing with the manifest is checked first), a checksummed frame whose
+    checksum fails. Chunk 1 is never committed, whichever decoder."""
+    out = os.urandom(CHUNK // 4) * 4
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=True).compress(out)
+    if case == "truncated":
+        second = frame[:-40]
+    elif case == "short":
+        second, out = zstandard.ZstdCompressor(level=3).compress(out[:-1]), out
+    else:
+        second = frame[:-1] + bytes([frame[-1] ^ 0xFF])
+    image, data = _frames(second, out)
+    with pytest.raises(ChunkError, match="chunk 1 "):
+        _stream(tmp_path, image, data)
+    _no_stage_left()
+
+
+@pytest.mark.parametrize("after", ["zeros", "frame"])
+def test_bytes_after_the_frame_are_refused(tmp_path, after):
+    """Signed bytes after a chunk's frame, garbage or a second frame: refused by both decoders."""
+    out = os.urandom(CHUNK // 4) * 4
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(out)
+    second = frame + (b"\0" * 100 if after == "zeros" else zstandard.ZstdCompressor().compress(b"more"))
+    image, data = _frames(second, out)
+    with pytest.raises(ChunkError, match="chunk 1 (does not decompress|decompresses to other bytes)"):
+        _stream(tmp_path, image, data)
+    _no_stage_left()
