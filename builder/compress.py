@@ -32,6 +32,7 @@ from pathlib import Path
 
 import zstandard
 
+from metadata import zstdlib
 from metadata.manifest import Chunk, Compression
 
 __all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW", "DEFAULT_THREADS",
@@ -58,7 +59,7 @@ def _params(level: int, chunk_size: int, window: int, ldm: bool = False) -> zsta
     window_log = max(10, (chunk_size + window - 1).bit_length())
     base = zstandard.ZstdCompressionParameters.from_level(level)
     extra: dict = {"enable_ldm": True} if ldm else {}
-    if window > chunk_size and not ldm:
+    if window > chunk_size and not ldm and not long_range(chunk_size, window):
         # Long-range mode (issue 14): a window larger than the chunk is meant to be searched
         # whole. zstd indexes only ``1 << max(hashLog + 3, chainLog + 1)`` dictionary bytes and
         # LDM never sees a dictionary (the CDict is built without it), so the hash table grows
@@ -68,20 +69,32 @@ def _params(level: int, chunk_size: int, window: int, ldm: bool = False) -> zsta
                                                          **extra)
 
 
-def indexable_window(params: zstandard.ZstdCompressionParameters) -> int:
+def indexable_window(params: zstandard.ZstdCompressionParameters, chunk_size: int = 0, window: int = 0) -> int:
     """The most dictionary bytes zstd (1.5.x) indexes at these parameters: it loads only the last
     ``1 << max(hashLog + 3, chainLog + 1)`` bytes of a raw-content dictionary (without LDM)
     (``ZSTD_loadDictionaryContent``). A larger window costs copy time here and on the device
     and changes no output byte: measured at level 9 (16 MiB), 32 and 16 MiB windows give
     byte-identical streams, the 16 MiB one 30 % faster."""
-    if params.enable_ldm:
+    if params.enable_ldm or long_range(chunk_size, window):
         return 1 << 31
     return 1 << min(max(params.hash_log + 3, params.chain_log + 1), 31)
 
 
+def long_range(chunk_size: int, window: int) -> bool:
+    """A window wider than the chunk is searched with libzstd's long-distance matching over a
+    referenced prefix (:mod:`metadata.zstdlib`) where libzstd is there: LDM hashes the whole
+    window, the regular match finder what it indexes, and nothing is copied. Measured on 128 MiB
+    of the apply benchmark's image, 32 MiB chunks, 128 MiB window, level 9, one core: 6.1 s and
+    31.2 MB, against 12.1 s and 30.3 MB with the hash table raised (python-zstandard, below)."""
+    return window > chunk_size and zstdlib.LIB is not None
+
+
 def compress_chunk(image: bytes | memoryview, offset: int, chunk_size: int, window: int,
-                   params: zstandard.ZstdCompressionParameters) -> bytes:
+                   params: zstandard.ZstdCompressionParameters, level: int = DEFAULT_LEVEL) -> bytes | bytearray:
     """Compress one frame; the dictionary is the ``window`` bytes before ``offset``."""
+    if long_range(chunk_size, window):
+        return zstdlib.compress(image[offset:offset + chunk_size], image[max(0, offset - window):offset],
+                                level=level, window_log=params.window_log, ldm=True)
     kwargs = {}
     if window and offset:
         kwargs["dict_data"] = zstandard.ZstdCompressionDict(
@@ -98,7 +111,7 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
     device verifies before decompressing, so it can decompress a chunk while the rest arrives."""
     threads = threads or os.cpu_count() or 1
     params = _params(level, chunk_size, window, ldm)
-    window = min(window, indexable_window(params))  # the manifest records the window really used
+    window = min(window, indexable_window(params, chunk_size, window))  # the manifest records the window used
     size = os.path.getsize(image_path)
     if size == 0:
         raise ValueError("empty image")
@@ -116,7 +129,7 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
             start = next(starts, None)
             if start is None:
                 return False
-            pending.append((start, pool.submit(compress_chunk, view, start, chunk_size, window, params)))
+            pending.append((start, pool.submit(compress_chunk, view, start, chunk_size, window, params, level)))
             return True
 
         for _ in range(2 * threads):
