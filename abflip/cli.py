@@ -18,10 +18,16 @@ from __future__ import annotations
 import sys
 
 # command -> its flags (dest, value) besides --config/-c and --json
+_VERSION_FLAGS = {"--allow-downgrade": "allow_downgrade", "--retry-failed": "retry_failed"}
 _FAST_FLAGS = {
     "status": {},
     "boot-check": {},
-    "check": {"--allow-downgrade": "allow_downgrade", "--retry-failed": "retry_failed"},
+    "check": _VERSION_FLAGS,
+    # the streaming commands, unless a terminal wants typer's progress bar (see _run_fast)
+    "download": _VERSION_FLAGS,
+    "install": _VERSION_FLAGS,
+    "apply": {"--now": "now"},
+    "run": {**_VERSION_FLAGS, "--no-reboot": "no_reboot"},
 }
 
 
@@ -65,16 +71,22 @@ def _fast_args(argv: list[str]) -> tuple[str, dict] | None:
 
 
 def _run_fast(cmd: str, kwargs: dict) -> None:
+    """Run a plain device command without typer and exit; return (to typer) only for a streaming
+    command whose progress bar goes to a terminal."""
+    as_json = kwargs.pop("as_json", False)
+    streaming = cmd not in ("status", "boot-check", "check")
+    if streaming and not as_json and sys.stderr.isatty():
+        return
     from pathlib import Path
 
     from .commands import _device as device
 
+    kwargs["config"] = Path(kwargs["config"]) if "config" in kwargs else device.DEFAULT_CONFIG
+    if streaming:
+        fn, render = device.STREAMING[cmd](**kwargs)
+        sys.exit(device.stream_events(fn, as_json, render))
     fn = {"status": device.status, "boot-check": device.boot_check, "check": device.check}[cmd]
-    config = Path(kwargs["config"]) if "config" in kwargs else device.DEFAULT_CONFIG
-    args = {"config": config, "as_json": kwargs.get("as_json", False)}
-    if cmd == "check":
-        args.update(allow_downgrade=kwargs.get("allow_downgrade", False), retry_failed=kwargs.get("retry_failed", False))
-    sys.exit(fn(**args))
+    sys.exit(fn(**kwargs, as_json=as_json))
 
 
 def _app():

@@ -35,7 +35,7 @@ def _heavy(mods: set[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("command", [["status", "--json"], ["boot-check", "--json"], ["check", "--json"],
-                                     ["check"], ["status"]])
+                                     ["check"], ["status"], ["run", "--no-reboot"]])
 def test_device_commands_load_no_signer_sdk_pydantic_or_producer_code(world, tmp_path, command):
     world.publish("1.0.0")
     sim, dev = world.device()
@@ -46,6 +46,19 @@ def test_device_commands_load_no_signer_sdk_pydantic_or_producer_code(world, tmp
     assert "applier.agent" in mods  # it really ran the device code
     if "--json" in command:
         assert json.loads(stdout)  # the same JSON as through typer (compared below)
+
+
+def test_install_streams_an_image_without_typer(world, tmp_path):
+    """``install --json`` (and without a terminal, plain ``install``) runs on the fast path too:
+    a whole update streamed, no typer, rich, pydantic or producer code loaded."""
+    world.publish("1.0.0")
+    sim, _ = world.device()
+    world.publish("2.0.0")
+    rc, stdout, mods = _loaded(tmp_path, "install", "--json", "--config", str(sim.config.path))
+    assert rc == 0, stdout
+    assert json.loads(stdout.splitlines()[-1])["result"]["version"] == "2.0.0"
+    assert _heavy(mods) == [] and _any_of(mods, ("typer",)) == []
+    assert {"applier.stream", "applier.install"} <= mods
 
 
 # Beyond HEAVY, by command (issue 14). status and boot-check never touch the network: no TUF
@@ -89,6 +102,14 @@ def test_plain_arguments_and_typer_give_the_same_output(world):
         fast = subprocess.run([*cli, *cmd, "--config", cfg], capture_output=True, text=True, timeout=120)
         slow = subprocess.run([*cli, *cmd, f"--config={cfg}"], capture_output=True, text=True, timeout=120)
         assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr), cmd
+    # the streaming commands too (no terminal here, so no progress bar): nothing to download,
+    # nothing staged to apply, an idle pass
+    for cmd in (["download", "--json"], ["download"], ["apply", "--json"], ["apply", "--now"], ["install", "--json"],
+                ["install", "--retry-failed"], ["run", "--json", "--no-reboot"], ["run", "--no-reboot"]):
+        fast = subprocess.run([*cli, *cmd, "--config", cfg], capture_output=True, text=True, timeout=120)
+        slow = subprocess.run([*cli, *cmd, f"--config={cfg}"], capture_output=True, text=True, timeout=120)
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr), cmd
+        assert fast.stdout or fast.stderr, cmd
     missing = str(sim.config.path) + ".missing"
     fast = subprocess.run([*cli, "status", "-c", missing], capture_output=True, text=True, timeout=120)
     slow = subprocess.run([*cli, "status", f"--config={missing}"], capture_output=True, text=True, timeout=120)

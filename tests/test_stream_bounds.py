@@ -23,10 +23,10 @@ from test_agent_lifecycle import agent
 from abflip.httpserver import RepoHandler, Server
 from applier.fetch import HttpFetcher
 from applier.slots import SlotDevice
-from applier.stream import memory_needed, read_ahead, write_image
+from applier.stream import read_ahead, write_image
 from builder.release import create_release
-from metadata.manifest import Release
 from metadata import zstdlib
+from metadata.manifest import Release
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,7 @@
-"""The device commands a device runs on every boot and timer tick (status, boot-check, check),
-without typer: :mod:`abflip.cli` calls them directly when their arguments are plain, and
-:mod:`.device` registers the same functions with typer. Each returns its exit code.
+"""The device commands a device runs on every boot and timer tick (status, boot-check, check, and
+run, download, apply, install without a terminal's progress bar), without typer: :mod:`abflip.cli`
+calls them directly when their arguments are plain, and :mod:`.device` registers the same
+functions with typer. Each returns its exit code.
 
 Start-up (issue 14): nothing here, or in what these commands import, may pull in typer, the
 TUF client and the HTTP stack (check alone needs those, and imports them when it refreshes),
@@ -9,16 +10,21 @@ the image streaming and delta code, or the producer side. tests/test_startup.py 
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from metadata.errors import Error
 
 from ._output import report
 
 if TYPE_CHECKING:
     from applier.agent import Device, ProgressFn
 
-__all__ = ["DEFAULT_CONFIG", "boot_check", "check", "open_device", "render_check", "render_status", "status",
-           "window_line"]
+__all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "download_call", "install_call",
+           "open_device", "render_check", "render_status", "run_call", "status", "stream_events", "window_line"]
 
 DEFAULT_CONFIG = Path("/etc/abflip/abflip.toml")
 
@@ -80,3 +86,80 @@ def check(config: Path = DEFAULT_CONFIG, allow_downgrade: bool = False, retry_fa
 
 def boot_check(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:
     return report(lambda: open_device(config).boot_check(), as_json, render_status)
+
+
+# -- the commands that stream an image: progress events as JSON lines, or nothing, then the result
+def stream_events(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], str]) -> int:
+    """Run ``fn(progress)``: with ``as_json`` each progress event is a JSON line on stdout and the
+    last line is ``{"event": "result", ...}`` or ``{"event": "error", ...}``; else no progress
+    and the result rendered (typer's command adds a progress bar on a terminal). The exit code."""
+    if not as_json:
+        return report(lambda: fn(None), False, render)
+
+    def emit(ev: dict) -> None:
+        print(json.dumps(ev, sort_keys=True), flush=True)
+
+    try:
+        result = fn(emit)
+    except Error as e:
+        print(json.dumps({"event": "error", "error": e.to_json()}, sort_keys=True), flush=True)
+        print(e.diagnostics(), file=sys.stderr)
+        return e.exit_code
+    print(json.dumps({"event": "result", "result": result}, sort_keys=True, default=str), flush=True)
+    return 0
+
+
+def render_download(r: dict) -> str:
+    if r["already"]:
+        return f"{r['version']} is already staged in slot {r['slot']}"
+    return (f"staged {r['version']} in slot {r['slot']} ({r['bytes_downloaded']} bytes downloaded"
+            + (f", resumed at chunk {r['resumed_at_chunk']})" if r["resumed_at_chunk"] else ")"))
+
+
+def render_apply(r: dict) -> str:
+    return (f"{r['version']} is already applied ({r['entry']}); reboot to try it" if r["already"]
+            else f"applied {r['version']} to slot {r['slot']}; next boot tries {r['entry']}")
+
+
+def render_install(r: dict) -> str:
+    return (f"{r['version']} is already installed in slot {r['slot']} ({r['entry']}); reboot to try it" if r["already"]
+            else f"installed {r['version']} into slot {r['slot']}; next boot tries {r['entry']}")
+
+
+def render_run(r: dict) -> str:
+    if r.get("skipped"):
+        return f"skipped: {r['skipped']}"
+    lines = [render_check(r["check"])] if r["check"] else []
+    if r["download"]:
+        lines.append(render_download(r["download"]))
+    if r["apply"]:
+        lines.append(f"applied {r['apply']['version']}: next boot tries {r['apply']['entry']}")
+    elif r.get("state") == "staged":
+        lines.append("staged; applied in the next maintenance window")
+    if r["rebooted"]:
+        lines.append("rebooting")
+    lines.append(window_line(r.get("next_window")))
+    return "\n".join(lines)
+
+
+# Each: (fn(progress) -> result, render), for stream_events here or typer's progress bar.
+def download_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False):
+    return (lambda p: open_device(config, p).download(allow_downgrade=allow_downgrade,
+                                                      retry_failed=retry_failed).to_json()), render_download
+
+
+def apply_call(config: Path, now: bool = False):
+    return (lambda p: open_device(config, p).apply(now=now).to_json()), render_apply
+
+
+def run_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False, no_reboot: bool = False):
+    return (lambda p: open_device(config, p).run(allow_downgrade=allow_downgrade, retry_failed=retry_failed,
+                                                 reboot=not no_reboot)), render_run
+
+
+def install_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False):
+    return (lambda p: open_device(config, p).install(allow_downgrade=allow_downgrade,
+                                                     retry_failed=retry_failed).to_json()), render_install
+
+
+STREAMING = {"download": download_call, "apply": apply_call, "run": run_call, "install": install_call}

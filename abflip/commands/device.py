@@ -5,7 +5,6 @@ status, check and boot-check are typer's wrappers over the plain functions of :m
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +12,9 @@ from typing import Any
 
 import typer
 
-from metadata.errors import Error
-
 from . import _device as plain
 from ._common import CONFIG_OPT, JSON_OPT, app, run
-from ._device import open_device, render_check, render_status, window_line
+from ._device import open_device, render_status
 
 DOWNGRADE_OPT = typer.Option(False, "--allow-downgrade", help="allow a version not newer than the running one")
 RETRY_OPT = typer.Option(False, "--retry-failed", help="retry a version that failed to boot before")
@@ -28,24 +25,12 @@ def _exit(code: int) -> None:
         raise typer.Exit(code)
 
 
-def _streaming(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], str]) -> None:
-    """Run ``fn(progress)`` with progress events: JSON lines on stdout with ``--json`` (the last
-    line is ``{"event": "result", ...}`` or ``{"event": "error", ...}``), else a rich progress
-    bar on a terminal (stderr), else nothing."""
-    if as_json:
-        def emit(ev: dict) -> None:
-            print(json.dumps(ev, sort_keys=True), flush=True)
-
-        try:
-            result = fn(emit)
-        except Error as e:
-            print(json.dumps({"event": "error", "error": e.to_json()}, sort_keys=True), flush=True)
-            print(e.diagnostics(), file=sys.stderr)
-            raise typer.Exit(e.exit_code) from None
-        print(json.dumps({"event": "result", "result": result}, sort_keys=True, default=str), flush=True)
-        return
-    if not sys.stderr.isatty():
-        return run(lambda: fn(None), False, render)
+def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str]], as_json: bool) -> None:
+    """:func:`._device.stream_events` (JSON lines with ``--json``, else the result alone), with a
+    rich progress bar on stderr when that is a terminal."""
+    fn, render = call
+    if as_json or not sys.stderr.isatty():
+        return _exit(plain.stream_events(fn, as_json, render))
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -55,7 +40,7 @@ def _streaming(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], 
         TimeRemainingColumn,
     )
 
-    def call() -> Any:
+    def bar_call() -> Any:
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                       transient=True, console=Console(stderr=True), redirect_stdout=False,
                       redirect_stderr=False) as bar:
@@ -72,30 +57,7 @@ def _streaming(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], 
 
             return fn(show)
 
-    return run(call, False, render)  # the result is printed after the bar is gone
-
-
-def _render_download(r: dict) -> str:
-    if r["already"]:
-        return f"{r['version']} is already staged in slot {r['slot']}"
-    return (f"staged {r['version']} in slot {r['slot']} ({r['bytes_downloaded']} bytes downloaded"
-            + (f", resumed at chunk {r['resumed_at_chunk']})" if r["resumed_at_chunk"] else ")"))
-
-
-def _render_run(r: dict) -> str:
-    if r.get("skipped"):
-        return f"skipped: {r['skipped']}"
-    lines = [render_check(r["check"])] if r["check"] else []
-    if r["download"]:
-        lines.append(_render_download(r["download"]))
-    if r["apply"]:
-        lines.append(f"applied {r['apply']['version']}: next boot tries {r['apply']['entry']}")
-    elif r.get("state") == "staged":
-        lines.append("staged; applied in the next maintenance window")
-    if r["rebooted"]:
-        lines.append("rebooting")
-    lines.append(window_line(r.get("next_window")))
-    return "\n".join(lines)
+    return run(bar_call, False, render)  # the result is printed after the bar is gone
 
 
 @app.command("status")
@@ -115,17 +77,14 @@ def check(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retr
 def download(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
              as_json: bool = JSON_OPT) -> None:
     """Stage the channel's release: stream and verify it into the inactive slot (no boot entry yet)."""
-    _streaming(lambda p: open_device(config, p).download(allow_downgrade=allow_downgrade,
-                                                         retry_failed=retry_failed).to_json(), as_json, _render_download)
+    _streaming(plain.download_call(config, allow_downgrade, retry_failed), as_json)
 
 
 @app.command("apply")
 def apply(config: Path = CONFIG_OPT, now: bool = typer.Option(False, "--now", help="apply outside a maintenance window"),
           as_json: bool = JSON_OPT) -> None:
     """Re-verify the staged slot, write its boot files and an entry with tries (in a maintenance window)."""
-    _streaming(lambda p: open_device(config, p).apply(now=now).to_json(), as_json,
-               lambda r: (f"{r['version']} is already applied ({r['entry']}); reboot to try it" if r["already"]
-                          else f"applied {r['version']} to slot {r['slot']}; next boot tries {r['entry']}"))
+    _streaming(plain.apply_call(config, now), as_json)
 
 
 @app.command("run")
@@ -133,19 +92,14 @@ def run_once(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, r
              no_reboot: bool = typer.Option(False, "--no-reboot", help="do not run the reboot command"),
              as_json: bool = JSON_OPT) -> None:
     """One pass (the systemd timer's): check -> download -> apply in a window -> reboot."""
-    _streaming(lambda p: open_device(config, p).run(allow_downgrade=allow_downgrade, retry_failed=retry_failed,
-                                                    reboot=not no_reboot), as_json, _render_run)
+    _streaming(plain.run_call(config, allow_downgrade, retry_failed, no_reboot), as_json)
 
 
 @app.command("install")
 def install(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, retry_failed: bool = RETRY_OPT,
             as_json: bool = JSON_OPT) -> None:
     """download + apply --now: stream the release into the inactive slot and add its boot entry."""
-    _streaming(lambda p: open_device(config, p).install(allow_downgrade=allow_downgrade,
-                                                        retry_failed=retry_failed).to_json(),
-               as_json, lambda r: (f"{r['version']} is already installed in slot {r['slot']} ({r['entry']}); reboot to "
-                                   f"try it" if r["already"] else
-                                   f"installed {r['version']} into slot {r['slot']}; next boot tries {r['entry']}"))
+    _streaming(plain.install_call(config, allow_downgrade, retry_failed), as_json)
 
 
 @app.command("boot-check")
@@ -197,5 +151,5 @@ def provision(release: Path = typer.Argument(..., help="the release of the image
     boot files and a blessed entry, and record it (slot good, version floor) in the state."""
     from applier.factory import provision as provision_slot
 
-    _streaming(lambda p: provision_slot(open_device(config, p), release, slot=slot, force=force), as_json,
-               _render_provision)
+    _streaming((lambda p: provision_slot(open_device(config, p), release, slot=slot, force=force), _render_provision),
+               as_json)
