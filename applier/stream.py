@@ -7,7 +7,10 @@ image bytes before it as its dictionary; they are taken from the chunk just deco
 read back from the slot, where they were written (and verified) before. Every chunk's output
 is checked against the signed chunk table, which tiles the image: the whole image verified.
 
-:func:`write_image` overlaps them in threads (issue 14); memory is bounded
+:func:`write_image` overlaps them in threads (issue 14). It decodes with the system's libzstd
+(:mod:`metadata.zstdlib`: straight into its output buffer, the dictionary referenced where it
+lies), else with python-zstandard (which copies the dictionary and keeps a window buffer of its
+own); the bytes written are the same either way. Memory is bounded
 by the chunk table, whatever the image size (invariant 5): :func:`memory_needed` says how
 much, so a device can refuse a release beyond its budget before downloading anything. The
 download runs at most :func:`read_ahead` bytes past the chunk being saved, so a kill

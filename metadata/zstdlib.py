@@ -29,6 +29,7 @@ C_LDM = 160
 C_CONTENT_SIZE, C_CHECKSUM = 200, 201
 RESET_SESSION, RESET_ALL = 1, 3
 MIN_VERSION = 10500
+PYBUF_WRITABLE, PYBUF_ND = 0x1, 0x8  # Python's buffer protocol: writable; contiguous, with a shape
 
 
 class ZstdLibError(Exception):
@@ -87,14 +88,16 @@ def _check(code: int) -> int:
 
 class address:
     """The address of a contiguous buffer (bytes, bytearray, mmap, memoryview slices), held
-    (exported) until :meth:`release`: a bytearray cannot be resized nor an mmap closed meanwhile."""
+    (exported) until :meth:`release`: a bytearray cannot be resized nor an mmap closed meanwhile.
+    ``writable``: refuse a read-only one (the decoder writes into its output)."""
 
     __slots__ = ("_view", "ptr", "len")
 
-    def __init__(self, obj) -> None:
+    def __init__(self, obj, writable: bool = False) -> None:
         self._view = _PyBuffer()
-        if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(obj), ctypes.byref(self._view), 0x8):  # C-contiguous
-            raise BufferError("not a contiguous buffer")
+        flags = PYBUF_ND | (PYBUF_WRITABLE if writable else 0)
+        if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(obj), ctypes.byref(self._view), flags):
+            raise BufferError("not a contiguous buffer" + (" that can be written" if writable else ""))
         self.ptr, self.len = self._view.buf or 0, self._view.len
 
     def release(self) -> None:
@@ -130,7 +133,7 @@ class Decoder:
     def start(self, out, prefix=None) -> None:
         self.end()
         _check(LIB.ZSTD_DCtx_reset(self.ctx, RESET_SESSION))
-        self._out = address(out)
+        self._out = address(out, writable=True)
         self._ob = _Buffer(self._out.ptr, self._out.len, 0)
         if prefix is not None and len(prefix):
             self._prefix = address(prefix)
@@ -188,7 +191,7 @@ def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = Fals
             _check(LIB.ZSTD_CCtx_setParameter(cctx, param, value))
         with address(data) as src:
             out = bytearray(LIB.ZSTD_compressBound(src.len))
-            with address(out) as dst:
+            with address(out, writable=True) as dst:
                 if prefix is not None and len(prefix):
                     with address(prefix) as pre:  # used by the next frame only, then forgotten
                         _check(LIB.ZSTD_CCtx_refPrefix(cctx, pre.ptr, pre.len))
