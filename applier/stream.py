@@ -576,6 +576,7 @@ class _Pipeline:
                 if h.hexdigest() != ch.out_sha256:
                     raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
                 h = hashlib.sha256()
+                self.slot.start_writeback(ch.out_offset, ch.out_length)  # the final flush finds little left
                 self.progress.put((i, self.received))
                 with self.cond:
                     self.committed = i + 1

@@ -16,7 +16,6 @@ bytes written are the same either way (tests run both).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 __all__ = ["LIB", "ZstdLibError", "Decoder", "compress", "address"]
@@ -50,9 +49,13 @@ class _PyBuffer(ctypes.Structure):  # Py_buffer (stable ABI since 3.11)
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("ABFLIP_ZSTD") == "python":  # the fallback, on purpose (tests, a suspect libzstd)
         return None
-    for name in ("libzstd.so.1", ctypes.util.find_library("zstd")):
-        if not name:
-            continue
+    for name in ("libzstd.so.1", None):
+        if name is None:  # not by its Linux name: ask the platform (ldconfig -p, ~15 ms)
+            from ctypes.util import find_library
+
+            name = find_library("zstd")
+            if not name:
+                break
         try:
             lib = ctypes.CDLL(name)
             lib.ZSTD_versionNumber.restype = ctypes.c_uint

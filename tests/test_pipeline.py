@@ -8,6 +8,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from metadata.errors import DeviceError, TransportError, UserError
 from metadata.manifest import Chunk, Compression, Image, ManifestError, Release
 
 CHUNK, PIECE = 256 << 10, 64 << 10
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, params=["libzstd", "python"])
@@ -247,6 +251,44 @@ def test_a_failing_slot_stops_every_stage(release, tmp_path):
                         on_chunk=lambda i, got: seen.append(i))
     assert seen == [0, 1]
     _no_stage_left()
+
+
+_WRITER = r"""
+import sys
+from applier.fetch import HttpFetcher
+from applier.slots import SlotDevice
+from applier.stream import write_image
+from metadata.errors import Error
+from metadata.manifest import Release
+
+rel = Release.from_bytes(open(sys.argv[1], "rb").read())
+fetcher = HttpFetcher(timeout=5)
+seen = []
+with SlotDevice("b", sys.argv[3], write=True) as dev:
+    try:
+        write_image(rel.image, dev, lambda s, e: fetcher.open_range(sys.argv[2], s, e), on_chunk=lambda i, g: seen.append(i))
+    except Error as e:
+        print(seen, e.message)
+        sys.exit(1)
+print(seen)
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
+def test_an_error_starting_the_writeback_is_a_write_error(release, tmp_path, decoder):
+    """After each chunk the kernel is asked to start writing it back (sync_file_range); that call
+    failing (EIO injected by strace into the second one) ends the stream as a failed write of
+    that chunk, which is not counted done."""
+    d, rel = release
+    slot = _slot(tmp_path, rel.image.size)
+    with Server(d) as srv:
+        r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=sync_file_range",
+                            "-e", "inject=sync_file_range:error=EIO:when=2", sys.executable, "-c", _WRITER,
+                            str(d / "release.json"), f"{srv.url}/rootfs.img.zst", str(slot)],
+                           capture_output=True, text=True, timeout=60, cwd=REPO,
+                           env={**os.environ, **({"ABFLIP_ZSTD": "python"} if decoder == "python" else {})})
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.strip() == f"[0] writing slot b at byte {CHUNK} failed: Input/output error"
 
 
 @pytest.mark.parametrize("at", [2, 5], ids=["mid-image", "last-chunk"])

@@ -21,7 +21,8 @@ from .world import ROOT
 
 #: Calls that can change a file or a directory (fault sites), plus two for accounting.
 MUTATING = ("write", "pwrite64", "pwritev", "fsync", "fdatasync", "rename", "renameat", "renameat2", "unlink",
-            "unlinkat", "mkdir", "mkdirat", "rmdir", "openat", "ftruncate", "truncate", "sync", "syncfs")
+            "unlinkat", "mkdir", "mkdirat", "rmdir", "openat", "ftruncate", "truncate", "sync", "syncfs",
+            "sync_file_range")
 ACCOUNTING = ("recvfrom", "sendto")
 KINDS = ("kill", "EIO", "ENOSPC")
 
