@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Iterator
 import zstandard
 from tuf.api import exceptions as tuf_exc
 
-from metadata.errors import DeviceError, RepositoryError, TransportError
 from metadata import zstdlib
+from metadata.errors import DeviceError, RepositoryError, TransportError
 from metadata.manifest import Chunk, Image
 
 from .fetch import READ_SIZE, transport_hint
