@@ -23,10 +23,10 @@ __all__ = ["LIB", "ZstdLibError", "Decoder", "compress", "address"]
 # zstd.h (stable since 1.4.0 unless marked experimental; the numbers are its ABI)
 D_WINDOW_LOG_MAX = 100
 D_STABLE_OUT_BUFFER = 1001  # ZSTD_d_experimentalParam2, since 1.4.4
-C_LEVEL, C_WINDOW_LOG, C_HASH_LOG = 100, 101, 102
+C_LEVEL, C_WINDOW_LOG = 100, 101
 C_LDM = 160
 C_CONTENT_SIZE, C_CHECKSUM = 200, 201
-RESET_SESSION, RESET_ALL = 1, 3
+RESET_SESSION = 1
 MIN_VERSION = 10500
 PYBUF_WRITABLE, PYBUF_ND = 0x1, 0x8  # Python's buffer protocol: writable; contiguous, with a shape
 
@@ -56,26 +56,25 @@ def _load() -> ctypes.CDLL | None:
             name = find_library("zstd")
             if not name:
                 break
+        vp, size, cint = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
         try:
             lib = ctypes.CDLL(name)
             lib.ZSTD_versionNumber.restype = ctypes.c_uint
             if lib.ZSTD_versionNumber() < MIN_VERSION:
                 continue
+            for fn, res, args in (
+                    ("ZSTD_createDCtx", vp, []), ("ZSTD_freeDCtx", size, [vp]),
+                    ("ZSTD_DCtx_setParameter", size, [vp, cint, cint]), ("ZSTD_DCtx_reset", size, [vp, cint]),
+                    ("ZSTD_DCtx_refPrefix", size, [vp, vp, size]),
+                    ("ZSTD_decompressStream", size, [vp, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]),
+                    ("ZSTD_createCCtx", vp, []), ("ZSTD_freeCCtx", size, [vp]),
+                    ("ZSTD_CCtx_setParameter", size, [vp, cint, cint]), ("ZSTD_CCtx_refPrefix", size, [vp, vp, size]),
+                    ("ZSTD_compress2", size, [vp, vp, size, vp, size]), ("ZSTD_compressBound", size, [size]),
+                    ("ZSTD_isError", ctypes.c_uint, [size]), ("ZSTD_getErrorName", ctypes.c_char_p, [size])):
+                f = getattr(lib, fn)  # a build without one of them is not used
+                f.restype, f.argtypes = res, args
         except (OSError, AttributeError):
             continue
-        vp, size, ssize = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
-        for fn, res, args in (
-                ("ZSTD_createDCtx", vp, []), ("ZSTD_freeDCtx", size, [vp]),
-                ("ZSTD_DCtx_setParameter", size, [vp, ssize, ssize]), ("ZSTD_DCtx_reset", size, [vp, ssize]),
-                ("ZSTD_DCtx_refPrefix", size, [vp, vp, size]),
-                ("ZSTD_decompressStream", size, [vp, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]),
-                ("ZSTD_createCCtx", vp, []), ("ZSTD_freeCCtx", size, [vp]),
-                ("ZSTD_CCtx_setParameter", size, [vp, ssize, ssize]), ("ZSTD_CCtx_reset", size, [vp, ssize]),
-                ("ZSTD_CCtx_refPrefix", size, [vp, vp, size]),
-                ("ZSTD_compress2", size, [vp, vp, size, vp, size]), ("ZSTD_compressBound", size, [size]),
-                ("ZSTD_isError", ctypes.c_uint, [size]), ("ZSTD_getErrorName", ctypes.c_char_p, [size])):
-            f = getattr(lib, fn)
-            f.restype, f.argtypes = res, args
         return lib
     return None
 
@@ -180,7 +179,7 @@ class Decoder:
             self.close()
 
 
-def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, hash_log: int = 0,
+def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False,
              checksum: bool = False) -> bytearray:
     """One frame of ``data`` (its content size in the header), matching back into ``prefix``
     as if it came just before; with ``ldm``, long-distance matching searches the whole prefix."""
@@ -189,8 +188,7 @@ def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = Fals
         raise MemoryError("ZSTD_createCCtx")
     try:
         for param, value in ((C_LEVEL, level), (C_WINDOW_LOG, window_log), (C_LDM, 1 if ldm else 0),
-                             (C_CONTENT_SIZE, 1), (C_CHECKSUM, 1 if checksum else 0)) + (
-                ((C_HASH_LOG, hash_log),) if hash_log else ()):
+                             (C_CONTENT_SIZE, 1), (C_CHECKSUM, 1 if checksum else 0)):
             _check(LIB.ZSTD_CCtx_setParameter(cctx, param, value))
         with address(data) as src:
             out = bytearray(LIB.ZSTD_compressBound(src.len))
