@@ -85,13 +85,27 @@ def _check_header(index: int, chunk: Chunk, head: bytes | memoryview) -> None:
 def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, dictionary: bytes | memoryview | None,
                      into: bytearray | None = None) -> memoryview:
     """Decompress one verified chunk (into ``into`` if given, to spare a fresh allocation);
-    its output must be exactly what the manifest says."""
+    its output must be exactly what the manifest says. With libzstd the dictionary is
+    referenced, not copied (the delta path's ``memory_needed`` still counts the copy)."""
     _check_header(index, chunk, data)
-    kwargs = {}
-    if dictionary is not None and len(dictionary):
-        kwargs["dict_data"] = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     buf = into if into is not None and len(into) >= chunk.out_length else bytearray(chunk.out_length)
     out = memoryview(buf)[:chunk.out_length]
+    dictionary = dictionary if dictionary is not None and len(dictionary) else None
+    if zstdlib.LIB is not None:
+        decoder = zstdlib.Decoder(MAX_WINDOW_LOG)
+        try:
+            decoder.start(out, dictionary)
+            done, complete = decoder.feed(data), decoder.done()
+        except zstdlib.ZstdLibError as e:
+            raise ChunkError(f"chunk {index} does not decompress: {e}") from None
+        finally:
+            decoder.close()
+        if done != chunk.out_length or not complete or hashlib.sha256(out).hexdigest() != chunk.out_sha256:
+            raise ChunkError(f"chunk {index} decompresses to other bytes than the manifest says")
+        return out
+    kwargs = {}
+    if dictionary is not None:
+        kwargs["dict_data"] = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     done = 0
     try:
         reader = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG, **kwargs).stream_reader(data)
