@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import math
 import mmap
 import os
@@ -335,24 +336,30 @@ class SlotDevice:
 
 
 SYNC_FILE_RANGE_WRITE = 2
-_SYNC_FILE_RANGE: list = []
 
 
+@functools.cache
+def libc():
+    """The C library through ctypes, loaded on first use (status and boot-check import this
+    module and never call into it), or None where it cannot be loaded."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+@functools.cache
 def _sync_file_range():
-    """libc's ``sync_file_range`` (ctypes, loaded on first use: status and boot-check import this
-    module and never write), or None where there is none."""
-    if not _SYNC_FILE_RANGE:
-        fn = None
-        try:
-            import ctypes
+    """libc's ``sync_file_range``, or None where there is none."""
+    fn = getattr(libc(), "sync_file_range", None)
+    if fn is not None:
+        import ctypes
 
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            fn = None
-        _SYNC_FILE_RANGE.append(fn)
-    return _SYNC_FILE_RANGE[0]
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
 
 
 def slot_hash_ok(dev, slot: str, sha: str, size: int) -> bool:

@@ -36,7 +36,7 @@ from metadata.errors import DeviceError, RepositoryError, TransportError
 from metadata.manifest import Chunk, Image
 
 from .fetch import READ_SIZE, transport_hint
-from .slots import SlotDevice
+from .slots import SlotDevice, libc
 
 __all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener"]
 
@@ -268,31 +268,26 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
 
 
 def _heap_for_large_blocks() -> None:
-    """Have glibc serve large blocks from the heap and keep them for reuse (``mallopt``).
+    """Have glibc serve large blocks from the heap and keep them for reuse (``mallopt``), for
+    python-zstandard's decoder only (libzstd's decodes into our buffers and allocates no window).
 
-    zstd allocates its window (up to the chunk size) for every chunk's decompressor; above
-    glibc's mmap threshold (at most 32 MiB) each one is a fresh mapping whose pages fault in
-    again, chunk after chunk: measured on a 1 GiB image, 32 MiB chunks, 1.7 s of decompression
-    CPU, 1.15 s with this. The process is short-lived, and :func:`_give_back` trims the heap
-    after the stream. Elsewhere than glibc this does nothing."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-            _LIBC.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-        except (OSError, AttributeError):
-            _LIBC = False
+    python-zstandard's zstd allocates its window (up to the chunk size) for every chunk's
+    decompressor; above glibc's mmap threshold (at most 32 MiB) each one is a fresh mapping
+    whose pages fault in again, chunk after chunk: measured on a 1 GiB image, 32 MiB chunks,
+    1.7 s of decompression CPU, 1.15 s with this. The process is short-lived, and
+    :func:`_give_back` trims the heap after the stream. Elsewhere than glibc this does nothing."""
+    lib = libc()
+    if hasattr(lib, "mallopt"):
+        lib.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        lib.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def _give_back() -> None:
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    lib = libc()
+    if hasattr(lib, "malloc_trim"):
+        lib.malloc_trim(0)
 
 
-_LIBC = None
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
@@ -361,7 +356,8 @@ class _Pipeline:
 
     def run(self) -> int:
         """Run the stages to the last chunk; the compressed bytes downloaded."""
-        _heap_for_large_blocks()
+        if zstdlib.LIB is None:
+            _heap_for_large_blocks()
         stages = [threading.Thread(target=self._fetch_stage, name="abflip-fetch", daemon=True),
                   threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True)]
         progress = threading.Thread(target=self._progress_stage, name="abflip-progress", daemon=True)
