@@ -80,11 +80,12 @@ def _run_fast(cmd: str, kwargs: dict) -> None:
     from pathlib import Path
 
     from .commands import _device as device
+    from .commands._output import stream_events
 
     kwargs["config"] = Path(kwargs["config"]) if "config" in kwargs else device.DEFAULT_CONFIG
     if streaming:
         fn, render = device.STREAMING[cmd](**kwargs)
-        sys.exit(device.stream_events(fn, as_json, render))
+        sys.exit(stream_events(fn, as_json, render))
     fn = {"status": device.status, "boot-check": device.boot_check, "check": device.check}[cmd]
     sys.exit(fn(**kwargs, as_json=as_json))
 

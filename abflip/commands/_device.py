@@ -10,13 +10,8 @@ the image streaming and delta code, or the producer side. tests/test_startup.py 
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from metadata.errors import Error
+from typing import TYPE_CHECKING
 
 from ._output import report
 
@@ -24,7 +19,7 @@ if TYPE_CHECKING:
     from applier.agent import Device, ProgressFn
 
 __all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "download_call", "install_call",
-           "open_device", "render_check", "render_status", "run_call", "status", "stream_events", "window_line"]
+           "open_device", "render_check", "render_status", "run_call", "status", "window_line"]
 
 DEFAULT_CONFIG = Path("/etc/abflip/abflip.toml")
 
@@ -88,27 +83,7 @@ def boot_check(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:
     return report(lambda: open_device(config).boot_check(), as_json, render_status)
 
 
-# -- the commands that stream an image: progress events as JSON lines, or nothing, then the result
-def stream_events(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], str]) -> int:
-    """Run ``fn(progress)``: with ``as_json`` each progress event is a JSON line on stdout and the
-    last line is ``{"event": "result", ...}`` or ``{"event": "error", ...}``; else no progress
-    and the result rendered (typer's command adds a progress bar on a terminal). The exit code."""
-    if not as_json:
-        return report(lambda: fn(None), False, render)
-
-    def emit(ev: dict) -> None:
-        print(json.dumps(ev, sort_keys=True), flush=True)
-
-    try:
-        result = fn(emit)
-    except Error as e:
-        print(json.dumps({"event": "error", "error": e.to_json()}, sort_keys=True), flush=True)
-        print(e.diagnostics(), file=sys.stderr)
-        return e.exit_code
-    print(json.dumps({"event": "result", "result": result}, sort_keys=True, default=str), flush=True)
-    return 0
-
-
+# -- the commands that stream an image (printed by _output.stream_events)
 def render_download(r: dict) -> str:
     if r["already"]:
         return f"{r['version']} is already staged in slot {r['slot']}"
@@ -142,7 +117,7 @@ def render_run(r: dict) -> str:
     return "\n".join(lines)
 
 
-# Each: (fn(progress) -> result, render), for stream_events here or typer's progress bar.
+# Each: (fn(progress) -> result, render), for _output.stream_events or typer's progress bar.
 def download_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False):
     return (lambda p: open_device(config, p).download(allow_downgrade=allow_downgrade,
                                                       retry_failed=retry_failed).to_json()), render_download

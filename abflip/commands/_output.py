@@ -1,5 +1,6 @@
 """What every command prints and how it exits, without typer (the device commands' fast path
-in :mod:`abflip.cli` uses it directly; :func:`abflip.commands._common.run` wraps it for typer)."""
+in :mod:`abflip.cli` uses it directly; :func:`abflip.commands._common.run` and the streaming
+commands of :mod:`.device` wrap it for typer)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from metadata.errors import Error
 
-__all__ = ["report"]
+__all__ = ["report", "stream_events"]
 
 
 def report(fn: Callable[[], Any], as_json: bool, render: Callable[[Any], str]) -> int:
@@ -26,4 +27,24 @@ def report(fn: Callable[[], Any], as_json: bool, render: Callable[[Any], str]) -
         print(json.dumps(result, indent=1, sort_keys=True, default=str))
     elif text := render(result):
         print(text)
+    return 0
+
+
+def stream_events(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any], str]) -> int:
+    """Run ``fn(progress)``: with ``as_json`` each progress event is a JSON line on stdout and the
+    last line is ``{"event": "result", ...}`` or ``{"event": "error", ...}``; else no progress
+    and the result rendered (typer's command adds a progress bar on a terminal). The exit code."""
+    if not as_json:
+        return report(lambda: fn(None), False, render)
+
+    def emit(ev: dict) -> None:
+        print(json.dumps(ev, sort_keys=True), flush=True)
+
+    try:
+        result = fn(emit)
+    except Error as e:
+        print(json.dumps({"event": "error", "error": e.to_json()}, sort_keys=True), flush=True)
+        print(e.diagnostics(), file=sys.stderr)
+        return e.exit_code
+    print(json.dumps({"event": "result", "result": result}, sort_keys=True, default=str), flush=True)
     return 0

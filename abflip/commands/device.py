@@ -14,6 +14,7 @@ import typer
 
 from . import _device as plain
 from ._common import CONFIG_OPT, JSON_OPT, app, run
+from ._output import stream_events
 from ._device import open_device, render_status
 
 DOWNGRADE_OPT = typer.Option(False, "--allow-downgrade", help="allow a version not newer than the running one")
@@ -26,11 +27,11 @@ def _exit(code: int) -> None:
 
 
 def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str]], as_json: bool) -> None:
-    """:func:`._device.stream_events` (JSON lines with ``--json``, else the result alone), with a
+    """:func:`._output.stream_events` (JSON lines with ``--json``, else the result alone), with a
     rich progress bar on stderr when that is a terminal."""
     fn, render = call
     if as_json or not sys.stderr.isatty():
-        return _exit(plain.stream_events(fn, as_json, render))
+        return _exit(stream_events(fn, as_json, render))
     from rich.console import Console
     from rich.progress import (
         BarColumn,
