@@ -150,7 +150,5 @@ def provision(release: Path = typer.Argument(..., help="the release of the image
               config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """A device's first day: verify the factory image in the booted slot against its release, write its
     boot files and a blessed entry, and record it (slot good, version floor) in the state."""
-    from applier.factory import provision as provision_slot
-
-    _streaming((lambda p: provision_slot(open_device(config, p), release, slot=slot, force=force), _render_provision),
+    _streaming((lambda p: open_device(config, p).provision(release, slot=slot, force=force), _render_provision),
                as_json)
