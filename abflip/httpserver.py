@@ -219,11 +219,11 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 8080, *, max_connecti
                 errno.EACCES: "ports below 1024 need root; choose another with --port"}.get(
                     e.errno, "check --host and --port")
         raise UserError(f"cannot listen on {host}:{port}: {what.lower()}", hint=hint) from None
-    if ready is not None:
-        ready(srv.url)
     try:
+        if ready is not None:
+            ready(srv.url)
         srv.httpd.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (abflip.commands._output.catch_signals): how a server stops
         pass
     finally:
         srv.httpd.server_close()

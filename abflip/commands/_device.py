@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING
 from ._output import report
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from applier.agent import Device, ProgressFn
+    from metadata.errors import Interrupted
 
 __all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "download_call", "install_call",
            "open_device", "render_check", "render_status", "run_call", "status", "window_line"]
@@ -117,24 +120,57 @@ def render_run(r: dict) -> str:
     return "\n".join(lines)
 
 
-# Each: (fn(progress) -> result, render), for _output.stream_events or typer's progress bar.
+def where_stopped(config: Path) -> Callable[[str], Interrupted]:
+    """For a streaming command stopped by a signal: the error saying where the device stands,
+    read from the state file its run left (what the next run starts from)."""
+    def where(signame: str) -> Interrupted:
+        import signal
+
+        from applier.config import Config
+        from applier.state import load_state
+        from metadata.errors import Interrupted
+
+        signum = signal.Signals[signame].value
+        state = load_state(Config.load(config).state_dir)
+        t = state.target if state is not None and not state.invalid else None
+        if t is None:
+            return Interrupted(f"interrupted ({signame})", signum=signum)
+        if state.state == "downloading":
+            return Interrupted(f"interrupted ({signame}); the next run resumes at chunk {t.chunks_done} of "
+                               f"{t.chunks_total} ({t.version} into slot {t.slot})", signum=signum,
+                               hint="run it again (or let the timer's `abflip run` do it): the verified chunks are kept")
+        if state.state == "staged":
+            return Interrupted(f"interrupted ({signame}); {t.version} is staged in slot {t.slot}: `abflip apply` "
+                               "(or the timer's `abflip run` in a maintenance window) applies it", signum=signum)
+        if state.state == "pending":
+            return Interrupted(f"interrupted ({signame}) after {t.version} was applied: the next boot tries it "
+                               f"in slot {t.slot}", signum=signum, hint="reboot to try it, or `abflip rollback` "
+                                                                        "to withdraw it")
+        return Interrupted(f"interrupted ({signame}); the device is {state.state}", signum=signum,
+                           hint="`abflip status` shows where it stands; run the command again")
+    return where
+
+
+# Each: (fn(progress) -> result, render, where), for _output.stream_events or typer's progress bar.
 def download_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False):
     return (lambda p: open_device(config, p).download(allow_downgrade=allow_downgrade,
-                                                      retry_failed=retry_failed).to_json()), render_download
+                                                      retry_failed=retry_failed).to_json()), render_download, \
+        where_stopped(config)
 
 
 def apply_call(config: Path, now: bool = False):
-    return (lambda p: open_device(config, p).apply(now=now).to_json()), render_apply
+    return (lambda p: open_device(config, p).apply(now=now).to_json()), render_apply, where_stopped(config)
 
 
 def run_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False, no_reboot: bool = False):
     return (lambda p: open_device(config, p).run(allow_downgrade=allow_downgrade, retry_failed=retry_failed,
-                                                 reboot=not no_reboot)), render_run
+                                                 reboot=not no_reboot)), render_run, where_stopped(config)
 
 
 def install_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False):
     return (lambda p: open_device(config, p).install(allow_downgrade=allow_downgrade,
-                                                     retry_failed=retry_failed).to_json()), render_install
+                                                     retry_failed=retry_failed).to_json()), render_install, \
+        where_stopped(config)
 
 
 STREAMING = {"download": download_call, "apply": apply_call, "run": run_call, "install": install_call}

@@ -26,12 +26,13 @@ def _exit(code: int) -> None:
         raise typer.Exit(code)
 
 
-def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str]], as_json: bool) -> None:
+def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str], Callable[[str], Any] | None],
+               as_json: bool) -> None:
     """:func:`._output.stream_events` (JSON lines with ``--json``, else the result alone), with a
     rich progress bar on stderr when that is a terminal."""
-    fn, render = call
+    fn, render, where = call
     if as_json or not sys.stderr.isatty():
-        return _exit(stream_events(fn, as_json, render))
+        return _exit(stream_events(fn, as_json, render, where))
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -58,7 +59,7 @@ def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str]], as_json:
 
             return fn(show)
 
-    return run(bar_call, False, render)  # the result is printed after the bar is gone
+    return run(bar_call, False, render, where)  # the result is printed after the bar is gone
 
 
 @app.command("status")
@@ -152,5 +153,5 @@ def provision(release: Path = typer.Argument(..., help="the release of the image
     boot files and a blessed entry, and record it (slot good, version floor) in the state."""
     from applier.factory import provision as provision_slot
 
-    _streaming((lambda p: provision_slot(open_device(config, p), release, slot=slot, force=force), _render_provision),
-               as_json)
+    _streaming((lambda p: provision_slot(open_device(config, p), release, slot=slot, force=force), _render_provision,
+                None), as_json)

@@ -1,0 +1,183 @@
+"""First contact and daily use, second pass (issue 23): every way a command ends is in the
+documented form (``error (<blame>): ...`` + ``hint:``, JSON under ``--json``), over the real CLI
+as a process: usage errors, signals, a closed stdout, and the producer's and the key holders'
+mistakes. Each story checks the text, the exit code, and that nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_agent_kill import _Slow
+from test_agent_lifecycle import agent
+
+from abflip.demo import HARDWARE, PRODUCT
+
+REPO = Path(__file__).resolve().parents[1]
+ABFLIP = [sys.executable, "-m", "abflip.cli"]
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 180,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*ABFLIP, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, **(env or {})}, input=input)
+
+
+def fails(r: subprocess.CompletedProcess, code: int, *texts: str) -> None:
+    """Failed with ``code``, an ``error (...)`` line holding every text and a hint; no traceback, no box."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr and "╭" not in r.stdout, r.stderr
+    assert r.stderr.startswith("error ("), r.stderr
+    assert "\n  hint: " in r.stderr, r.stderr
+    for t in texts:
+        assert t in r.stderr, (t, r.stderr)
+
+
+# -- usage errors: the documented form, not typer's box ----------------------------------------
+@pytest.mark.parametrize("args, text", [
+    (["status", "--bogus"], "error (user): abflip status: no such option: --bogus"),
+    (["publish"], "error (user): abflip publish: missing argument RELEASE_DIR"),
+    (["publish", "x", "--to", "y"], "error (user): abflip publish: missing option '--keys'"),
+    (["channel", "rollout", "p", "--channel", "c", "--percent", "ten", "--repo", "r", "--keys", "k"],
+     "error (user): abflip channel rollout: invalid value for '--percent'"),
+    (["repo", "frobnicate"], "error (user): abflip repo: no such command 'frobnicate'"),
+])
+def test_usage_errors_are_in_the_documented_form(args, text):
+    r = cli(*args)
+    fails(r, 2, text, f"hint: '{text.split(': ')[1]} --help' lists its arguments and options")
+    assert r.stdout == ""
+
+
+def test_usage_errors_under_json_are_json():
+    r = cli("status", "--json", "--bogus")
+    fails(r, 2, "no such option: --bogus")
+    err = json.loads(r.stdout)["error"]
+    assert (err["blame"], err["type"]) == ("user", "UserError") and "--bogus" in err["message"] and err["hint"]
+    # a streaming command's stream ends with an error event, as its other errors do
+    r = cli("download", "--json", "--percent", "3")
+    fails(r, 2, "no such option: --percent")
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev["event"] == "error" and ev["error"]["blame"] == "user"
+
+
+# -- a closed stdout is a normal end -------------------------------------------------------------
+def test_a_reader_that_closes_stdout_early_is_a_quiet_normal_end(world):
+    world.publish("1.0.0")
+    sim, _ = world.device()
+    for args in (["status", "--json"], ["status", "--json", "--config=" + str(sim.config_path)], ["--help"],
+                 ["man"]):
+        if "--config=" not in " ".join(args) and args[0] == "status":
+            args = [*args, "--config", str(sim.config_path)]
+        p = subprocess.Popen([*ABFLIP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        p.stdout.read(10)
+        p.stdout.close()  # `| head -c 10`
+        err = p.stderr.read().decode()
+        assert p.wait(60) == 0, (args, err)
+        assert err == "", (args, err)
+
+
+# -- signals: SIGTERM (systemd stopping the unit) and SIGINT (Ctrl-C) without a terminal ---------
+def _start(world, sim, *args: str) -> subprocess.Popen:
+    _Slow.sent = 0
+    _Slow.hold_boot_files.clear()
+    world.handler = _Slow
+    return subprocess.Popen([*ABFLIP, *args, "--config", str(sim.config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("sig, code, command", [(signal.SIGTERM, 143, "download"), (signal.SIGINT, 130, "install")])
+def test_a_signal_mid_download_ends_with_an_error_event_and_the_chunk_to_resume_at(world, sig, code, command):
+    world.publish("1.0.0")
+    sim, dev = agent(world)
+    world.publish("2.0.0")
+    proc = _start(world, sim, command, "--json")
+    watchdog = threading.Timer(90, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            ev = json.loads(line)
+            assert ev["event"] == "progress", ev
+            if ev.get("chunk") == 2:
+                break
+        proc.send_signal(sig)
+        out, err = proc.communicate(60)
+    finally:
+        watchdog.cancel()
+        _Slow.hold_boot_files.set()
+    assert proc.returncode == code, (proc.returncode, err)
+    done = dev.status()["target"]["chunks_done"]
+    assert dev.status()["state"] == "downloading" and done >= 2
+    total = dev.status()["target"]["chunks_total"]
+    name = signal.Signals(sig).name
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["event"] == "error" and last["error"]["blame"] == "interrupted", last
+    assert last["error"]["message"] == (f"interrupted ({name}); the next run resumes at chunk {done} of {total} "
+                                        "(2.0.0 into slot b)")
+    assert err.startswith(f"error (interrupted): interrupted ({name}); the next run resumes at chunk {done}"), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert [e for e in sim.entries() if "-b" in e] == [] and sim.boot().slot == "a"
+    r = cli("download", "--json", "--config", sim.config_path)  # the next run resumes there
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["result"]["resumed_at_chunk"] == done
+
+
+def test_sigterm_without_json_prints_the_error_line(world):
+    world.publish("1.0.0")
+    sim, dev = agent(world)
+    world.publish("2.0.0")
+    proc = _start(world, sim, "download")
+    try:
+        deadline = time.monotonic() + 60
+        while (dev.status()["target"] or {}).get("chunks_done", 0) < 1:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(60)
+    finally:
+        _Slow.hold_boot_files.set()
+    assert proc.returncode == 143 and out == "", (out, err)
+    assert err.startswith("error (interrupted): interrupted (SIGTERM); the next run resumes at chunk "), err
+    assert "\n  hint: run it again" in err
+
+
+def test_sigterm_stops_serve_normally(tmp_path):
+    """SIGTERM while `abflip serve` serves: how a server is stopped, not an error."""
+    port = _free_port()
+    proc = subprocess.Popen([*ABFLIP, "serve", str(tmp_path), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert "serving" in proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_an_interrupted_release_create_leaves_nothing(tmp_path, built):
+    image = tmp_path / "big.img"
+    image.write_bytes(os.urandom(48 << 20))  # incompressible at level 19 on one thread: seconds of work
+    proc = subprocess.Popen([*ABFLIP, "release", "create", "--image", str(image), "--product", PRODUCT, "--version",
+                             "9.0.0", "--compatible", HARDWARE, "--kernel", str(built["1.0.0"] / "vmlinuz"),
+                             "--level", "19", "--threads", "1", "--chunk-size", str(4 << 20), "--window", "0",
+                             "-o", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(60)
+    assert proc.returncode == 143, err
+    assert err.startswith("error (interrupted): interrupted (SIGTERM)\n  hint: run the command again"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.img"]  # no release, no staging directory
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
