@@ -275,11 +275,20 @@ def serve_cmd(
     port: int = typer.Option(8080, help="port to listen on"),
     max_connections: int = typer.Option(64, help="connections served at once; more wait a second, then get 503"),
     timeout: float = typer.Option(60.0, help="seconds a client may stay silent (or not read) before it is dropped"),
+    quiet: bool = typer.Option(False, "--quiet", help="no request log on stderr"),
 ) -> None:
-    """Serve a repository directory over HTTP (with Range) for local trials. Dotfiles and
-    anything whose real path leaves the directory are never served."""
+    """Serve a repository directory over HTTP (with Range) for local trials, logging each request
+    on stderr (Common Log Format). Dotfiles and anything whose real path leaves the directory are
+    never served."""
     from ..httpserver import serve
 
+    def log(line: str) -> None:
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:
+            pass  # a log reader that went away must not stop the server
+
     run(lambda: serve(directory, host, port, max_connections=max_connections, timeout=timeout,
-                      ready=lambda url: print(f"serving {directory.resolve()} at {url}", flush=True)),
+                      ready=lambda url: print(f"serving {directory.resolve()} at {url}", flush=True),
+                      log=None if quiet else log),
         False, lambda _: "")
