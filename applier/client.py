@@ -73,11 +73,17 @@ _HEAD = 40
 _EXPIRED_ROLE = re.compile(r"(?:New |Final )?([\w.-]+?)(?:\.json)? is expired")
 
 
+def expired_role(e: Exception) -> str | None:
+    """The role python-tuf's ExpiredMetadataError names ('timestamp', 'edge-os'), if it names one."""
+    m = _EXPIRED_ROLE.search(str(e))
+    return m[1] if m else None
+
+
 def _expired_message(e: Exception, expiry_of: Callable[[str], datetime | None] | None) -> str:
     """'role timestamp expired at 2026-01-02 03:04:05 UTC (timestamp.json is expired)'"""
-    m = _EXPIRED_ROLE.search(str(e))
-    role = m[1] if m else "metadata"
-    when = expiry_of(role) if (expiry_of and m) else None
+    named = expired_role(e)
+    role = named or "metadata"
+    when = expiry_of(role) if (expiry_of and named) else None
     at = f" at {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""
     return f"role {role} expired{at} ({e})"
 

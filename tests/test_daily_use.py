@@ -181,3 +181,41 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- repo verify and refresh: what the publisher is told --------------------------------------
+def test_repo_verify_with_a_root_that_is_not_a_root_is_a_user_error(world, tmp_path):
+    world.publish("1.0.0")
+    r = cli("repo", "verify", world.repo, "--root", world.repo / "metadata" / "timestamp.json")
+    fails(r, 2, "error (user): the trusted root given (--root) is not a TUF root: Expected 'root', got 'timestamp'",
+          "pass the root.json devices are shipped with")
+    (tmp_path / "junk.json").write_text("{not json")
+    fails(cli("repo", "verify", world.repo, "--root", tmp_path / "junk.json"), 2, "is not a TUF root")
+    fails(cli("repo", "verify", world.repo, "--root", tmp_path / "nope.json"), 2,
+          f"error (user): cannot read --root {tmp_path / 'nope.json'}: No such file or directory")
+
+
+def test_repo_verify_of_a_directory_without_a_repository_blames_the_path_not_the_network(world):
+    r = cli("repo", "verify", world.built["1.0.0"])
+    fails(r, 2, f"error (user): {world.built['1.0.0']} holds no abflip repository (metadata/1.root.json not found)",
+          "check the repository's path, bucket prefix or URL")
+    assert "network" not in r.stderr
+
+
+def test_expired_metadata_tells_the_publisher_what_to_run(world):
+    from datetime import datetime, timedelta, timezone
+
+    world.publish("1.0.0", now=datetime.now(timezone.utc) - timedelta(days=3))  # timestamp: 1 day
+    r = cli("repo", "verify", world.repo)
+    fails(r, 3, "error (repository): TUF refresh failed: timestamp.json is expired",
+          f"hint: re-sign it: abflip repo refresh --repo {world.repo} --keys KEYS")
+    assert "Tell the publisher" not in r.stderr
+    world.publish("2.0.0", now=datetime.now(timezone.utc) - timedelta(days=100))  # targets: 90 days
+    r = cli("repo", "refresh", "--repo", world.repo, "--keys", world.keys.dir)  # re-signs what it can ...
+    fails(r, 3, "error (repository): targets v", "expired", "its key holders must re-sign it (abflip repo rotate "
+          "targets with no change, then sign and commit) (re-signed meanwhile: ", "timestamp.json")
+    r = cli("repo", "verify", world.repo)  # ... and the offline role is what is left
+    fails(r, 3, "TUF refresh failed: New targets is expired", "targets is offline: its key holders re-sign it with a rotation that "
+          f"changes nothing (abflip repo rotate targets --keys KEYS --to {world.repo}")
+    r = cli("repo", "refresh", "--repo", world.repo, "--keys", world.keys.dir, "--json")
+    assert r.returncode == 3 and json.loads(r.stdout)["error"]["blame"] == "repository"

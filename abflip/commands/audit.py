@@ -32,7 +32,9 @@ def repo_verify(
             except OSError as e:
                 from metadata.errors import UserError
 
-                raise UserError(f"cannot read --root {root}: {e}") from None
+                raise UserError(f"cannot read --root {root}: {e.strerror or e}",
+                                hint="pass the root.json devices are shipped with (the repository's "
+                                     "metadata/1.root.json)") from None
         with progress_bar("verifying", deep and not as_json) as progress:
             report = audit(location, deep=deep, trusted_root=trusted, endpoint_url=endpoint_url, region=region,
                            profile=profile, progress=progress)

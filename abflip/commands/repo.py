@@ -329,15 +329,21 @@ def repo_refresh(
     """Re-sign the online roles before they expire (timestamp; snapshot within half its period).
 
     What a scheduled CI job runs (ci/refresh-workflow.yml)."""
+    from metadata.errors import RepositoryError
     from metadata.keys import KeyConfig
     from metadata.repository import Repository
-    from metadata.status import expiry_warnings
+    from metadata.status import expired_roles, expiry_warnings
 
     def go() -> dict:
         config = KeyConfig.load(keys)
         files = _sign_and_write(repo, config, lambda r: r.refresh_files(config, force=force))
-        return {"signed": [f.name for f in files],
-                "warnings": expiry_warnings(Repository.load(_reader(repo)), config)}
+        current = Repository.load(_reader(repo))
+        if expired := expired_roles(current):
+            signed = f" (re-signed meanwhile: {', '.join(f.name for f in files)})" if files else ""
+            raise RepositoryError("; ".join(expired) + signed,
+                                  hint="devices refuse every update while a role is expired (docs/keys.md); "
+                                       "this job can re-sign only the roles whose keys it holds")
+        return {"signed": [f.name for f in files], "warnings": expiry_warnings(current, config)}
 
     run(go, as_json, lambda r: "\n".join([f"re-signed {', '.join(r['signed'])}" if r["signed"] else "nothing due",
                                           *(f"warning: {w}" for w in r["warnings"])]))
