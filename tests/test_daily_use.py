@@ -219,3 +219,20 @@ def test_expired_metadata_tells_the_publisher_what_to_run(world):
           f"changes nothing (abflip repo rotate targets --keys KEYS --to {world.repo}")
     r = cli("repo", "refresh", "--repo", world.repo, "--keys", world.keys.dir, "--json")
     assert r.returncode == 3 and json.loads(r.stdout)["error"]["blame"] == "repository"
+
+
+# -- the demo: a workdir that cannot be one, and a second run in the same one ------------------
+def test_demo_workdir_mistakes_and_a_second_run(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    fails(cli("demo", "--workdir", tmp_path / "file"), 2, f"error (user): --workdir {tmp_path / 'file'} is not a "
+          "directory", "pass a new or empty directory")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    fails(cli("demo", "--workdir", tmp_path / "other"), 2, "holds files the demo did not make (notes.txt)")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    work = tmp_path / "missing" / "parent" / "demo"  # parents are made
+    first = cli("demo", "--workdir", work, timeout=600)
+    assert first.returncode == 0 and first.stdout.endswith("demo: OK\n"), first.stderr
+    again = cli("demo", "--workdir", work, timeout=600)  # README: every step can be run again
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"== clearing the earlier demo in {work}\n") and again.stdout.endswith("demo: OK\n")

@@ -21,7 +21,7 @@ from typing import Any
 
 from metadata.errors import Error, Interrupted
 
-__all__ = ["report", "stream_events", "print_error", "Stopped", "catch_signals", "stdout_gone", "internal_error",
+__all__ = ["report", "stream_events", "print_error", "say", "Stopped", "catch_signals", "stdout_gone", "internal_error",
            "VERBOSE"]
 
 #: Set by the CLI's ``--verbose``: internal errors print their traceback too.
@@ -63,7 +63,8 @@ def stdout_gone() -> None:
         pass
 
 
-def _print(text: str, *, err: bool = False) -> None:
+def say(text: str, *, err: bool = False) -> None:
+    """Print a line (flushed); a closed stdout is not an error (:func:`stdout_gone`)."""
     try:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
     except BrokenPipeError:
@@ -97,9 +98,9 @@ def print_error(e: Error, as_json: bool, *, event: bool = False) -> int:
     """Print ``e`` (JSON on stdout with ``as_json``: ``{"error": ...}``, or a JSON-lines
     ``{"event": "error", ...}`` with ``event``; the text on stderr always); its exit code."""
     if as_json:
-        _print(json.dumps({"event": "error", "error": e.to_json()}, sort_keys=True) if event
+        say(json.dumps({"event": "error", "error": e.to_json()}, sort_keys=True) if event
                else json.dumps({"error": e.to_json()}, indent=1))
-    _print(e.diagnostics(), err=True)
+    say(e.diagnostics(), err=True)
     return e.exit_code
 
 
@@ -116,9 +117,9 @@ def report(fn: Callable[[], Any], as_json: bool, render: Callable[[Any], str],
     except Exception as e:  # the CLI's top: whatever escaped is reported, not dumped
         return print_error(internal_error(e), as_json)
     if as_json:
-        _print(json.dumps(result, indent=1, sort_keys=True, default=str))
+        say(json.dumps(result, indent=1, sort_keys=True, default=str))
     elif text := render(result):
-        _print(text)
+        say(text)
     return 0
 
 
@@ -131,7 +132,7 @@ def stream_events(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any
         return report(lambda: fn(None), False, render, where)
 
     def emit(ev: dict) -> None:
-        _print(json.dumps(ev, sort_keys=True))
+        say(json.dumps(ev, sort_keys=True))
 
     try:
         result = fn(emit)
@@ -141,5 +142,5 @@ def stream_events(fn: Callable[[Any], Any], as_json: bool, render: Callable[[Any
         return print_error(interrupted(e, where), True, event=True)
     except Exception as e:
         return print_error(internal_error(e), True, event=True)
-    _print(json.dumps({"event": "result", "result": result}, sort_keys=True, default=str))
+    say(json.dumps({"event": "result", "result": result}, sort_keys=True, default=str))
     return 0

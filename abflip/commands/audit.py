@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ._common import JSON_OPT, repo_app, run
+from ._output import say
 from .producer import ENDPOINT_OPT, PROFILE_OPT, REGION_OPT, progress_bar, storage_for
 
 
@@ -40,7 +41,7 @@ def repo_verify(
                            profile=profile, progress=progress)
         if not report["ok"]:
             if not as_json:
-                print(render(report))
+                say(render(report))
             raise AuditFailed(report)
         return report
 

@@ -68,7 +68,9 @@ def man() -> None:
     """Print the abflip(1) manual page (roff): abflip man | man -l -"""
     import typer.main
 
-    print(man_page(typer.main.get_command(app)), end="")
+    from ._output import say
+
+    say(man_page(typer.main.get_command(app)).rstrip("\n"))
 
 
 # -- the manual page ---------------------------------------------------------------------------

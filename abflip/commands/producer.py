@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ._common import JSON_OPT, app, channel_app, image_app, release_app, run
+from ._output import say
 
 # S3 options shared by every command that takes a repository (--to / --repo). Without them
 # boto3's standard chain applies (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL_S3, roles...).
@@ -289,6 +290,6 @@ def serve_cmd(
             pass  # a log reader that went away must not stop the server
 
     run(lambda: serve(directory, host, port, max_connections=max_connections, timeout=timeout,
-                      ready=lambda url: print(f"serving {directory.resolve()} at {url}", flush=True),
+                      ready=lambda url: say(f"serving {directory.resolve()} at {url}"),
                       log=None if quiet else log),
         False, lambda _: "")
