@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import fake_erofs
 from test_agent_kill import _Slow
 from test_agent_lifecycle import agent
 
@@ -160,7 +161,7 @@ def test_sigterm_stops_serve_normally(tmp_path):
 
 def test_an_interrupted_release_create_leaves_nothing(tmp_path, built):
     image = tmp_path / "big.img"
-    image.write_bytes(os.urandom(48 << 20))  # incompressible at level 19 on one thread: seconds of work
+    image.write_bytes(fake_erofs(os.urandom(48 << 20)))  # incompressible at level 19 on one thread: seconds of work
     proc = subprocess.Popen([*ABFLIP, "release", "create", "--image", str(image), "--product", PRODUCT, "--version",
                              "9.0.0", "--compatible", HARDWARE, "--kernel", str(built["1.0.0"] / "vmlinuz"),
                              "--level", "19", "--threads", "1", "--chunk-size", str(4 << 20), "--window", "0",
@@ -236,3 +237,47 @@ def test_demo_workdir_mistakes_and_a_second_run(tmp_path):
     again = cli("demo", "--workdir", work, timeout=600)  # README: every step can be run again
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith(f"== clearing the earlier demo in {work}\n") and again.stdout.endswith("demo: OK\n")
+
+
+# -- release create and image build: the image's type, and what is there already ---------------
+def _release(image: Path, out: Path, kernel: Path, *extra: str) -> subprocess.CompletedProcess:
+    return cli("release", "create", "--image", image, "--product", PRODUCT, "--version", "9.0.0", "--compatible",
+               HARDWARE, "--kernel", kernel, "--chunk-size", 262144, "--window", 262144, "-o", out, *extra)
+
+
+def test_release_create_checks_the_image_is_a_filesystem_of_its_type(built, tmp_path):
+    kernel = built["1.0.0"] / "vmlinuz"
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    fails(_release(junk, tmp_path / "out", kernel), 2,
+          f"error (user): --image {junk} is no erofs, squashfs or ext4 image", "build the image with 'abflip image build'")
+    erofs = built["1.0.0.img"]
+    fails(_release(erofs, tmp_path / "out", kernel, "--fstype", "squashfs"), 2,
+          f"--image {erofs} is an erofs image, not squashfs", "pass --fstype erofs")
+    assert not (tmp_path / "out").exists()
+    r = _release(erofs, tmp_path / "out", kernel)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "release.json").read_text())["image"]["fstype"] == "erofs"
+
+
+def test_outputs_are_not_overwritten_without_force(built, tmp_path):
+    kernel = built["1.0.0"] / "vmlinuz"
+    out = tmp_path / "rel"
+    assert _release(built["1.0.0.img"], out, kernel).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = _release(built["2.0.0.img"], out, kernel)
+    fails(r, 2, f"error (user): {out} already holds a release (release.json)", "pass --force to replace it")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = _release(built["2.0.0.img"], out, kernel, "--force")
+    assert r.returncode == 0, r.stderr
+    assert (out / "rootfs.img.zst").read_bytes() != before["rootfs.img.zst"]
+
+    from abflip.demo import make_rootfs
+
+    tree = make_rootfs(tmp_path / "tree", "1.0.0", size=100_000)
+    img = tmp_path / "rootfs.img"
+    img.write_bytes(b"precious")
+    fails(cli("image", "build", tree, "-o", img), 2, f"error (user): output {img} exists", "pass --force")
+    assert img.read_bytes() == b"precious"
+    r = cli("image", "build", tree, "-o", img, "--force", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["fstype"] == "erofs", r.stderr

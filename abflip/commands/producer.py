@@ -56,13 +56,14 @@ def image_build(
     source_date_epoch: Optional[int] = typer.Option(None, help="timestamp for every file (default: $SOURCE_DATE_EPOCH or 0)"),
     max_size: Optional[int] = typer.Option(None, help="refuse an image larger than this (the slot size, bytes)"),
     xattrs: bool = typer.Option(True, help="keep extended attributes (file capabilities, SELinux labels)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output file"),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Build a reproducible image from a directory or a tarball."""
+    """Build a reproducible image from a directory or a tarball (an existing -o is refused without --force)."""
     from builder.image import build_image
 
     run(lambda: build_image(rootfs, output, fstype=fstype, source_date_epoch=source_date_epoch, max_size=max_size,
-                            xattrs=xattrs).__dict__,
+                            xattrs=xattrs, force=force).__dict__,
         as_json, lambda r: f"{r['path']}: {r['fstype']}, {r['size']} bytes, sha256 {r['sha256']}")
 
 
@@ -111,15 +112,22 @@ def release_create(
     delta_from: list[Path] = typer.Option([], "--delta-from", help="an earlier release's directory (repeat for more): "
                                                                   "also write a delta from its image (docs/delta.md)"),
     delta_level: int = typer.Option(19, help="zstd level of the delta frames"),
+    force: bool = typer.Option(False, "--force", help="replace the release an existing -o holds"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Compress an image and write release.json with its signed-to-be chunk table.
 
-    release.json's "created" is $SOURCE_DATE_EPOCH when set (set it for a bit-identical
-    release.json), else the current time."""
-    from builder.release import create_release
+    The image must be a filesystem of --fstype (its superblock is checked); an -o that holds a
+    release already is refused without --force. release.json's "created" is $SOURCE_DATE_EPOCH
+    when set (set it for a bit-identical release.json), else the current time."""
+    from builder.image import check_image_type
+    from builder.release import check_arguments, create_release
 
     def go() -> dict:
+        check_arguments(product=product, version=version, compatible=compatible, options=options, fstype=fstype,
+                        level=level, chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size)
+        if image.is_file() and image.stat().st_size:  # else create_release says what is wrong with it
+            check_image_type(image, fstype)
         try:
             size: int | None = image.stat().st_size
         except OSError:
@@ -128,7 +136,8 @@ def release_create(
             r = create_release(image, output, product=product, version=version, compatible=compatible, kernel=kernel,
                                initrd=initrd, uki=uki, options=options, fstype=fstype, level=level,
                                chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size,
-                               progress=progress, delta_from=delta_from, delta_level=delta_level).release
+                               progress=progress, delta_from=delta_from, delta_level=delta_level,
+                               force=force).release
         return {"dir": str(output), "product": r.product, "version": str(r.version), "image_size": r.image.size,
                 "compressed_size": r.image.compressed_size, "chunks": len(r.image.chunks), "sha256": r.image.sha256,
                 "boot": sorted(r.boot.files()),
