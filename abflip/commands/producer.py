@@ -31,7 +31,12 @@ def storage_for(url: str, endpoint_url: Optional[str], region: Optional[str], pr
     from metadata.errors import UserError
 
     if url.startswith("s3://"):
-        return open_storage(url, endpoint_url=endpoint_url, region=region, profile=profile)
+        storage = open_storage(url, endpoint_url=endpoint_url, region=region, profile=profile)
+        if not new and not storage.exists("metadata/1.root.json"):
+            raise UserError(f"{url} holds no abflip repository (no metadata/1.root.json)",
+                            hint="check the bucket and prefix (the place holding metadata/ and targets/); "
+                                 "'abflip repo init' creates a repository")
+        return storage
     if url.lower().startswith(("http://", "https://")):
         raise UserError(f"{url} is an HTTP URL: abflip reads repositories over HTTP but writes them only to a directory "
                         "or s3://bucket/prefix", hint="pass the directory or bucket the web server serves; nothing "
