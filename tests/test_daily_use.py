@@ -281,3 +281,79 @@ def test_outputs_are_not_overwritten_without_force(built, tmp_path):
     assert img.read_bytes() == b"precious"
     r = cli("image", "build", tree, "-o", img, "--force", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["fstype"] == "erofs", r.stderr
+
+
+# -- keys: what the key holders' commands leave behind --------------------------------------
+def _keys_json(keys: Path) -> dict:
+    return json.loads((keys / "keys.json").read_text())
+
+
+def test_rotate_root_with_a_revoked_prefix_drops_the_key_from_keys_json(tmp_path):
+    keys, repo = tmp_path / "keys", tmp_path / "repo"
+    assert cli("repo", "init", "--keys", keys, "--to", repo, "--keys-per-role", "root=2").returncode == 0
+    old = [k["keyid"] for k in _keys_json(keys)["roles"]["root"]]
+    r = cli("repo", "rotate", "root", "--keys", keys, "--to", repo, "--generate", "1", "--revoke", old[1][:12])
+    assert r.returncode == 0, r.stderr
+    now = [k["keyid"] for k in _keys_json(keys)["roles"]["root"]]
+    assert old[1] not in now and old[0] in now and len(now) == 2  # docs/keys.md: the revoked key is dropped
+    assert cli("repo", "commit", "--keys", keys, "--to", repo).returncode == 0
+    root = json.loads((repo / "metadata" / "2.root.json").read_text())
+    assert sorted(root["signed"]["roles"]["root"]["keyids"]) == sorted(now)
+    assert old[1] in {s["keyid"] for s in root["signatures"]}  # it signed the handover
+
+
+def test_repo_sign_refuses_a_key_that_is_not_a_signer_and_commit_publishes_real_signatures(tmp_path):
+    """Root 2 of 2, the second key on its holder's token (not here): the staged root names it; a
+    wrong key is refused with nothing written; the right one signs; commit publishes."""
+    keys, repo = tmp_path / "keys", tmp_path / "repo"
+    assert cli("repo", "init", "--keys", keys, "--to", repo, "--keys-per-role", "root=2", "--threshold",
+               "root=2").returncode == 0
+    token = tmp_path / "token.pem"
+    (keys / "root-2.pem").rename(token)
+    r = cli("repo", "rotate", "root", "--keys", keys, "--to", repo, "--generate", "1", "--threshold", "2")
+    assert r.returncode == 0, r.stderr
+    staged = keys / "staged" / "2.root.json"
+    before = staged.read_bytes()
+    for wrong in (keys / "targets.pem", keys / "timestamp.pem"):
+        r = cli("repo", "sign", staged, "--key", wrong)
+        fails(r, 2, "error (user): key ", "is not a key that signs 2.root.json (root v2); its signers: ",
+              "the staged file is unchanged")
+        assert staged.read_bytes() == before
+    fails(cli("repo", "commit", "--keys", keys, "--to", repo), 2, "role root v2 needs 1 more from the previous root")
+    r = cli("repo", "sign", staged, "--key", token)
+    assert r.returncode == 0 and "; 3 signature(s)" in r.stdout, r.stdout + r.stderr
+    assert cli("repo", "commit", "--keys", keys, "--to", repo).returncode == 0
+    published = json.loads((repo / "metadata" / "2.root.json").read_text())["signatures"]
+    assert len(published) == 3 and all(s["sig"] for s in published)  # no empty placeholder reaches devices
+    assert cli("repo", "verify", repo).returncode == 0
+
+
+def test_delegating_a_product_twice_leaves_no_orphan_key(tmp_path):
+    keys, repo = tmp_path / "keys", tmp_path / "repo"
+    assert cli("repo", "init", "--keys", keys, "--to", repo).returncode == 0
+    assert cli("repo", "delegate", PRODUCT, "--keys", keys, "--to", repo, "--generate").returncode == 0
+    assert cli("repo", "commit", "--keys", keys, "--to", repo).returncode == 0
+    before = sorted(p.name for p in keys.iterdir()), (keys / "keys.json").read_bytes()
+    r = cli("repo", "delegate", PRODUCT, "--keys", keys, "--to", repo, "--generate")
+    fails(r, 2, f"error (user): {PRODUCT} is already delegated")
+    assert (sorted(p.name for p in keys.iterdir()), (keys / "keys.json").read_bytes()) == before
+    r = cli("repo", "rotate", PRODUCT, "--keys", keys, "--to", repo, "--generate", "1", "--threshold", "5")
+    fails(r, 2, f"role {PRODUCT} would have threshold 5 with 2 key(s)")
+    assert (sorted(p.name for p in keys.iterdir()), (keys / "keys.json").read_bytes()) == before
+
+
+def test_gc_dry_run_checks_the_keys_as_the_real_run(world, tmp_path):
+    for v in ("1.0.0", "2.0.0", "3.0.0"):
+        world.publish(v)
+    other = tmp_path / "other-keys"
+    assert cli("repo", "init", "--keys", other, "--to", tmp_path / "other-repo").returncode == 0
+    for args in (["--dry-run"], []):
+        r = cli("repo", "gc", "--repo", world.repo, "--keys", other, "--keep", "1", *args)
+        fails(r, 2, "error (user): role targets needs 1 signature(s), only 0 of its key(s) are available here",
+              "nothing was removed")
+    r = cli("repo", "gc", "--repo", world.repo, "--keys", world.keys.dir, "--keep", "1", "--dry-run")
+    assert r.returncode == 0 and "the keys can sign what the real run re-signs" in r.stdout, r.stdout + r.stderr
+    r = cli("repo", "gc", "--repo", world.repo, "--keep", "1", "--dry-run")
+    assert r.returncode == 0 and "keys not checked (pass --keys" in r.stdout
+    fails(cli("repo", "gc", "--repo", world.repo, "--keys", world.keys.dir, "--keep", "0"), 2,
+          "error (user): --keep 0: every product keeps at least its newest release", "hint: pass --keep 1 or more")

@@ -101,8 +101,9 @@ def _sign_and_write(location: str, s3: S3, keys, make) -> list:
 
 @contextlib.contextmanager
 def _undo_new_keys(keys: Path):
-    """On failure, remove what ``repo init`` added to the keys directory (the directory too, if
-    it made it), so a retry starts clean; files that were there before are never touched."""
+    """On failure, remove what the command (``repo init``, a key generated for ``delegate`` or
+    ``rotate``) added to the keys directory (the directory too, if it made it), so a retry starts
+    clean; files that were there before are never touched."""
     existed = keys.is_dir()
     before = set(os.listdir(keys)) if existed else set()
     try:
@@ -254,9 +255,10 @@ def repo_delegate(
         config = KeyConfig.load(keys)
         repo = Repository.load(_reader(to, (endpoint_url, region, profile)))
         pairs = [public_key_from(k, keys) for k in key]
-        if generate:
-            pairs.append(generate_file_key(keys, product))
-        paths = stage_delegation(repo, config, product, pairs, threshold=threshold, bits=bin_bits)
+        with _undo_new_keys(keys):  # refused (say, already delegated): no orphan key file is left
+            if generate:
+                pairs.append(generate_file_key(keys, product))
+            paths = stage_delegation(repo, config, product, pairs, threshold=threshold, bits=bin_bits)
         return {"staged": [str(p) for p in paths], "keyids": [k.keyid for k, _ in pairs]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
@@ -311,8 +313,9 @@ def repo_rotate(
         repository = Repository.load(_reader(to, (endpoint_url, region, profile)))
         check_rotatable(repository, role)  # before a key file is generated for it
         pairs = [public_key_from(k, keys) for k in add_key]
-        pairs += [generate_file_key(keys, role) for _ in range(generate)]
-        paths = stage_rotation(repository, config, role, add=pairs, revoke=revoke, threshold=threshold)
+        with _undo_new_keys(keys):  # refused (say, a threshold too high): no orphan key file is left
+            pairs += [generate_file_key(keys, role) for _ in range(generate)]
+            paths = stage_rotation(repository, config, role, add=pairs, revoke=revoke, threshold=threshold)
         return {"staged": [str(p) for p in paths], "added": [k.keyid for k, _ in pairs]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
