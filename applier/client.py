@@ -121,8 +121,8 @@ def translate_errors(what: str, expiry_of: Callable[[str], datetime | None] | No
         raise TransportError(f"{what}: {e}") from None
     except DeserializationError as e:
         raise RepositoryError(f"{what}: {e}", hint="what the server sent is not TUF metadata: a captive portal, a "
-                              "proxy's error page or a misconfigured mirror (open repository.metadata_url in a "
-                              "browser), or a broken publish; nothing was installed") from None
+                              "proxy's error page or a misconfigured mirror (open repository.url + "
+                              "/metadata/timestamp.json in a browser), or a broken publish; nothing was installed") from None
     except tuf_exc.UnsignedMetadataError as e:
         raise RepositoryError(f"{what}: {e}: below the role's signature threshold of trusted keys "
                               "(bad signature, wrong or revoked key, or too few signatures)") from None

@@ -57,9 +57,11 @@ def read_release(source: Path, limits) -> tuple[Release, Path]:
         raise UserError(f"{path} does not exist", hint="pass the directory 'abflip release create' wrote, or its "
                                                        "release.json") from None
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {path}: {e.strerror or e}",
+                        hint="pass the directory 'abflip release create' wrote, or its release.json") from None
     if len(data) > limits.manifest_max_bytes:
-        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest")
+        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest",
+                        hint="pass the directory 'abflip release create' wrote, or its release.json")
     try:
         release = Release.from_bytes(data, limits)
     except ManifestError as e:
@@ -98,7 +100,7 @@ def _choose_slot(dev, slot: str | None) -> str:
 def provision(dev, source: Path, *, slot: str | None = None, force: bool = False) -> dict:
     """Record ``source``'s release as the image in the booted slot (see the module docstring)."""
     if slot is not None and slot not in ("a", "b"):
-        raise UserError(f"--slot {slot!r}: expected a or b")
+        raise UserError(f"--slot {slot!r}: expected a or b", hint="--slot a or --slot b (the slot holding the image)")
     cfg = dev.config
     release, rel_dir = read_release(source, dev.limits)
     version = str(release.version)

@@ -47,7 +47,8 @@ def http_hint(status: int) -> str:
     """What to do about an HTTP error status (the hint of the TransportError it becomes)."""
     if status in (404, 410):
         return ("the server has no such file: the repository or its mirror is incomplete (a publish in progress, "
-                "or files deleted too early), or repository.metadata_url / targets_url point to the wrong place")
+                "or files deleted too early), or repository.url points to the wrong place (abflip reads its "
+                "metadata/ and targets/)")
     if status in (401, 403):
         return "the server refused access: check the repository URLs and the server's or bucket's access rules"
     if status == 429:

@@ -56,7 +56,7 @@ class Error(Exception):
 class UserError(Error):
     exit_code = 2
     blame = "user"
-    default_hint = "check the command line and the configuration file"
+    default_hint = "nothing was changed: correct what the message names and run it again (--help lists the options)"
 
 
 class RepositoryError(Error):

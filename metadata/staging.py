@@ -83,9 +83,12 @@ def _load(path: Path) -> Metadata:
     try:
         return Metadata.from_bytes(Path(path).read_bytes())
     except FileNotFoundError:
-        raise UserError(f"no staged metadata at {path}") from None
+        raise UserError(f"no staged metadata at {path}",
+                        hint="pass a file of <keys>/staged/ (repo rotate, delegate and bins stage them)") from None
     except DeserializationError as e:
-        raise UserError(f"{path} is not TUF metadata: {e}") from None
+        raise UserError(f"{path} is not TUF metadata: {e}",
+                        hint="pass a file of <keys>/staged/ as it was staged (stage the change again if it was "
+                             "damaged)") from None
 
 
 def _signed(md: Metadata) -> list[str]:
@@ -219,7 +222,7 @@ def stage_delegation(repo: Repository, config: KeyConfig, product: str, keys: li
     if not keys:
         raise UserError("a delegation needs at least one key", hint="pass --key URI (or --generate)")
     if not 1 <= threshold <= len(keys):
-        raise UserError(f"threshold {threshold} with {len(keys)} key(s)")
+        raise UserError(f"threshold {threshold} with {len(keys)} key(s)", hint="a threshold from 1 to the number of keys")
     md = repo.next_targets(now=now, days=config.expiry("targets"))
     role = add_delegation(md, product, [k for k, _ in keys], threshold, bits=bits)
     for path in [p for p in md.signed.targets if role.is_delegated_path(p)]:
@@ -260,7 +263,9 @@ def commit_staged(repo: Repository, config: KeyConfig, *, now: datetime | None =
     now = now or datetime.now(timezone.utc)
     files = staged_files(config.dir)
     if not files:
-        raise UserError(f"nothing is staged in {config.dir / STAGED_DIR}")
+        raise UserError(f"nothing is staged in {config.dir / STAGED_DIR}: there is nothing to commit",
+                        hint="stage a change first ('abflip repo rotate', 'delegate' or 'bins'), or pass the --keys "
+                             "directory it was staged in")
     out: list[SignedFile] = []
     old_targets = repo.targets
     for path in files:

@@ -357,3 +357,83 @@ def test_gc_dry_run_checks_the_keys_as_the_real_run(world, tmp_path):
     assert r.returncode == 0 and "keys not checked (pass --keys" in r.stdout
     fails(cli("repo", "gc", "--repo", world.repo, "--keys", world.keys.dir, "--keep", "0"), 2,
           "error (user): --keep 0: every product keeps at least its newest release", "hint: pass --keep 1 or more")
+
+
+# -- messages that say what happened ------------------------------------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a command as another user needs root")
+@pytest.mark.parametrize("command", ["status", "check", "download", "install", "mark-good", "rollback", "boot-check"])
+def test_device_commands_as_a_user_who_is_not_root_say_run_as_root(world, command):
+    import shutil
+    import tempfile
+
+    from abflip.sim import SimDevice
+    from applier.agent import Device
+
+    world.publish("1.0.0")
+    # outside pytest's own temporary tree, which any pytest starting meanwhile makes 0700 again
+    base = Path(tempfile.mkdtemp(prefix="abflip-not-root-"))
+    try:
+        os.chmod(base, 0o755)  # the user may reach the device's files, not read or write them
+        sim = SimDevice.create(base / "dev", repository_url=world.url, product=PRODUCT, hardware_id=HARDWARE,
+                               trusted_root=(world.repo / "metadata" / "1.root.json").read_bytes(),
+                               slot_size=8 << 20, retries=1, timeout=5.0)
+        sim.provision(world.built["1.0.0.img"], slot="a", version="1.0.0", product=PRODUCT)
+        dev = Device(sim.config)
+        dev.mark_good()
+        os.chmod(sim.root, 0o755)
+        os.chmod(sim.config_path, 0o644)
+        before = dev.status()
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *ABFLIP, command,
+                            "--config", str(sim.config_path)], capture_output=True, text=True, cwd="/", timeout=120,
+                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        fails(r, 2, "cannot be read by this user (uid 65534): abflip's device commands run as root",
+              "hint: run it as root (sudo abflip ...); nothing was changed")
+        assert "free space" not in r.stderr and "invalid" not in r.stderr
+        assert dev.status() == before
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_quoted_number_in_the_configuration_says_to_drop_the_quotes(world):
+    sim, _ = world.device()
+    text = sim.config_path.read_text()
+    assert "\ntries = 3\n" in text
+    sim.config_path.write_text(text.replace("\ntries = 3\n", '\ntries = "3"\n'))
+    r = cli("status", "--config", sim.config_path)
+    fails(r, 2, f"error (user): {sim.config_path}: boot.tries must be an integer from 1 to",
+          "hint: write it without quotes (tries = 3): in quotes TOML reads a string")
+    assert "check the command line" not in r.stderr
+
+
+def test_commit_with_nothing_staged_says_so(world):
+    r = cli("repo", "commit", "--keys", world.keys.dir, "--to", world.repo)
+    fails(r, 2, f"error (user): nothing is staged in {world.keys.dir / 'staged'}: there is nothing to commit",
+          "stage a change first ('abflip repo rotate', 'delegate' or 'bins')")
+
+
+def test_hints_name_only_configuration_keys_that_exist():
+    """Every ``section.key`` a hint names (in the code, with section a configuration section) is a
+    key the configuration file has: a hint must not send anyone to a key that is not there."""
+    import ast
+    import re
+
+    from applier.config import KNOWN_KEYS, SLOT_KEYS
+
+    ref = re.compile(r"(?<![\w./-])(" + "|".join(KNOWN_KEYS) + r")\.([a-z_]+)(?:\.([a-z_]+))?\b(?![.(])")
+    bad, seen = [], 0
+    for top in ("abflip", "applier", "builder", "metadata"):
+        for f in sorted((REPO / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                hints = [k.value for k in getattr(node, "keywords", []) if k.arg == "hint"]
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "hint" for t in node.targets):
+                    hints.append(node.value)
+                for h in hints:
+                    for s in (c.value for c in ast.walk(h) if isinstance(c, ast.Constant) and isinstance(c.value, str)):
+                        for m in ref.finditer(s):
+                            seen += 1
+                            sec, key, sub = m.groups()
+                            ok = key in KNOWN_KEYS[sec] or (sec == "slots" and key in ("a", "b")
+                                                            and (sub is None or sub in SLOT_KEYS))
+                            if not ok:
+                                bad.append(f"{f.relative_to(REPO)}:{node.lineno}: {m[0]}")
+    assert seen > 10 and bad == [], bad

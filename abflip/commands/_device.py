@@ -27,11 +27,41 @@ __all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "
 DEFAULT_CONFIG = Path("/etc/abflip/abflip.toml")
 
 
-def open_device(config: Path, progress: ProgressFn | None = None) -> Device:
+def open_device(config: Path, progress: ProgressFn | None = None, *, need: str = "write") -> Device:
+    """The device of ``config``, once this user can do what the command needs (``need``: "read"
+    for status, "check" to refresh the TUF cache, "write" for every command that changes things)."""
     from applier.agent import Device
     from applier.config import Config
 
-    return Device(Config.load(config), progress=progress)
+    cfg = Config.load(config)
+    require_access(cfg, need)
+    return Device(cfg, progress=progress)
+
+
+def require_access(cfg, need: str) -> None:
+    """A user who is not root and cannot read or write what the command uses is told to run it
+    as root, before the command fails on the first of those files with a misleading cause (an
+    unreadable state file taken for an invalid one, a TUF cache "without free space")."""
+    import os
+
+    if os.geteuid() == 0:
+        return
+    sd = cfg.state_dir
+    rw, rx, wx = os.R_OK | os.W_OK, os.R_OK | os.X_OK, os.W_OK | os.X_OK
+    wanted = [(sd, rx), (sd / "state.json", os.R_OK)]
+    if need in ("check", "write"):
+        wanted += [(sd, wx), (sd / "state.json", rw), (sd / "lock", rw), (sd / "tuf", wx), (sd / "offer", wx),
+                   (sd / "release-control.json", rw)]
+    if need == "write":
+        wanted += [(sd / "staged", wx), *(() if cfg.esp_auto else ((cfg.esp, wx),)),
+                   *((s.device, os.R_OK) for s in cfg.slots.values())]
+    for path, mode in wanted:
+        if os.path.lexists(path) and not os.access(path, mode):
+            from metadata.errors import UserError
+
+            how = "written" if mode & os.W_OK else "read"
+            raise UserError(f"{path} cannot be {how} by this user (uid {os.geteuid()}): abflip's device commands "
+                            "run as root", hint="run it as root (sudo abflip ...); nothing was changed")
 
 
 def window_line(w: dict | None) -> str:
@@ -73,12 +103,13 @@ def render_check(r: dict) -> str:
 
 
 def status(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:
-    return report(lambda: open_device(config).status(), as_json, render_status)
+    return report(lambda: open_device(config, need="read").status(), as_json, render_status)
 
 
 def check(config: Path = DEFAULT_CONFIG, allow_downgrade: bool = False, retry_failed: bool = False,
           as_json: bool = False) -> int:
-    return report(lambda: open_device(config).check(allow_downgrade=allow_downgrade, retry_failed=retry_failed),
+    return report(lambda: open_device(config, need="check").check(allow_downgrade=allow_downgrade,
+                                                                  retry_failed=retry_failed),
                   as_json, render_check)
 
 

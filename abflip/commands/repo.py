@@ -145,7 +145,8 @@ def repo_init(
         for v in key:
             role, sep, uri = v.partition("=")
             if not sep:
-                raise UserError(f"--key {v!r}: expected ROLE=URI")
+                raise UserError(f"--key {v!r}: expected ROLE=URI", hint="e.g. --key snapshot=awskms:<key id> or "
+                                                                         "--key root=/media/token/root.pem")
             uris.setdefault(role, []).append(uri)
         days = _role_numbers(expiry, "expiry")
         for r in [*th, *n, *uris]:
