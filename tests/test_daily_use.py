@@ -437,3 +437,33 @@ def test_hints_name_only_configuration_keys_that_exist():
                             if not ok:
                                 bad.append(f"{f.relative_to(REPO)}:{node.lineno}: {m[0]}")
     assert seen > 10 and bad == [], bad
+
+
+def test_every_blame_and_exit_code_is_one_the_readme_lists():
+    import importlib
+    import pkgutil
+    import re
+
+    from metadata.errors import Error
+
+    for top in ("abflip", "applier", "builder", "metadata"):
+        pkg = importlib.import_module(top)
+        for info in pkgutil.walk_packages(pkg.__path__, f"{top}."):
+            importlib.import_module(info.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    readme = (REPO / "README.md").read_text()
+    para = readme[readme.index("Exit codes: 0 ok"):]
+    para = para[:para.index("\n\n")]
+    listed = set(re.findall(r"`(\w+)`", para[para.index("the blame being one of"):]))
+    codes = {int(c) for c in re.findall(r"\b(\d+)\b", para[:para.index("Every error prints")])}
+    found = {cls.blame: cls for cls in [Error, *subclasses(Error)] if not cls.__module__.startswith("tests")}
+    assert set(found) <= listed, set(found) - listed
+    for blame, cls in found.items():
+        code = cls.exit_code if not isinstance(cls.exit_code, property) else None
+        assert code in codes, (blame, cls, code)
+    assert {"interrupted", "storage"} <= set(found)
