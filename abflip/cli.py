@@ -44,7 +44,7 @@ _FAST_FLAGS = {
 SIGNER_ONLY_LIBRARIES = ("boto3", "botocore", "s3transfer", "azure", "google.cloud", "hvac", "pkcs11", "keylet",
                          "sigstore")
 DEVICE_COMMANDS = ("status", "check", "download", "apply", "run", "install", "boot-check", "mark-good", "rollback",
-                   "reset-state", "provision")
+                   "reset-state", "provision", "history")
 
 
 def _without_signer_libraries() -> None:

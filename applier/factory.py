@@ -33,7 +33,7 @@ from pathlib import Path
 from metadata.errors import DeviceError, PolicyError, UserError
 from metadata.manifest import ManifestError, Release
 
-from . import boot
+from . import boot, history
 from .boot import Entry
 from .install import ESP_MARGIN
 from .lifecycle import other
@@ -111,7 +111,7 @@ def provision(dev, source: Path, *, slot: str | None = None, force: bool = False
     if hwid not in release.compatible:
         raise UserError(f"{release.product} {version} is for {', '.join(release.compatible)}, not this device's "
                         f"hardware {hwid}", hint="pass the release built for this hardware; nothing was changed")
-    with dev.locked():
+    with dev.locked(), history.recording(cfg.state_dir, "provision"):
         slot = _choose_slot(dev, slot)
         raw = load_state(cfg.state_dir)
         if raw is not None and not raw.invalid and raw.slots[slot].status == "good" and not force:

@@ -123,6 +123,9 @@ def test_a_signal_mid_download_ends_with_an_error_event_and_the_chunk_to_resume_
                                         "(2.0.0 into slot b)")
     assert err.startswith(f"error (interrupted): interrupted ({name}); the next run resumes at chunk {done}"), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    from applier import history
+
+    assert history.read(sim.state_dir)[-1]["what"] == f"download interrupted at chunk {done} of {total} of 2.0.0"
     assert [e for e in sim.entries() if "-b" in e] == [] and sim.boot().slot == "a"
     r = cli("download", "--json", "--config", sim.config_path)  # the next run resumes there
     assert r.returncode == 0, r.stderr

@@ -48,7 +48,7 @@ def require_access(cfg, need: str) -> None:
         return
     sd = cfg.state_dir
     rw, rx, wx = os.R_OK | os.W_OK, os.R_OK | os.X_OK, os.W_OK | os.X_OK
-    wanted = [(sd, rx), (sd / "state.json", os.R_OK)]
+    wanted = [(sd, rx), (sd / "state.json", os.R_OK), (sd / "history.jsonl", os.R_OK)]
     if need in ("check", "write"):
         wanted += [(sd, wx), (sd / "state.json", rw), (sd / "lock", rw), (sd / "tuf", wx), (sd / "offer", wx),
                    (sd / "release-control.json", rw)]

@@ -126,6 +126,34 @@ def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
         + "\n" + render_status(s))
 
 
+def _render_history(events: list[dict]) -> str:
+    if not events:
+        return "no history yet (abflip records what its commands change from now on)"
+    return "\n".join(f"{e.get('time', '?'):25}  {e.get('verb', '?'):11} {e['what']}" for e in events)
+
+
+@app.command("history")
+def history(config: Path = CONFIG_OPT,
+            last: int = typer.Option(0, "--last", "-n", help="only the newest N events (0: all that are kept)"),
+            as_json: bool = JSON_OPT) -> None:
+    """The device's past: downloads, updates applied, booted, committed, rolled back, and failures, oldest first."""
+    from applier.config import Config
+    from applier.history import read
+
+    from ._device import require_access
+
+    def go() -> list[dict]:
+        if last < 0:
+            from metadata.errors import UserError
+
+            raise UserError(f"--last {last}: a number of events, 0 or more", hint="e.g. --last 20")
+        cfg = Config.load(config)
+        require_access(cfg, "read")
+        return read(cfg.state_dir, last or None)
+
+    run(go, as_json, _render_history)
+
+
 @app.command("reset-state")
 def reset_state(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Rebuild the state file from the boot entries (an invalid file is kept as state.json.invalid)."""

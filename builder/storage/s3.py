@@ -21,6 +21,7 @@ the storage itself (:class:`~builder.errors.StorageError`, exit 5).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ from ..errors import AlreadyExists, StorageAccessError, StorageError, StorageUnr
 __all__ = ["S3Storage"]
 
 MiB = 1 << 20
+_log = logging.getLogger(__name__)  # `abflip --verbose`: every operation on the bucket
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "403",
            "ExpiredToken", "InvalidToken"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -81,6 +83,7 @@ class S3Storage:
     @contextmanager
     def _errors(self, what: str, key: str = "") -> Iterator[None]:
         where = f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
+        _log.debug("%s %s", what, where)
         try:
             yield
         except botocore.exceptions.ClientError as e:
