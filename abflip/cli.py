@@ -151,6 +151,8 @@ def _usage_error(e, argv: list[str]) -> int:
 def _typer(argv: list[str]) -> int:
     """Everything but the fast path: typer parses, the command runs and prints (its errors
     through :mod:`.commands._output`); what typer itself refuses is printed here."""
+    import os
+
     import typer
 
     try:
@@ -159,6 +161,10 @@ def _typer(argv: list[str]) -> int:
         from click import exceptions as click  # type: ignore[no-redef]
 
     app = _app()
+    if "_ABFLIP_COMPLETE" in os.environ:  # the shell asks (abflip completion SHELL): typer answers
+        from typer.completion import completion_init
+
+        completion_init()
     was_devnull = _is_devnull(1)
     try:
         rv = app(args=argv, prog_name="abflip", standalone_mode=False)

@@ -70,23 +70,62 @@ def window_line(w: dict | None) -> str:
     return f"window:  {'open now, until ' + w['end'] if w['open'] else 'next ' + w['start'] + ' until ' + w['end']}"
 
 
+def _line(label: str, value: str) -> str:
+    return f"{label + ':':<8} {value}"
+
+
+def _short(sha: str | None) -> str:
+    return f"sha256 {sha[:12]}..." if sha else "not verified"
+
+
 def render_status(s: dict) -> str:
+    """Everything ``status --json`` says, for a person: one line per subject, in the order one
+    asks (where am I, what is on the slots, what is coming, what went wrong)."""
     booted = (f"slot {s['booted_slot']} ({s['booted_version'] or 'unknown version'}, "
               f"entry {s['booted_entry'] or 'unknown'})" if s["booted_slot"] else "unknown slot (every write is refused)")
-    lines = [f"state:   {s['state']}", f"booted:  {booted}", f"floor:   {s['floor'] or 'none'}"]
+    lines = [_line("state", s["state"] + (" (rebuilt from the boot entries)" if s.get("state_recovered") else "")),
+             _line("booted", booted), _line("floor", s["floor"] or "none")]
     if s["booted_slot"] and not s["booted_version"]:
         lines.append("         (not provisioned: `abflip provision RELEASE` records the image in the booted slot)")
+    if "hardware_id" in s:
+        lines.append(_line("hwid", s["hardware_id"] or "unknown (device.hardware_id: DMI unreadable)"))
     for name, slot in sorted(s["slots"].items()):
         lines.append(f"slot {name}:  {slot['status']:8} {slot['version'] or '-':12} {slot['device']}"
-                     + ("  (booted)" if slot["booted"] else ""))
+                     + ("  (booted)" if slot["booted"] else "") + (f"  {_short(slot.get('sha256'))}"
+                                                                   if slot.get("sha256") else ""))
+    t = s.get("target")
+    if t:
+        lines.append(_line("target", f"{t['version']} into slot {t['slot']}: {t['chunks_done']} of {t['chunks_total']} "
+                                     f"chunks verified ({t['bytes_downloaded']} bytes downloaded)"))
+    if d := s.get("download"):
+        how = (f"delta from {d['delta_from']}" if d.get("kind") == "delta" else d.get("kind", "full"))
+        saved = f", {d['bytes_saved']} saved" if d.get("bytes_saved") else ""
+        lines.append(_line("fetched", f"{d.get('version')} as {how}: {d.get('bytes_downloaded')} bytes{saved}"
+                                      + (f" ({d['delta_note']})" if d.get("delta_note") else "")))
     if s["pending_entry"]:
-        lines.append(f"pending: {s['pending_entry']}")
-    if s.get("rollback"):
-        lines.append(f"rollback: to slot {s['rollback']['to_slot']} at the next boot")
+        lines.append(_line("pending", s["pending_entry"]))
+    if s.get("entries"):
+        lines.append(_line("entries", ", ".join(
+            e["file"] + ("" if e.get("tries_left") is None else f" ({e['tries_left']} tries left)")
+            for e in s["entries"])))
+    if rb := s.get("rollback"):
+        lines.append(_line("rollback", f"to slot {rb['to_slot']} ({rb.get('to_version') or '?'}) from slot "
+                                       f"{rb.get('from_slot')} ({rb.get('from_version') or '?'}) at the next boot"))
     if s["failed_versions"]:
-        lines.append(f"failed:  {', '.join(s['failed_versions'])}")
+        lines.append(_line("failed", ", ".join(s["failed_versions"]) + " (not retried without --retry-failed)"))
+    if rc := s.get("release_control"):
+        ro = rc["rollout"]
+        chan = f"{rc['channel']} offered {rc['version']} at the last check; rollout: "
+        chan += ("in" if ro["in"] else "not in") + (f" ({ro['percent']} %" if ro.get("percent") is not None else " (")
+        chan += (", paused" if ro.get("paused") else "") + f": {ro['reason']})"
+        lines.append(_line("channel", chan))
+        if rc["withdrawn"]:
+            lines.append(_line("withdrawn", ", ".join(rc["withdrawn"])
+                               + ("; the booted version is one of them" if rc.get("booted_withdrawn") else "")))
     if "next_window" in s:
-        lines.append(window_line(s["next_window"]))
+        lines.append(window_line(s["next_window"]) + (f" ({'; '.join(s['windows'])})" if s.get("windows") else ""))
+    if s.get("esp"):
+        lines.append(_line("esp", s["esp"]))
     if s.get("state_invalid"):
         lines.append(f"state file invalid: {s['state_invalid']} (shown: rebuilt from the boot entries; "
                      "`abflip reset-state` keeps it so)")

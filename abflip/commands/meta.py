@@ -49,7 +49,7 @@ FILES = (
 @app.command("completion")
 def completion(shell: str = typer.Argument(..., help="bash, zsh or fish")) -> None:
     """Print the shell completion script: e.g. abflip completion bash > /etc/bash_completion.d/abflip"""
-    from typer._completion_shared import get_completion_script
+    from typer.completion import get_completion_script
 
     from metadata.errors import UserError
 
