@@ -42,6 +42,8 @@ MARKER = ".abflip-demo"
 class DemoFailed(Error):
     """A step of the demo did not do what it should: a bug (exit 1, ``error (internal)``)."""
 
+    default_hint = "this is a bug in abflip: report it with the demo's transcript (--workdir keeps its files)"
+
 
 def make_rootfs(root: Path, version: str, *, size: int = 3 << 20, seed: int = 1) -> Path:
     """A small tree with OS-like (partly compressible) content."""

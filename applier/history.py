@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,6 +153,8 @@ def _append(state_dir: Path, line: str) -> None:
 
 
 def _trim(state_dir: Path, path: Path) -> None:
+    import tempfile  # rarely: not on every boot-check's start-up path
+
     keep = _lines(path)[-KEEP:]
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state-history-")
     try:

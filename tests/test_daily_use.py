@@ -470,3 +470,24 @@ def test_every_blame_and_exit_code_is_one_the_readme_lists():
         code = cls.exit_code if not isinstance(cls.exit_code, property) else None
         assert code in codes, (blame, cls, code)
     assert {"interrupted", "storage"} <= set(found)
+
+
+def test_every_error_class_has_a_hint():
+    """README: every error prints a hint line. Each class abflip raises carries a default hint."""
+    import importlib
+    import pkgutil
+
+    from metadata.errors import Error
+
+    for top in ("abflip", "applier", "builder", "metadata"):
+        for info in pkgutil.walk_packages(importlib.import_module(top).__path__, f"{top}."):
+            importlib.import_module(info.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    missing = [c.__qualname__ for c in subclasses(Error) if not c.default_hint and c.__module__.split(".")[0] in
+               ("abflip", "applier", "builder", "metadata")]
+    assert missing == [], missing
