@@ -98,7 +98,7 @@ def _run_fast(cmd: str, kwargs: dict) -> None:
 def _app():
     from .commands import demo, device, producer, repo  # noqa: F401  (they register their commands)
     from .commands import audit as _audit  # noqa: F401  (repo verify, repo gc)
-    from .commands import meta as _meta  # noqa: F401  (history, completion, man)
+    from .commands import meta as _meta  # noqa: F401  (completion, man)
     from .commands._common import app
 
     return app
