@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import HWID_RE, Channel, Limits, Release, channel_target_path
 
-from . import boot
+from . import boot, history
 from .boot import Entry
 from .config import Config
 from .context import Context
@@ -293,9 +293,10 @@ class Device:
             self._locked = 0
             os.close(fd)
 
-    def guarded(self, fn: Callable[[], object]):
-        """Run a mutating verb under the lock; an abflip error is recorded as ``last_error``."""
-        with self.locked():
+    def guarded(self, fn: Callable[[], object], verb: str):
+        """Run a mutating verb under the lock; an abflip error is recorded as ``last_error``, and
+        what the verb changed (or its error) in the history (:mod:`applier.history`)."""
+        with self.locked(), history.recording(self.config.state_dir, verb):
             try:
                 return fn()
             except Error as e:
@@ -397,7 +398,7 @@ class Device:
 
     def reset_state(self) -> dict:
         """Rebuild the state from the boot loader; an invalid file is kept as ``state.json.invalid``."""
-        with self.locked():
+        with self.locked(), history.recording(self.config.state_dir, "reset-state"):
             slot = booted_slot(self.config, self.ctx)
             raw = load_state(self.config.state_dir)
             state = rebuild(self.facts(slot), raw.invalid if raw else None)
@@ -507,12 +508,13 @@ class Device:
     def download(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> DownloadResult:
         from .install import download
 
-        return self.guarded(lambda: download(self, allow_downgrade=allow_downgrade, retry_failed=retry_failed))
+        return self.guarded(lambda: download(self, allow_downgrade=allow_downgrade, retry_failed=retry_failed),
+                            "download")
 
     def apply(self, *, now: bool = False, _just_verified: tuple[str, str] | None = None) -> ApplyResult:
         from .install import apply
 
-        return self.guarded(lambda: apply(self, now=now, just_verified=_just_verified))
+        return self.guarded(lambda: apply(self, now=now, just_verified=_just_verified), "apply")
 
     def install(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> InstallResult:
         """download + apply --now, under one lock."""
@@ -526,17 +528,17 @@ class Device:
     def mark_good(self, *, health: bool = True) -> dict:
         from .mark import mark_good
 
-        return self.guarded(lambda: mark_good(self, health=health))
+        return self.guarded(lambda: mark_good(self, health=health), "mark-good")
 
     def boot_check(self) -> dict:
         from .mark import boot_check
 
-        return self.guarded(lambda: boot_check(self))
+        return self.guarded(lambda: boot_check(self), "boot-check")
 
     def rollback(self) -> dict:
         from .mark import rollback
 
-        return self.guarded(lambda: rollback(self))
+        return self.guarded(lambda: rollback(self), "rollback")
 
     # -- run: what the timer calls ---------------------------------------------------------
     def run(self, *, allow_downgrade: bool = False, retry_failed: bool = False, reboot: bool = True) -> dict:

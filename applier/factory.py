@@ -33,7 +33,7 @@ from pathlib import Path
 from metadata.errors import DeviceError, PolicyError, UserError
 from metadata.manifest import ManifestError, Release
 
-from . import boot
+from . import boot, history
 from .boot import Entry
 from .install import ESP_MARGIN
 from .lifecycle import other
@@ -57,9 +57,11 @@ def read_release(source: Path, limits) -> tuple[Release, Path]:
         raise UserError(f"{path} does not exist", hint="pass the directory 'abflip release create' wrote, or its "
                                                        "release.json") from None
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {path}: {e.strerror or e}",
+                        hint="pass the directory 'abflip release create' wrote, or its release.json") from None
     if len(data) > limits.manifest_max_bytes:
-        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest")
+        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest",
+                        hint="pass the directory 'abflip release create' wrote, or its release.json")
     try:
         release = Release.from_bytes(data, limits)
     except ManifestError as e:
@@ -98,7 +100,7 @@ def _choose_slot(dev, slot: str | None) -> str:
 def provision(dev, source: Path, *, slot: str | None = None, force: bool = False) -> dict:
     """Record ``source``'s release as the image in the booted slot (see the module docstring)."""
     if slot is not None and slot not in ("a", "b"):
-        raise UserError(f"--slot {slot!r}: expected a or b")
+        raise UserError(f"--slot {slot!r}: expected a or b", hint="--slot a or --slot b (the slot holding the image)")
     cfg = dev.config
     release, rel_dir = read_release(source, dev.limits)
     version = str(release.version)
@@ -109,7 +111,7 @@ def provision(dev, source: Path, *, slot: str | None = None, force: bool = False
     if hwid not in release.compatible:
         raise UserError(f"{release.product} {version} is for {', '.join(release.compatible)}, not this device's "
                         f"hardware {hwid}", hint="pass the release built for this hardware; nothing was changed")
-    with dev.locked():
+    with dev.locked(), history.recording(cfg.state_dir, "provision"):
         slot = _choose_slot(dev, slot)
         raw = load_state(cfg.state_dir)
         if raw is not None and not raw.invalid and raw.slots[slot].status == "good" and not force:
