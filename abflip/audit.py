@@ -36,7 +36,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from metadata.errors import Error, RepositoryError, TransportError
+from metadata.errors import Error, RepositoryError, TransportError, UserError
 from metadata.manifest import Channel, Release
 
 __all__ = ["audit", "AuditFailed", "StorageFetcher"]
@@ -95,17 +95,33 @@ def _open(location: str, *, endpoint_url: str | None, region: str | None, profil
         storage = open_storage(location, endpoint_url=endpoint_url, region=region, profile=profile)
     else:
         if not Path(location).is_dir():
-            from metadata.errors import UserError
-
-            raise UserError(f"{location} is not a directory, an s3:// URL or an http(s):// URL")
+            raise UserError(f"{location} is not a directory, an s3:// URL or an http(s):// URL",
+                            hint="pass the repository: the directory (or bucket prefix, or URL) holding metadata/ "
+                                 "and targets/")
         storage = open_storage(location)
     return StorageFetcher(storage), STORAGE_BASE, storage
 
 
-def _tuf(what: str, e: Exception) -> Error:
+def _tuf(what: str, e: Exception, location: str = "REPO") -> Error:
     if isinstance(e, tuf_exc.DownloadError):
         return TransportError(f"{what}: {e}")
-    return RepositoryError(f"{what}: {type(e).__name__}: {e}")
+    if isinstance(e, tuf_exc.ExpiredMetadataError):
+        return RepositoryError(f"{what}: {e}", hint=_resign_hint(e, location))
+    return RepositoryError(f"{what}: {type(e).__name__}: {e}",
+                           hint="devices refuse this repository as it is: fix it (publish again, or re-sign the role "
+                                "named) before they see it")
+
+
+def _resign_hint(e: Exception, location: str) -> str:
+    """What the publisher runs when a role has expired (docs/keys.md): the audit is their tool."""
+    from applier.client import expired_role
+
+    role = expired_role(e)
+    if role in ("root", "targets"):
+        return (f"{role} is offline: its key holders re-sign it with a rotation that changes nothing (abflip repo "
+                f"rotate {role} --keys KEYS --to {location}, then repo sign and repo commit; docs/keys.md)")
+    return (f"re-sign it: abflip repo refresh --repo {location} --keys KEYS (keys of the expired role; with split keys "
+            "the online signer, abflip repo snapshot), and run that on a schedule (ci/refresh-workflow.yml)")
 
 
 def _role_info(mdir: Path, name: str, now: datetime) -> dict | None:
@@ -242,17 +258,33 @@ def audit(location: str, *, deep: bool = False, trusted_root: bytes | None = Non
     report: dict = {"repository": location, "deep": deep, "roles": {}, "channels": [], "problems": problems}
     with tempfile.TemporaryDirectory(prefix="abflip-audit-") as tmp:
         mdir = Path(tmp)
+        given = trusted_root is not None
         if trusted_root is None:
             try:
                 trusted_root = fetcher.download_bytes(base + "metadata/1.root.json", 512 << 10)
+            except tuf_exc.DownloadHTTPError as e:
+                if e.status_code != 404:
+                    raise _tuf("reading metadata/1.root.json", e) from None
+                raise UserError(f"{location} holds no abflip repository (metadata/1.root.json not found)",
+                                hint="check the repository's path, bucket prefix or URL (the place holding metadata/ "
+                                     "and targets/); 'abflip repo init' creates a repository") from None
             except tuf_exc.DownloadError as e:
                 raise _tuf("reading metadata/1.root.json", e) from None
-        updater = Updater(str(mdir), base + "metadata/", None, base + "targets/", fetcher,
-                          UpdaterConfig(prefix_targets_with_hash=True), bootstrap=trusted_root)
+        try:
+            updater = Updater(str(mdir), base + "metadata/", None, base + "targets/", fetcher,
+                              UpdaterConfig(prefix_targets_with_hash=True), bootstrap=trusted_root)
+        except tuf_exc.RepositoryError as e:  # includes a root that does not parse
+            if given:
+                raise UserError(f"the trusted root given (--root) is not a TUF root: {e}",
+                                hint="pass the root.json devices are shipped with (the repository's "
+                                     "metadata/1.root.json, or a later N.root.json)") from None
+            raise RepositoryError(f"the repository's metadata/1.root.json is not a TUF root: {e}",
+                                  hint="it is what devices start from: restore it from the repository's "
+                                       "first publish") from None
         try:
             updater.refresh()
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
-            raise _tuf("TUF refresh failed", e) from None
+            raise _tuf("TUF refresh failed", e, location) from None
         targets, roles = _all_targets(updater, mdir, problems)
         for name in ["root", "timestamp", "snapshot", *roles]:
             info = _role_info(mdir, name, now)

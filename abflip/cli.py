@@ -10,7 +10,12 @@ Start-up (issue 14): the commands a device runs on every boot and timer tick (``
 (``--config PATH``/``-c PATH``, ``--json``, and check's two flags), and call the same function
 typer's command does (:mod:`abflip.commands._device`), without importing typer at all: typer
 builds a pydantic adapter for every typed option (~0.1 s), and itself costs ~0.03 s to import.
-Anything else (``--help``, ``--config=PATH``, a typo) goes to typer, which owns the messages.
+Anything else (``--help``, ``--config=PATH``, a typo) goes to typer; what it refuses is printed
+in the documented form (``error (user): ...``), never as typer's box.
+
+The process entry (:func:`main`) also owns what is process-wide: SIGINT and SIGTERM end a
+command with its error printed (exit 130/143), ``--verbose`` turns on debug logging, and a
+closed stdout (``| head``) is a quiet, normal end (:mod:`abflip.commands._output`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ _FAST_FLAGS = {
 SIGNER_ONLY_LIBRARIES = ("boto3", "botocore", "s3transfer", "azure", "google.cloud", "hvac", "pkcs11", "keylet",
                          "sigstore")
 DEVICE_COMMANDS = ("status", "check", "download", "apply", "run", "install", "boot-check", "mark-good", "rollback",
-                   "reset-state", "provision")
+                   "reset-state", "provision", "history")
 
 
 def _without_signer_libraries() -> None:
@@ -84,8 +89,8 @@ def _run_fast(cmd: str, kwargs: dict) -> None:
 
     kwargs["config"] = Path(kwargs["config"]) if "config" in kwargs else device.DEFAULT_CONFIG
     if streaming:
-        fn, render = device.STREAMING[cmd](**kwargs)
-        sys.exit(stream_events(fn, as_json, render))
+        fn, render, where = device.STREAMING[cmd](**kwargs)
+        sys.exit(stream_events(fn, as_json, render, where))
     fn = {"status": device.status, "boot-check": device.boot_check, "check": device.check}[cmd]
     sys.exit(fn(**kwargs, as_json=as_json))
 
@@ -93,6 +98,7 @@ def _run_fast(cmd: str, kwargs: dict) -> None:
 def _app():
     from .commands import demo, device, producer, repo  # noqa: F401  (they register their commands)
     from .commands import audit as _audit  # noqa: F401  (repo verify, repo gc)
+    from .commands import meta as _meta  # noqa: F401  (completion, man)
     from .commands._common import app
 
     return app
@@ -104,12 +110,125 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def _verbose(argv: list[str]) -> list[str]:
+    """``--verbose`` anywhere before ``--``: debug logging of every layer on stderr (HTTP
+    requests, TUF, storage, hooks), and tracebacks of internal errors. Taken out of the
+    arguments here, so it works before or after the command and on the fast path."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--verbose" not in argv[:end]:
+        return argv
+    import logging
+
+    from .commands import _output
+
+    _output.VERBOSE = True
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="abflip: %(name)s: %(message)s")
+    for noisy in ("botocore", "s3transfer", "markdown_it"):  # their DEBUG is every hook and parser step
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    return [a for a in argv[:end] if a != "--verbose"] + argv[end:]
+
+
+def _usage_error(e, argv: list[str]) -> int:
+    """A command line typer/click refused, in the documented form (``error (user): ...``, JSON
+    under ``--json``; a JSON-lines error event for the streaming commands)."""
+    from metadata.errors import UserError
+
+    from .commands._output import print_error
+
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "abflip"
+    msg = e.format_message().strip().rstrip(".")
+    param = getattr(e, "param", None)
+    if param is not None and getattr(param, "param_type_name", None) == "argument":  # 'release_dir' -> RELEASE_DIR
+        msg = msg.replace(f"'{param.name}'", param.name.upper())
+    if msg[:1].isupper() and not msg[1:2].isupper():
+        msg = msg[0].lower() + msg[1:]
+    err = UserError(f"{path}: {msg}", hint=f"'{path} --help' lists its arguments and options")
+    streaming = ctx is not None and ctx.info_name in ("download", "apply", "run", "install", "provision")
+    return print_error(err, "--json" in argv, event=streaming)
+
+
+def _typer(argv: list[str]) -> int:
+    """Everything but the fast path: typer parses, the command runs and prints (its errors
+    through :mod:`.commands._output`); what typer itself refuses is printed here."""
+    import os
+
+    import typer
+
+    try:
+        from typer._click import exceptions as click  # typer vendors click (0.2x)
+    except ImportError:  # older typer: click itself
+        from click import exceptions as click  # type: ignore[no-redef]
+
+    app = _app()
+    if "_ABFLIP_COMPLETE" in os.environ:  # the shell asks (abflip completion SHELL): typer answers
+        from typer.completion import completion_init
+
+        completion_init()
+    was_devnull = _is_devnull(1)
+    try:
+        rv = app(args=argv, prog_name="abflip", standalone_mode=False)
+    except click.NoArgsIsHelpError:
+        return 2  # the help was printed (abflip, abflip repo, ... without a command)
+    except click.ClickException as e:
+        return _usage_error(e, argv)
+    except SystemExit as e:
+        # rich's and typer's answer to a closed stdout (`abflip --help | head`): stdout onto
+        # /dev/null, exit 1. A normal end here.
+        if e.code == 1 and (_stdout_broken() or (_is_devnull(1) and not was_devnull)):
+            return 0
+        raise
+    except typer.Abort:  # Ctrl-C at a prompt
+        from metadata.errors import Interrupted
+
+        from .commands._output import print_error
+
+        return print_error(Interrupted("interrupted (SIGINT)", signum=2), "--json" in argv)
+    return rv if isinstance(rv, int) else 0
+
+
+def _is_devnull(fd: int) -> bool:
+    import os
+
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(os.devnull))
+    except OSError:
+        return False
+
+
+def _stdout_broken() -> bool:
+    """Is stdout a pipe whose reader has gone (poll says POLLERR)?"""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(1, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def main() -> None:
-    if sys.argv[1:2] and sys.argv[1] in DEVICE_COMMANDS:
+    from .commands._output import catch_signals, internal_error, print_error, stdout_gone
+
+    catch_signals()
+    argv = _verbose(sys.argv[1:])
+    if argv[:1] and argv[0] in DEVICE_COMMANDS:
         _without_signer_libraries()
-    if (fast := _fast_args(sys.argv[1:])) is not None:
-        _run_fast(*fast)
-    _app()()
+    try:
+        if (fast := _fast_args(argv)) is not None:
+            _run_fast(*fast)
+        code = _typer(argv)
+    except BrokenPipeError:
+        if not _stdout_broken():
+            raise
+        stdout_gone()  # `abflip --help | head`: a normal end
+        code = 0
+    except KeyboardInterrupt:  # a signal outside any command (while typer parses)
+        code = 130
+    except Exception as e:
+        code = print_error(internal_error(e), "--json" in argv)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ simulated (files as slots, a directory as the ESP).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from builder.image import build_image
 from builder.publish import publish_release, write_signed
 from builder.release import create_release
 from builder.storage.local import LocalStorage
-from metadata.errors import Error
+from metadata.errors import Error, UserError
 from metadata.keys import KeyConfig
 from metadata.repository import init_repository
 
@@ -33,8 +34,14 @@ PRODUCT = "demo-os"
 HARDWARE = "demo-board"
 
 
+#: In a ``--workdir`` the demo made: a re-run may clear it (and nothing else).
+MARKER = ".abflip-demo"
+
+
 class DemoFailed(Error):
-    blame = "demo"
+    """A step of the demo did not do what it should: a bug (exit 1, ``error (internal)``)."""
+
+    default_hint = "this is a bug in abflip: report it with the demo's transcript (--workdir keeps its files)"
 
 
 def make_rootfs(root: Path, version: str, *, size: int = 3 << 20, seed: int = 1) -> Path:
@@ -56,12 +63,42 @@ def make_rootfs(root: Path, version: str, *, size: int = 3 << 20, seed: int = 1)
 
 
 def run_demo(workdir: Path | None = None, *, out: Callable[[str], None] = print) -> dict:
+    """The demo in a temporary directory, or in ``workdir`` (kept afterwards): a new or empty
+    directory, or one an earlier demo made, which is cleared first (so the demo can be run
+    again); anything else is refused before anything is written."""
+    if workdir is not None:
+        return _run(_prepare(Path(workdir), out), out)
     with tempfile.TemporaryDirectory(prefix="abflip-demo-") as tmp:
-        return _run(Path(workdir) if workdir else Path(tmp), out)
+        return _run(Path(tmp), out)
+
+
+def _prepare(work: Path, out: Callable[[str], None]) -> Path:
+    hint = "pass a new or empty directory (it is created, with its parents), or one an earlier demo used"
+    if work.exists() and not work.is_dir():
+        raise UserError(f"--workdir {work} is not a directory", hint=hint)
+    if work.is_dir():
+        try:
+            names = os.listdir(work)
+        except OSError as e:
+            raise UserError(f"cannot read --workdir {work}: {e.strerror or e}", hint=hint) from None
+        if names and MARKER not in names:
+            raise UserError(f"--workdir {work} holds files the demo did not make ({', '.join(sorted(names)[:3])}"
+                            f"{', ...' if len(names) > 3 else ''}); the demo clears its directory before a run",
+                            hint=hint)
+        if names:
+            out(f"== clearing the earlier demo in {work}")
+            for name in names:
+                p = work / name
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / MARKER).write_text("made by abflip demo: a later demo with this --workdir clears this directory\n")
+    except OSError as e:
+        raise UserError(f"cannot create --workdir {work}: {e.strerror or e}", hint=hint) from None
+    return work
 
 
 def _run(work: Path, out: Callable[[str], None]) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
     out(f"== abflip demo in {work}")
     releases = {}
     kernel = work / "vmlinuz"

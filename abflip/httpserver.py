@@ -5,6 +5,10 @@ are served by S3, a CDN or any web server; this one exists so devices can fetch 
 HTTP on loopback. Headers follow DESIGN.md: ``timestamp.json`` no-store, everything else
 immutable; 404s not cacheable; no Content-Encoding.
 
+``abflip serve`` logs every request on stderr in the Common Log Format (client, time, request
+line, status, body bytes; ``--quiet`` turns it off): the line is written once the response is
+out, so its size is what was sent. The demo and the tests serve without a log.
+
 What it keeps, whoever connects (also in ``abflip serve --help``):
 
 - Only regular files under the served root: the decoded path may not hold ``.``/``..``
@@ -25,6 +29,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,9 +55,24 @@ class RepoHandler(BaseHTTPRequestHandler):
     # the client's delayed ACK of the headers, ~40 ms per request on a kept-alive connection
     # (six TUF metadata requests of an update: 0.2 s, issue 14). CDNs and S3 send at once too.
     disable_nagle_algorithm = True
+    #: where each request's log line goes (``abflip serve``); None: no log
+    access_log: Callable[[str], None] | None = None
+    _status: int | str | None = None
+    _sent = 0
 
-    def log_message(self, format: str, *args: object) -> None:  # quiet
+    def log_message(self, format: str, *args: object) -> None:  # no stderr chatter of its own
         pass
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self._status = int(code) if isinstance(code, HTTPStatus) else code  # logged when the response is out
+
+    def handle_one_request(self) -> None:
+        self._status, self._sent = None, 0
+        try:
+            super().handle_one_request()
+        finally:
+            if self._status is not None and self.access_log is not None:
+                self.access_log(clf_line(self.client_address[0], self.requestline, self._status, self._sent))
 
     def resolve(self) -> Path | None:
         """The regular file the request names, inside the root; None for anything else."""
@@ -122,8 +142,16 @@ class RepoHandler(BaseHTTPRequestHandler):
         if not head:
             try:
                 self.send_bytes(data, start, end)
+                self._sent = end - start
             except (BrokenPipeError, ConnectionResetError):
                 pass
+
+
+def clf_line(client: str, request: str, status: int | str, sent: int) -> str:
+    """A Common Log Format line: ``127.0.0.1 - - [07/Dec/2025:01:46:00 +0000] "GET /x HTTP/1.1" 200 1234``."""
+    when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
+    request = request.encode("ascii", "backslashreplace").decode().replace('"', '\\"')  # a client's bytes
+    return f'{client} - - [{when}] "{request}" {status} {sent or "-"}'
 
 
 class _Httpd(ThreadingHTTPServer):
@@ -162,6 +190,9 @@ class _Httpd(ThreadingHTTPServer):
                 pass
             request.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
                          b"Cache-Control: no-store\r\nConnection: close\r\n\r\n")
+            log = self.RequestHandlerClass.access_log
+            if log is not None:
+                log(clf_line(request.getpeername()[0], "-", 503, 0))
         except OSError:
             pass
         self.shutdown_request(request)
@@ -176,10 +207,13 @@ class Server:
     """A running server on 127.0.0.1 (ephemeral port by default), in a thread."""
 
     def __init__(self, root: Path, handler: type[RepoHandler] = RepoHandler, host: str = "127.0.0.1",
-                 port: int = 0, *, max_connections: int = MAX_CONNECTIONS, timeout: float = TIMEOUT) -> None:
+                 port: int = 0, *, max_connections: int = MAX_CONNECTIONS, timeout: float = TIMEOUT,
+                 log: Callable[[str], None] | None = None) -> None:
         attrs: dict[str, object] = {"root": Path(root)}
         if handler.timeout is None:
             attrs["timeout"] = timeout
+        if log is not None:
+            attrs["access_log"] = staticmethod(log)
         cls = type("BoundHandler", (handler,), attrs)
         self.httpd = _Httpd((host, port), cls, max_connections=max_connections)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -200,8 +234,9 @@ class Server:
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 8080, *, max_connections: int = MAX_CONNECTIONS,
           timeout: float = TIMEOUT, ready: Callable[[str], None] | None = None,
-          handler: type[RepoHandler] = RepoHandler) -> None:
-    """Serve ``root`` until interrupted (foreground); ``ready(url)`` once listening.
+          handler: type[RepoHandler] = RepoHandler, log: Callable[[str], None] | None = None) -> None:
+    """Serve ``root`` until interrupted (foreground); ``ready(url)`` once listening; ``log(line)``
+    for each request (Common Log Format).
 
     Raises :class:`UserError` for a root that is not a directory, bad limits, or an address it
     cannot listen on."""
@@ -210,20 +245,25 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 8080, *, max_connecti
         raise UserError(f"{root}: " + ("not a directory" if root.exists() else "no such directory"),
                         hint="give the repository's directory (the one holding metadata/ and targets/)")
     if max_connections < 1 or not timeout > 0:
-        raise UserError("--max-connections must be at least 1 and --timeout more than 0 seconds")
+        raise UserError("--max-connections must be at least 1 and --timeout more than 0 seconds",
+                        hint="e.g. --max-connections 64 --timeout 60")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port (0 to 65535; 0: any free port)", hint="e.g. --port 8080")
     try:
-        srv = Server(root, handler, host=host, port=port, max_connections=max_connections, timeout=timeout)
+        srv = Server(root, handler, host=host, port=port, max_connections=max_connections, timeout=timeout, log=log)
+    except (OverflowError, UnicodeError) as e:  # what socket.bind raises for what getaddrinfo cannot take
+        raise UserError(f"cannot listen on {host}:{port}: {e}", hint="check --host and --port") from None
     except OSError as e:
         what = {errno.EADDRINUSE: "address already in use"}.get(e.errno, e.strerror or str(e))
         hint = {errno.EADDRINUSE: f"another process listens on port {port}; choose another with --port",
                 errno.EACCES: "ports below 1024 need root; choose another with --port"}.get(
                     e.errno, "check --host and --port")
         raise UserError(f"cannot listen on {host}:{port}: {what.lower()}", hint=hint) from None
-    if ready is not None:
-        ready(srv.url)
     try:
+        if ready is not None:
+            ready(srv.url)
         srv.httpd.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (abflip.commands._output.catch_signals): how a server stops
         pass
     finally:
         srv.httpd.server_close()

@@ -154,20 +154,19 @@ class Device:
 
         s = self.session()
         return s.guarded(lambda: download(s, self.offer(s), allow_downgrade=allow_downgrade,
-                                          retry_failed=retry_failed))
+                                          retry_failed=retry_failed), "download")
 
     def apply(self, *, now: bool = False) -> ApplyResult:
         from .install import apply
 
         s = self.session()
-        return s.guarded(lambda: apply(s, self.offer(s), now=now))
+        return s.guarded(lambda: apply(s, self.offer(s), now=now), "apply")
 
     def install(self, *, allow_downgrade: bool = False, retry_failed: bool = False) -> InstallResult:
         from .install import install
 
         s = self.session()
-        return s.guarded(lambda: install(s, self.offer(s), allow_downgrade=allow_downgrade,
-                                         retry_failed=retry_failed))
+        return install(s, self.offer(s), allow_downgrade=allow_downgrade, retry_failed=retry_failed)
 
     def run(self, *, allow_downgrade: bool = False, retry_failed: bool = False, reboot: bool = True) -> dict:
         from .run import run
@@ -179,19 +178,19 @@ class Device:
         from .mark import boot_check
 
         s = self.session()
-        return s.guarded(lambda: boot_check(s))
+        return s.guarded(lambda: boot_check(s), "boot-check")
 
     def mark_good(self, *, health: bool = True) -> dict:
         from .mark import mark_good
 
         s = self.session()
-        return s.guarded(lambda: mark_good(s, health=health))
+        return s.guarded(lambda: mark_good(s, health=health), "mark-good")
 
     def rollback(self) -> dict:
         from .mark import rollback
 
         s = self.session()
-        return s.guarded(lambda: rollback(s))
+        return s.guarded(lambda: rollback(s), "rollback")
 
     def provision(self, source: Path, *, slot: str | None = None, force: bool = False) -> dict:
         from .provision import provision

@@ -73,11 +73,17 @@ _HEAD = 40
 _EXPIRED_ROLE = re.compile(r"(?:New |Final )?([\w.-]+?)(?:\.json)? is expired")
 
 
+def expired_role(e: Exception) -> str | None:
+    """The role python-tuf's ExpiredMetadataError names ('timestamp', 'edge-os'), if it names one."""
+    m = _EXPIRED_ROLE.search(str(e))
+    return m[1] if m else None
+
+
 def _expired_message(e: Exception, expiry_of: Callable[[str], datetime | None] | None) -> str:
     """'role timestamp expired at 2026-01-02 03:04:05 UTC (timestamp.json is expired)'"""
-    m = _EXPIRED_ROLE.search(str(e))
-    role = m[1] if m else "metadata"
-    when = expiry_of(role) if (expiry_of and m) else None
+    named = expired_role(e)
+    role = named or "metadata"
+    when = expiry_of(role) if (expiry_of and named) else None
     at = f" at {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""
     return f"role {role} expired{at} ({e})"
 
@@ -115,8 +121,8 @@ def translate_errors(what: str, expiry_of: Callable[[str], datetime | None] | No
         raise TransportError(f"{what}: {e}") from None
     except DeserializationError as e:
         raise RepositoryError(f"{what}: {e}", hint="what the server sent is not TUF metadata: a captive portal, a "
-                              "proxy's error page or a misconfigured mirror (open repository.metadata_url in a "
-                              "browser), or a broken publish; nothing was installed") from None
+                              "proxy's error page or a misconfigured mirror (open repository.url + "
+                              "/metadata/timestamp.json in a browser), or a broken publish; nothing was installed") from None
     except tuf_exc.UnsignedMetadataError as e:
         raise RepositoryError(f"{what}: {e}: below the role's signature threshold of trusted keys "
                               "(bad signature, wrong or revoked key, or too few signatures)") from None

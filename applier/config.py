@@ -239,6 +239,13 @@ def _parse_amount(value: object, *, rate: bool) -> int:
     raise ValueError("not an amount")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text.strip()))
+    except ValueError:
+        return False
+
+
 def _show(value: object) -> str:
     """A value as the TOML file spelled it, cut short (a 5,000-character string does not belong in an error)."""
     if isinstance(value, bool):
@@ -258,7 +265,8 @@ def _read_toml(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"no configuration file at {path}", hint=hint) from None
     except OSError as e:
-        raise UserError(f"cannot read configuration {path}: {e.strerror}") from None
+        raise UserError(f"cannot read configuration {path}: {e.strerror}",
+                        hint="run as root, or pass a configuration this user can read (--config)") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -268,17 +276,21 @@ def _read_toml(path: Path) -> dict:
         try:
             data = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as e:
-            raise UserError(f"cannot read configuration {path}: {e.strerror}") from None
+            raise UserError(f"cannot read configuration {path}: {e.strerror}", hint=hint) from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise UserError(f"configuration {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; it is not a configuration file")
+        raise UserError(f"configuration {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; it is not a configuration file",
+                        hint=hint)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"configuration {path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
+        raise UserError(f"configuration {path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8",
+                        hint="save it as UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"cannot read configuration {path}: {e}") from None
+        raise UserError(f"cannot read configuration {path}: {e}",
+                        hint="fix the TOML syntax at the line and column named (README 'Device configuration' has "
+                             "an example)") from None
     return raw
 
 
@@ -331,8 +343,10 @@ class _Values:
         self.file = path
         self.base = path.parent
 
-    def bad(self, key: str, why: str) -> UserError:
-        return UserError(f"{self.file}: {key} {why}")
+    def bad(self, key: str, why: str, hint: str | None = None) -> UserError:
+        return UserError(f"{self.file}: {key} {why}",
+                         hint=hint or f"fix {key} in {self.file} (every key and its values: docs/device.md "
+                                      "'Configuration')")
 
     def table(self, name: str, required: bool = True) -> dict:
         t = self.raw.get(name)
@@ -347,7 +361,9 @@ class _Values:
         if v is None:
             raise self.bad(f"{section}.{key}", "is missing")
         if not isinstance(v, str) or not v.strip():
-            raise self.bad(f"{section}.{key}", f"must be a non-empty string, not {_show(v)}")
+            raise self.bad(f"{section}.{key}", f"must be a non-empty string, not {_show(v)}",
+                           hint=f'quote it: {key} = "{v}"' if isinstance(v, (int, float)) and not isinstance(v, bool)
+                           else None)
         if "\x00" in v:
             raise self.bad(f"{section}.{key}", "must not contain a NUL character")
         return v
@@ -361,7 +377,9 @@ class _Values:
                 or not (lo < v if open_low else lo <= v) or not v <= hi:
             kind = "an integer from" if integer else f"{what or 'a number'} in"
             bounds = f"{lo} to {hi}" if integer else f"{'(' if open_low else '['}{lo:g}, {hi:g}]"
-            raise self.bad(f"{section}.{key}", f"must be {kind} {bounds}, not {_show(v)}")
+            raise self.bad(f"{section}.{key}", f"must be {kind} {bounds}, not {_show(v)}",
+                           hint=f"write it without quotes ({key} = {v.strip()}): in quotes TOML reads a string"
+                           if isinstance(v, str) and _is_number(v) else None)
         return v
 
     def bytes(self, t: dict, section: str, key: str, default: int, *, what: str, example: str) -> int:

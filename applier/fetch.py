@@ -25,6 +25,7 @@ happens after, on what was read. The rules this module keeps (docs/transport.md)
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 __all__ = ["HttpFetcher", "RangeStream", "RateLimiter", "SpeedFloor", "http_hint", "transport_hint", "MAX_REDIRECTS"]
 
+_log = logging.getLogger(__name__)  # `abflip --verbose`: every request, its range and its answer
 USER_AGENT = "abflip/0.1"
 READ_SIZE = 64 << 10
 MAX_REDIRECTS = 5
@@ -47,7 +49,8 @@ def http_hint(status: int) -> str:
     """What to do about an HTTP error status (the hint of the TransportError it becomes)."""
     if status in (404, 410):
         return ("the server has no such file: the repository or its mirror is incomplete (a publish in progress, "
-                "or files deleted too early), or repository.metadata_url / targets_url point to the wrong place")
+                "or files deleted too early), or repository.url points to the wrong place (abflip reads its "
+                "metadata/ and targets/)")
     if status in (401, 403):
         return "the server refused access: check the repository URLs and the server's or bucket's access rules"
     if status == 429:
@@ -258,9 +261,12 @@ class HttpFetcher(FetcherInterface):
         )
 
     def _get(self, url: str, headers: dict[str, str] | None) -> urllib3.BaseHTTPResponse:
+        _log.debug("GET %s%s", url, f" ({headers['Range']})" if headers and "Range" in headers else "")
         try:
-            return self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
-                                      decode_content=False)
+            r = self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
+                                   decode_content=False)
+            _log.debug("%s: HTTP %s, %s bytes", url, r.status, r.headers.get("Content-Length", "?"))
+            return r
         except urllib3.exceptions.NewConnectionError as e:  # before ConnectTimeoutError: it subclasses it
             raise tuf_exc.DownloadError(f"{url}: cannot connect: {_cause(e)}") from e
         except urllib3.exceptions.ConnectTimeoutError as e:

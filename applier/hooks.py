@@ -40,6 +40,7 @@ import selectors
 import signal
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +183,20 @@ def hook_environment(env: dict[str, str], kind: str) -> dict[str, str]:
     return {**base, **env, "ABFLIP_HOOK": kind}
 
 
+def _debug(msg: str, *args: object) -> None:
+    """``abflip --verbose`` logs the hooks; logging is not imported for boot-check otherwise."""
+    if "logging" in sys.modules:
+        sys.modules["logging"].getLogger(__name__).debug(msg, *args)
+
+
 def run_hooks(hooks_dir: Path | None, kind: str, *, env: dict[str, str], timeout: float) -> list[HookResult]:
     results = []
     for hook in check_hooks(hooks_dir, kind):
         t0 = time.monotonic()
+        _debug("running %s hook %s (timeout %g s)", kind, hook, timeout)
         rc, out = _run(hook, kind, hook_environment(env, kind), timeout)
+        _debug("%s hook %s: %s after %.2f s", kind, hook, "timed out" if rc is None else f"exit status {rc}",
+               time.monotonic() - t0)
         if rc is None:
             raise HookError(f"{kind} hook {hook} did not finish within {timeout:g} s and was killed" + _tail(out))
         if rc != 0:

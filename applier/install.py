@@ -417,8 +417,10 @@ def discard(session: Session, state: State, booted: str) -> None:
 
 def install(session: Session, offer: Offer, *, allow_downgrade: bool = False,
             retry_failed: bool = False) -> InstallResult:
-    """download + apply --now, under one lock (the caller's)."""
-    d = download(session, offer, allow_downgrade=allow_downgrade, retry_failed=retry_failed)
-    a = apply(session, offer, now=True, just_verified=d.verified)
+    """download + apply --now, under one lock; each its own verb (last error, history)."""
+    with session.locked():
+        d = session.guarded(lambda: download(session, offer, allow_downgrade=allow_downgrade,
+                                             retry_failed=retry_failed), "download")
+        a = session.guarded(lambda: apply(session, offer, now=True, just_verified=d.verified), "apply")
     return InstallResult(a.version, a.slot, a.entry, d.resumed_at_chunk, d.bytes_downloaded,
                          already=d.already and a.already, kind=d.kind, delta_from=d.delta_from)

@@ -36,6 +36,7 @@ from pathlib import Path
 from metadata.errors import DeviceError, PolicyError, UserError
 from metadata.manifest import ManifestError, Release
 
+from . import history
 from .install import ESP_MARGIN, boot_spec
 from .lifecycle import Event, move, other, phase_of, require
 from .session import Session
@@ -59,9 +60,11 @@ def read_release(source: Path, limits) -> tuple[Release, Path]:
         raise UserError(f"{path} does not exist", hint="pass the directory 'abflip release create' wrote, or its "
                                                        "release.json") from None
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {path}: {e.strerror or e}",
+                        hint="pass the directory 'abflip release create' wrote, or its release.json") from None
     if len(data) > limits.manifest_max_bytes:
-        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest")
+        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest",
+                        hint="pass the directory 'abflip release create' wrote, or its release.json")
     try:
         release = Release.from_bytes(data, limits)
     except ManifestError as e:
@@ -100,7 +103,7 @@ def _choose_slot(session: Session, slot: str | None) -> str:
 def provision(session: Session, source: Path, *, slot: str | None = None, force: bool = False) -> dict:
     """Record ``source``'s release as the image in the booted slot (see the module docstring)."""
     if slot is not None and slot not in ("a", "b"):
-        raise UserError(f"--slot {slot!r}: expected a or b")
+        raise UserError(f"--slot {slot!r}: expected a or b", hint="--slot a or --slot b (the slot holding the image)")
     cfg, boot = session.config, session.boot
     release, rel_dir = read_release(source, session.limits)
     version = str(release.version)
@@ -111,7 +114,7 @@ def provision(session: Session, source: Path, *, slot: str | None = None, force:
     if hwid not in release.compatible:
         raise UserError(f"{release.product} {version} is for {', '.join(release.compatible)}, not this device's "
                         f"hardware {hwid}", hint="pass the release built for this hardware; nothing was changed")
-    with session.locked():
+    with session.locked(), history.recording(cfg.state_dir, "provision"):
         slot = _choose_slot(session, slot)
         raw = load_state(cfg.state_dir)
         try:

@@ -41,7 +41,7 @@ def run(session: Session, offer: Offer, *, allow_downgrade: bool = False, retry_
             out["check"] = chk
             if chk["available"] and not chk["staged"]:
                 out["download"] = session.guarded(lambda: download(
-                    session, offer, allow_downgrade=allow_downgrade, retry_failed=retry_failed)).to_json()
+                    session, offer, allow_downgrade=allow_downgrade, retry_failed=retry_failed), "download").to_json()
         except TransportError as e:
             failure = e
         loaded = session.load()
@@ -49,14 +49,14 @@ def run(session: Session, offer: Offer, *, allow_downgrade: bool = False, retry_
         t = state.target
         if (phase_of(state) == Phase.PENDING and t is not None and offer.last is not None and failure is None
                 and (why := why_not_offered(offer.last, t, replaced=False)) is not None):
-            session.guarded(lambda: discard(session, state, booted))
+            session.guarded(lambda: discard(session, state, booted), "run")
             out["discarded"] = f"{why}: the pending {t.version} was cancelled, not booted"
             loaded = session.load()
             state = loaded.state
         open_now = in_window(session.config.windows, session.clock())
         if state.state == Phase.STAGED and open_now:
             try:
-                out["apply"] = session.guarded(lambda: apply(session, offer)).to_json()
+                out["apply"] = session.guarded(lambda: apply(session, offer), "apply").to_json()
             except StageDiscarded as e:  # no longer offered (withdrawn or replaced): not applied, and why
                 out["discarded"] = e.message
             state = session.load().state

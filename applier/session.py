@@ -26,6 +26,7 @@ from typing import TypeVar
 from metadata.errors import DeviceError, Error
 from metadata.manifest import HWID_RE, Limits
 
+from . import history
 from .bootloader import BootFacts, Bootloader
 from .config import Config
 from .context import Context
@@ -177,9 +178,10 @@ class Session:
             self._locked = 0
             os.close(fd)
 
-    def guarded(self, fn: Callable[[], T]) -> T:
-        """Run a mutating verb under the lock; an abflip error is recorded as ``last_error``."""
-        with self.locked():
+    def guarded(self, fn: Callable[[], T], verb: str) -> T:
+        """Run a mutating verb under the lock; an abflip error is recorded as ``last_error``, and
+        what the verb changed (or its error) in the history (:mod:`applier.history`)."""
+        with self.locked(), history.recording(self.config.state_dir, verb):
             try:
                 return fn()
             except Error as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from metadata.errors import DeviceError, UserError
 
+from . import history
 from .download_record import last_record
 from .lifecycle import Event, move, next_step, phase_of, rebuild
 from .release_control import load_record
@@ -79,7 +80,7 @@ def reset_state(session: Session) -> dict:
     """Rebuild a missing or invalid state from the boot loader; the invalid file is kept as
     ``state.json.invalid``. A valid file is never reset: it holds what the boot loader cannot
     tell (the floor, failed versions, a staged slot's hash)."""
-    with session.locked():
+    with session.locked(), history.recording(session.config.state_dir, "reset-state"):
         facts = session.boot.facts()
         raw = load_state(session.config.state_dir)
         if raw is not None and not raw.invalid:

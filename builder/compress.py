@@ -122,10 +122,12 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
     offset = 0
     tmp = out_path.with_name(out_path.name + ".tmp")
     with open(image_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, \
-            open(tmp, "wb") as out, ThreadPoolExecutor(threads) as pool:
+            open(tmp, "wb") as out:
         view = memoryview(mm)
+        pool = ThreadPoolExecutor(threads)
         pending: deque = deque()
         starts = iter(range(0, size, chunk_size))
+        raw = fv = None
 
         def submit() -> bool:
             start = next(starts, None)
@@ -134,26 +136,33 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
             pending.append((start, pool.submit(compress_chunk, view, start, chunk_size, window, params, level)))
             return True
 
-        for _ in range(2 * threads):
-            submit()
-        while pending:
-            start, fut = pending.popleft()
-            frame = fut.result()
-            raw = view[start:start + chunk_size]
-            whole.update(raw)
-            fv = memoryview(frame)
-            pieces = tuple(hashlib.sha256(fv[k:k + piece_size]).hexdigest()
-                           for k in range(0, len(frame), piece_size)) if piece_size else ()
-            chunks.append(Chunk(offset, len(frame), hashlib.sha256(frame).hexdigest(), start, len(raw),
-                                hashlib.sha256(raw).hexdigest(), pieces))
-            del fv
-            del raw
-            out.write(frame)
-            offset += len(frame)
-            if progress:
-                progress(start + chunk_size if start + chunk_size < size else size, size)
-            submit()
-        view.release()
+        try:
+            for _ in range(2 * threads):
+                submit()
+            while pending:
+                start, fut = pending.popleft()
+                frame = fut.result()
+                raw = view[start:start + chunk_size]
+                whole.update(raw)
+                fv = memoryview(frame)
+                pieces = tuple(hashlib.sha256(fv[k:k + piece_size]).hexdigest()
+                               for k in range(0, len(frame), piece_size)) if piece_size else ()
+                chunks.append(Chunk(offset, len(frame), hashlib.sha256(frame).hexdigest(), start, len(raw),
+                                    hashlib.sha256(raw).hexdigest(), pieces))
+                raw = fv = None
+                out.write(frame)
+                offset += len(frame)
+                if progress:
+                    progress(start + chunk_size if start + chunk_size < size else size, size)
+                submit()
+        finally:
+            # Also when interrupted (Ctrl-C, SIGTERM, an error): no worker may still read the
+            # mapping and no slice of it may outlive it, or closing it raises BufferError over the
+            # real exception (tests/test_daily_use.py).
+            pool.shutdown(wait=True, cancel_futures=True)
+            pending.clear()
+            raw = fv = None
+            view.release()
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, out_path)

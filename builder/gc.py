@@ -59,6 +59,7 @@ class GcResult:
     deleted_objects: list[str] = field(default_factory=list)
     timestamp_version: int | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: left alone
+    keys_checked: bool = False  # a dry run: the keys given can sign what the real run would
 
 
 def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str, str]]
@@ -134,10 +135,23 @@ def _dead_objects(storage: Storage, repo: Repository, removed: dict[str, list[st
     return sorted(dead)
 
 
+def _check_keys(repo: Repository, keys: KeyConfig, paths: list[str]) -> None:
+    """What the real run checks before it writes: ``keys`` can sign every role it would re-sign
+    (the roles the removed paths belong to, their products, snapshot and timestamp)."""
+    roles = {repo.role_for_path(p) for p in paths}
+    roles |= {repo.bins[r] for r in roles if r in repo.bins}
+    for role in [*sorted(roles), "snapshot", "timestamp"]:
+        if (problem := repo.signing_problem(role, keys)) is not None:
+            raise UserError(problem, hint=f"check --keys ({keys.dir}): gc re-signs {role}; nothing was removed")
+
+
 def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_run: bool = False,
                     now: datetime | None = None) -> GcResult:
+    """Remove old releases (see the module); ``dry_run``: say what would go, and with ``keys``
+    check them as the real run would."""
     if keep < 1:
-        raise UserError(f"--keep {keep}: at least one release per product must stay")
+        raise UserError(f"--keep {keep}: every product keeps at least its newest release",
+                        hint="pass --keep 1 or more (releases a channel points at always stay as well)")
     result = GcResult(dry_run)
     for attempt in range(RETRIES):
         repo, tag = load_tagged(storage)
@@ -145,12 +159,17 @@ def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_
         kept, removed, paths = _plan(storage, repo, keep, result.skipped)
         result.kept, result.removed_versions, result.removed_targets = kept, {p: v for p, v in removed.items() if v}, paths
         if dry_run:
+            if keys is not None and paths:
+                _check_keys(repo, keys, paths)
+            result.keys_checked = keys is not None
             result.deleted_objects = _dead_objects(storage, repo, removed, frozenset(paths))
             result.timestamp_version = repo.timestamp.signed.version
             return result
         if paths:
             if keys is None:
-                raise UserError("removing releases needs the signing keys (--keys)")
+                raise UserError("removing releases needs the signing keys (--keys)",
+                                hint="pass the keys directory that signs the products' roles, snapshot and timestamp")
+            _check_keys(repo, keys, paths)
             for p in paths:
                 repo.remove_target(p)
             if not commit(storage, keys, repo, tag, now=now):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .errors import BuildError, ToolMissing
 
-__all__ = ["build_image", "ImageInfo", "FSTYPES", "TAR_SUFFIXES"]
+__all__ = ["build_image", "ImageInfo", "FSTYPES", "TAR_SUFFIXES", "fstype_of", "check_image_type"]
 
 # fstype -> [(tool, Debian package)]
 TOOLS = {
@@ -48,6 +48,10 @@ TOOLS = {
     "ext4": [("mke2fs", "e2fsprogs"), ("debugfs", "e2fsprogs"), ("dumpe2fs", "e2fsprogs")],
 }
 FSTYPES = tuple(TOOLS)
+# fstype -> (offset, magic) of its superblock: erofs EROFS_SUPER_MAGIC_V1 (le32 0xE0F5E1E2 at 1024),
+# squashfs "hsqs" (le32 0x73717368 at 0), ext4 s_magic (le16 0xEF53 at 1024 + 0x38)
+MAGIC = {"erofs": (1024, b"\xe2\xe1\xf5\xe0"), "squashfs": (0, b"hsqs"), "ext4": (1080, b"\x53\xef")}
+MAGIC_BYTES = 2048  # what fstype_of needs of an image
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".tar.bz2")
 
 # A fixed mke2fs configuration (Debian 12's ext4 defaults), so the host's does not matter.
@@ -94,6 +98,31 @@ def _tools(fstype: str) -> list[str]:
 
 def _tool(fstype: str) -> str:  # kept for callers of the old name
     return _tools(fstype)[0]
+
+
+def fstype_of(head: bytes) -> str | None:
+    """The filesystem whose superblock magic the first :data:`MAGIC_BYTES` of an image hold, if any."""
+    return next((t for t, (at, magic) in MAGIC.items() if head[at:at + len(magic)] == magic), None)
+
+
+def check_image_type(image: Path, fstype: str) -> None:
+    """``image`` is a ``fstype`` filesystem image by its superblock magic: a release must not
+    claim a type its image is not (the device would write it and then fail to mount it)."""
+    try:
+        with open(image, "rb") as f:
+            head = f.read(MAGIC_BYTES)
+    except OSError as e:
+        raise BuildError(f"cannot read --image {image}: {e.strerror or e}") from None
+    found = fstype_of(head)
+    if found == fstype:
+        return
+    if found is not None:
+        article = "an" if found[0] in "aeiou" else "a"
+        raise BuildError(f"--image {image} is {article} {found} image, not {fstype}",
+                         hint=f"pass --fstype {found} (the type is what the device mounts); nothing was written")
+    raise BuildError(f"--image {image} is no {', '.join(FSTYPES[:-1])} or {FSTYPES[-1]} image (no filesystem "
+                     "superblock where those have theirs)",
+                     hint="build the image with 'abflip image build'; nothing was written")
 
 
 def is_tarball(path: Path) -> bool:
@@ -312,7 +341,8 @@ _STORES_DATA_AS_IS = ("erofs", "ext4")
 
 
 def build_image(src: Path, out: Path, *, fstype: str = "erofs", source_date_epoch: int | None = None,
-                fs_id: str | None = None, max_size: int | None = None, xattrs: bool = True) -> ImageInfo:
+                fs_id: str | None = None, max_size: int | None = None, xattrs: bool = True,
+                force: bool = False) -> ImageInfo:
     """Build ``out`` from the tree or tarball ``src``; refuse an image larger than ``max_size``.
 
     The size bound holds before and during the work, not only after it: for erofs and ext4
@@ -320,7 +350,8 @@ def build_image(src: Path, out: Path, *, fstype: str = "erofs", source_date_epoc
     size are checked before mkfs runs, and every mkfs run is confined by ``RLIMIT_FSIZE`` so
     it cannot write an image larger than ``max_size`` whatever it is given (a squashfs tree
     compresses, so only that limit applies to it). Every path reaches an external tool
-    absolute, so a name beginning with '-' is never read as an option."""
+    absolute, so a name beginning with '-' is never read as an option. An existing ``out`` is
+    replaced only with ``force``."""
     tools = _tools(fstype)
     # absolute, not resolved: "-o" stays a file name, a symlinked directory stays where it is
     src = Path(src).absolute()
@@ -333,6 +364,8 @@ def build_image(src: Path, out: Path, *, fstype: str = "erofs", source_date_epoc
         raise BuildError(f"output {out} is a directory", hint="pass the image file to write with -o")
     if not out.parent.is_dir():
         raise BuildError(f"the directory of the output {out} does not exist", hint="create it first")
+    if not force and (out.exists() or out.is_symlink()):
+        raise BuildError(f"output {out} exists", hint="pass --force to replace it, or another -o; nothing was written")
     try:
         epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) if source_date_epoch is None else source_date_epoch
     except ValueError:

@@ -160,11 +160,13 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
     targets = {}
     for path, local in files.items():
         if not local.is_file():
-            raise BuildError(f"{local} is missing from the release directory")
+            raise BuildError(f"{local} is missing from the release directory",
+                             hint="re-create the release with 'abflip release create'; nothing was published")
         targets[path] = TargetFile.from_file(path, str(local), ["sha256"])
     for path, (name, sha) in checked.items():
         if targets[path].hashes["sha256"] != sha:
-            raise BuildError(f"{name} does not match release.json (was it changed after 'release create'?)")
+            raise BuildError(f"{name} does not match release.json (was it changed after 'release create'?)",
+                             hint="re-create the release with 'abflip release create'; nothing was published")
     uploaded: list[str] = []
     for attempt in range(RETRIES):
         repo, tag = load_tagged(storage)

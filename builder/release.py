@@ -105,11 +105,12 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
                    threads: int = 0, created: int | None = None, piece_size: int = DEFAULT_PIECE,
                    progress: Callable[[int, int], None] | None = None, limits: Limits = Limits(),
                    delta_from: list[Path] = (), delta_level: int = DEFAULT_DELTA_LEVEL,
-                   delta_dictionary: int = DEFAULT_DICTIONARY) -> ReleaseFiles:
+                   delta_dictionary: int = DEFAULT_DICTIONARY, force: bool = False) -> ReleaseFiles:
     """Write the release into ``out_dir``. Every argument is checked first with the device's
     rules; the files are made in a private directory beside ``out_dir`` and the manifest is
     parsed back as the device will parse it before anything is moved into ``out_dir``, so a
-    refused release leaves nothing behind (and an existing ``out_dir`` as it was)."""
+    refused release leaves nothing behind (and an existing ``out_dir`` as it was). An
+    ``out_dir`` that holds a release already is replaced only with ``force``."""
     ver = check_arguments(product=product, version=version, compatible=compatible, options=options, fstype=fstype,
                           level=level, chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size,
                           limits=limits)
@@ -144,6 +145,9 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BuildError(f"{out_dir} exists and is not a directory", hint="pass a directory for --output")
+    if not force and any((out_dir / n).exists() for n in ("release.json", IMAGE_NAME)):
+        raise BuildError(f"{out_dir} already holds a release ({'release.json' if (out_dir / 'release.json').exists() else IMAGE_NAME})",
+                         hint="pass --force to replace it, or another -o; nothing was written")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.abflip-", dir=out_dir.parent))
     try:

@@ -10,6 +10,8 @@ root that says who is to blame and therefore what to do:
 - :class:`UserError`: the user's configuration or input is wrong (bad config key, bad version).
 - :class:`PolicyError`: the request is well-formed but refused by policy (not newer than the
   floor, wrong hardware, outside a maintenance window).
+- :class:`Interrupted`: a signal stopped the command (SIGINT, SIGTERM); its exit code is the
+  shell's convention, 128 + the signal number (130, 143).
 
 Library code raises these and never prints or exits; the CLI renders ``diagnostics()`` and
 exits with ``exit_code``. Local ``OSError`` that is not understood is left alone.
@@ -25,6 +27,7 @@ __all__ = [
     "DeviceError",
     "UserError",
     "PolicyError",
+    "Interrupted",
     "EXIT_CODES",
 ]
 
@@ -63,7 +66,7 @@ class InternalError(Error):
 class UserError(Error):
     exit_code = 2
     blame = "user"
-    default_hint = "check the command line and the configuration file"
+    default_hint = "nothing was changed: correct what the message names and run it again (--help lists the options)"
 
 
 class RepositoryError(Error):
@@ -88,6 +91,19 @@ class PolicyError(Error):
     exit_code = 6
     blame = "policy"
     default_hint = "nothing was changed"
+
+
+class Interrupted(Error):
+    """A signal stopped the command (Ctrl-C, or systemd stopping the unit): not a failure of
+    anything. The CLI makes it from the signal and says where the work stands."""
+
+    blame = "interrupted"
+    default_hint = "run the command again: an interrupted abflip command leaves nothing a re-run does not finish"
+
+    def __init__(self, message: str, *, signum: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (UserError, RepositoryError, TransportError, DeviceError, PolicyError)}

@@ -135,9 +135,11 @@ class KeyConfig:
         except FileNotFoundError:
             raise UserError(f"no key configuration at {path}", hint="run 'abflip repo init' first or pass --keys") from None
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot read key configuration {path}: {e}") from None
+            raise UserError(f"cannot read key configuration {path}: {e}",
+                            hint="pass the keys directory 'abflip repo init' made (--keys)") from None
         if not isinstance(raw, dict) or raw.get("schema") != KEYS_SCHEMA:
-            raise UserError(f"{path} is not an abflip key configuration (schema {KEYS_SCHEMA})")
+            raise UserError(f"{path} is not an abflip key configuration (schema {KEYS_SCHEMA})",
+                            hint="pass the keys directory 'abflip repo init' made (--keys)")
         roles = {r: [RoleKeys(k["keyid"], k["uri"]) for k in ks] for r, ks in raw.get("roles", {}).items()}
         expiry = dict(DEFAULT_EXPIRY_DAYS)
         expiry.update(raw.get("expiry_days", {}))

@@ -7,7 +7,10 @@ delegations) is never published directly. It is written *staged* into the keys d
 
 signed there by whatever keys of the role this machine holds, and then carried to the other
 key holders, who each run ``abflip repo sign <file> --key <uri-or-keyfile>`` (a signature is
-appended; nothing else changes). ``abflip repo commit`` refuses a staged file below its
+appended; nothing else changes). The staged file names every key that may sign it: each one
+that has not signed yet holds an empty signature, so ``repo sign`` refuses a key that is none of
+them (on a holder's machine, without the repository); ``repo commit`` publishes only the real
+signatures. ``abflip repo commit`` refuses a staged file below its
 threshold, naming the role, how many signatures are missing and from which keyids; once all
 are met it publishes the staged roots, targets and delegated roles, then a new snapshot and
 timestamp signed with the online keys.
@@ -27,7 +30,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from securesystemslib.signer import Key, Signer
+from securesystemslib.signer import Key, Signature, Signer
 from tuf.api.metadata import Metadata, Root, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
@@ -80,21 +83,51 @@ def _load(path: Path) -> Metadata:
     try:
         return Metadata.from_bytes(Path(path).read_bytes())
     except FileNotFoundError:
-        raise UserError(f"no staged metadata at {path}") from None
+        raise UserError(f"no staged metadata at {path}",
+                        hint="pass a file of <keys>/staged/ (repo rotate, delegate and bins stage them)") from None
     except DeserializationError as e:
-        raise UserError(f"{path} is not TUF metadata: {e}") from None
+        raise UserError(f"{path} is not TUF metadata: {e}",
+                        hint="pass a file of <keys>/staged/ as it was staged (stage the change again if it was "
+                             "damaged)") from None
+
+
+def _signed(md: Metadata) -> list[str]:
+    """Keyids of the real signatures (not the empty ones naming who may still sign)."""
+    return sorted(k for k, sig in md.signatures.items() if sig.signature)
+
+
+def _expect(md: Metadata, keyids) -> None:
+    """Name every key that may sign ``md`` in it: an empty signature for each one not signed yet."""
+    for kid in sorted(keyids):
+        md.signatures.setdefault(kid, Signature(kid, ""))
+
+
+def _may_sign(md: Metadata, role: str) -> set[str] | None:
+    """The keys that may sign a staged file, as it names them; None: it does not say (a file
+    staged before the names were written, other than a root)."""
+    if any(not sig.signature for sig in md.signatures.values()):
+        return set(md.signatures)
+    if role == "root" and isinstance(md.signed, Root):
+        return set(md.signatures) | set(md.signed.roles["root"].keyids)
+    return None
 
 
 def sign_staged(path: Path, signer: Signer) -> dict:
-    """Append ``signer``'s signature to a staged file (the signed part is not touched)."""
+    """Add ``signer``'s signature to a staged file (the signed part is not touched). A key the
+    file does not name as one of its signers is refused, and the file left as it was."""
     md = _load(path)
     m = _NAME.match(Path(path).name)
     role = m[2] if m else md.signed.type
     keyid = signer.public_key.keyid
+    allowed = _may_sign(md, role)
+    if allowed is not None and keyid not in allowed:
+        raise UserError(f"key {keyid[:12]} is not a key that signs {Path(path).name} ({role} v{md.signed.version}); "
+                        f"its signers: {', '.join(k[:12] for k in sorted(allowed))}",
+                        hint="sign with one of those keys (docs/keys.md); the staged file is unchanged")
     md.sign(signer, append=True)
     _write(Path(path), md)
     return {"file": str(path), "role": role, "version": md.signed.version, "keyid": keyid,
-            "signatures": sorted(md.signatures)}
+            "signatures": _signed(md)}
 
 
 def _sign_available(md: Metadata, config: KeyConfig, role: str, keys: dict[str, Key]) -> list[str]:
@@ -136,6 +169,7 @@ def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[
         md = repo.next_targets(now=now, days=config.expiry("targets"))
         holder, days_role = md.signed, "targets"
     current, _ = repo.role_keys(role)
+    revoked: set[str] = set()
     for kid in revoke:
         if kid not in current:
             match = [k for k in current if k.startswith(kid)]
@@ -143,6 +177,7 @@ def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[
                 raise UserError(f"{kid} is not a key of role {role}", hint=f"its keyids: {', '.join(sorted(current))}")
             kid = match[0]
         holder.revoke_key(kid, role)
+        revoked.add(kid)
     for key, _uri in add:
         holder.add_key(key, role)
     r = holder.roles[role] if role in TOP_ROLES else holder.delegations.roles[role]
@@ -151,15 +186,18 @@ def stage_rotation(repo: Repository, config: KeyConfig, role: str, *, add: list[
     if not 1 <= r.threshold <= len(r.keyids):
         raise UserError(f"role {role} would have threshold {r.threshold} with {len(r.keyids)} key(s)",
                         hint="add keys or lower the threshold")
-    # keys.json: learn the new URIs (before signing: a new root key signs the new root)
-    entries = [k for k in config.roles.get(role, []) if k.keyid not in set(revoke)]
+    # keys.json: learn the new URIs (before signing: a new root key signs the new root), drop
+    # the revoked ones (they still sign the handover below, from the configuration as it was)
+    entries = [k for k in config.roles.get(role, []) if k.keyid not in revoked]
     entries += [RoleKeys(key.keyid, uri) for key, uri in add if key.keyid not in {k.keyid for k in entries}]
     if days_role == "root":
         signing = {**_root_keys(repo.root.signed), **_root_keys(md.signed)}
         _sign_available(md, _with(config, role, entries) if role == "root" else config, "root", signing)
+        _expect(md, signing)  # the previous root's keys and the new root's
     else:
         keys, _ = repo.role_keys("targets")
         _sign_available(md, config, "targets", keys)
+        _expect(md, keys)
     path = stage(config.dir, md, days_role)
     config.roles[role] = entries
     config.save()
@@ -184,12 +222,13 @@ def stage_delegation(repo: Repository, config: KeyConfig, product: str, keys: li
     if not keys:
         raise UserError("a delegation needs at least one key", hint="pass --key URI (or --generate)")
     if not 1 <= threshold <= len(keys):
-        raise UserError(f"threshold {threshold} with {len(keys)} key(s)")
+        raise UserError(f"threshold {threshold} with {len(keys)} key(s)", hint="a threshold from 1 to the number of keys")
     md = repo.next_targets(now=now, days=config.expiry("targets"))
     role = add_delegation(md, product, [k for k, _ in keys], threshold, bits=bits)
     for path in [p for p in md.signed.targets if role.is_delegated_path(p)]:
         del md.signed.targets[path]
     _sign_available(md, config, "targets", repo.role_keys("targets")[0])
+    _expect(md, repo.role_keys("targets")[0])
     staged = stage(config.dir, md, "targets")
     config.roles[product] = [RoleKeys(k.keyid, uri) for k, uri in keys]
     config.save()
@@ -213,6 +252,7 @@ def stage_bins(repo: Repository, config: KeyConfig, product: str, bits: int, *,
     md = repo.next_targets(now=now, days=config.expiry("targets"))
     set_bin_bits(md.signed, product, bits)
     _sign_available(md, config, "targets", repo.role_keys("targets")[0])
+    _expect(md, repo.role_keys("targets")[0])
     return [stage(config.dir, md, "targets")]
 
 
@@ -223,11 +263,14 @@ def commit_staged(repo: Repository, config: KeyConfig, *, now: datetime | None =
     now = now or datetime.now(timezone.utc)
     files = staged_files(config.dir)
     if not files:
-        raise UserError(f"nothing is staged in {config.dir / STAGED_DIR}")
+        raise UserError(f"nothing is staged in {config.dir / STAGED_DIR}: there is nothing to commit",
+                        hint="stage a change first ('abflip repo rotate', 'delegate' or 'bins'), or pass the --keys "
+                             "directory it was staged in")
     out: list[SignedFile] = []
     old_targets = repo.targets
     for path in files:
         md = _load(path)
+        md.signatures = {k: sig for k, sig in md.signatures.items() if sig.signature}  # published: real ones only
         role = _NAME.match(path.name)[2]
         current = repo.role(role) if role in ("root", "targets") or role in repo.delegated else None
         if current is not None and md.signed.version != current.signed.version + 1:

@@ -12,7 +12,7 @@ from tuf.api.metadata import Metadata
 from .keys import ONLINE_ROLES, TOP_ROLES, KeyConfig
 from .repository import Reader, Repository, signature_report
 
-__all__ = ["repository_status", "expiry_warnings"]
+__all__ = ["repository_status", "expiry_warnings", "expired_roles"]
 
 
 def _role_status(repo: Repository, name: str, now: datetime) -> dict:
@@ -60,4 +60,27 @@ def expiry_warnings(repo: Repository, config: KeyConfig, *, now: datetime | None
         if exp - now <= timedelta(days=config.expiry(name)) / 3:
             out.append(f"{name} v{repo.role(name).signed.version} expires {exp:%Y-%m-%d %H:%M} UTC: "
                        "its key holders must re-sign it (abflip repo rotate with no change, then sign and commit)")
+    return out
+
+
+def expired_roles(repo: Repository, *, now: datetime | None = None) -> list[str]:
+    """Every role that has already expired, with what re-signs it: devices refuse any update
+    while one of them is (a delegated role: that product's updates)."""
+    now = now or datetime.now(timezone.utc)
+    out = []
+    names = [*TOP_ROLES, *sorted(n for n in repo.delegated if repo.delegated[n].signed.version > 0)]
+    for name in names:
+        md = repo.role(name)
+        if not md.signed.is_expired(now):
+            continue
+        when = f"{name} v{md.signed.version} expired {md.signed.expires:%Y-%m-%d %H:%M} UTC"
+        if name in ("root", "targets"):
+            out.append(f"{when}: its key holders must re-sign it (abflip repo rotate {name} with no change, then "
+                       "sign and commit)")
+        elif name in ONLINE_ROLES:
+            out.append(f"{when}: re-sign it with its key (abflip repo refresh, or the online signer's abflip repo "
+                       "snapshot)")
+        else:
+            out.append(f"{when}: re-sign it with {repo.key_role(name)}'s key (abflip repo refresh --keys holding it, "
+                       "or the product's next publish)")
     return out

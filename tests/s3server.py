@@ -1,4 +1,4 @@
-"""A real S3 server for the tests: ``moto_server`` on 127.0.0.1, spoken to over HTTP by boto3.
+"""A real S3 server for the tests: moto's server (``python -m moto.server``) on 127.0.0.1, spoken to over HTTP by boto3.
 
 Nothing is patched in-process: the publisher uses boto3 against the server's endpoint, and
 devices fetch the public objects at ``http://127.0.0.1:PORT/<bucket>/<key>`` with their own
@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime
@@ -39,7 +40,9 @@ class MotoServer:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+        # moto's server module with this interpreter: no ``moto_server`` on PATH needed (a new
+        # shell runs the README's test line without activating the venv)
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=dict(os.environ, **(env or {})))
         deadline = time.monotonic() + 30

@@ -99,6 +99,6 @@ def test_progress_bar_on_a_terminal(capsys, monkeypatch):
         progress({"event": "progress", "phase": "refresh"})  # no byte counts: no bar
         return {"version": "2.0.0"}
 
-    _streaming((work, lambda r: f"done {r['version']}"), False)
+    _streaming((work, lambda r: f"done {r['version']}", None), False)
     out = capsys.readouterr()
     assert out.out == "done 2.0.0\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,8 @@ UNITS = ("abflip.service", "abflip.timer", "abflip-health.service")
 def test_systemd_units_verify(tmp_path):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is missing (Debian package systemd; .ci/run installs it)")
-    exe = shutil.which("abflip") or "/bin/true"
+    exe = str(Path(sys.executable).with_name("abflip"))  # the venv's, whether or not it is on PATH
+    assert Path(exe).is_file(), exe
     for name in UNITS:
         text = (REPO / "systemd" / name).read_text()
         (tmp_path / name).write_text(text.replace("/usr/local/bin/abflip", exe))

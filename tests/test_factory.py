@@ -38,11 +38,12 @@ def fresh(world, name: str = "dev", *, hardware_id: str = HARDWARE, flash: str |
 
 
 def snapshot(sim: SimDevice) -> dict[str, bytes]:
-    """Every file of the device's ESP and state directory (what 'nothing changed' compares)."""
+    """Every file of the device's ESP and state directory (what 'nothing changed' compares; the
+    history is a log of attempts, like the journal, not the device's state)."""
     out = {}
     for base in (sim.esp, sim.state_dir):
         for p in sorted(base.rglob("*")):
-            if p.is_file() and p.name != "lock":
+            if p.is_file() and p.name not in ("lock", "history.jsonl"):
                 out[str(p.relative_to(sim.root))] = p.read_bytes()
     return out
 

@@ -237,6 +237,8 @@ def test_a_sticky_world_writable_ancestor_is_fine(tmp_path):
 def test_a_hook_sees_only_the_documented_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-aws")
     monkeypatch.setenv("ABFLIP_KMS_TOKEN", "s3cr3t-kms")
+    for name in [k for k in os.environ if k.startswith("LC_")]:  # whatever the caller's shell set (LC_CTYPE, ...)
+        monkeypatch.delenv(name)
     monkeypatch.setenv("LC_TIME", "C")
     dump = tmp_path / "env"
     hook(tmp_path, "pre-install", "10-env", f"env > {dump}")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import fake_erofs
 from tuf.api.metadata import TargetFile
 
 from abflip.demo import HARDWARE, PRODUCT, make_rootfs
@@ -55,8 +56,8 @@ def _refused(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 @pytest.fixture
 def inputs(tmp_path) -> dict[str, Path]:
-    """An image (any bytes will do for 'release create') and a kernel."""
-    (tmp_path / "rootfs.img").write_bytes(os.urandom(64 << 10) * 3)
+    """An image (any bytes behind an erofs superblock magic will do for 'release create') and a kernel."""
+    (tmp_path / "rootfs.img").write_bytes(fake_erofs(os.urandom(64 << 10) * 3))
     (tmp_path / "vmlinuz").write_bytes(b"kernel " * 300)
     return {"image": tmp_path / "rootfs.img", "kernel": tmp_path / "vmlinuz", "out": tmp_path / "out"}
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import AlreadyExists, StorageError
+from abflip.demo import PRODUCT
+from builder.errors import AlreadyExists, StorageAccessError, StorageError
 from builder.publish import headers_for, publish_release
 from builder.storage.s3 import S3Storage
 from metadata.errors import UserError
@@ -93,25 +94,25 @@ def test_multipart_upload_of_a_large_file(moto, tmp_path):
     assert st.get("targets/x/big.zst") == big.read_bytes()
 
 
-def test_missing_bucket_is_a_clear_storage_error(moto, tmp_path, built):
+def test_missing_bucket_is_a_user_error(moto, tmp_path, built):
     st = S3Storage.from_url("s3://no-such-bucket-abflip/repo", endpoint_url=moto.endpoint, region="us-east-1")
-    with pytest.raises(StorageError, match="does not exist") as e:
+    with pytest.raises(StorageAccessError, match="does not exist") as e:
         st.get("metadata/1.root.json")
     assert "create the bucket" in e.value.hint
     r = subprocess.run([*ABFLIP, "repo", "init", "--keys", str(tmp_path / "k"), "--to", "s3://no-such-bucket-abflip/r"],
                        capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, **DUMMY_ENV, AWS_ENDPOINT_URL_S3=moto.endpoint))
-    assert r.returncode == 5 and "does not exist" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error (user): ") and "does not exist" in r.stderr, r.stderr
 
 
-def test_access_denied_is_a_clear_storage_error(tmp_path):
+def test_access_denied_is_a_user_error(tmp_path):
     """moto in IAM auth mode (INITIAL_NO_AUTH_ACTION_COUNT=0) rejects credentials it does not know."""
     server = MotoServer(env={**DUMMY_ENV, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         st = S3Storage.from_url("s3://some-bucket/repo", endpoint_url=server.endpoint, region="us-east-1")
-        with pytest.raises(StorageError, match="access denied") as e:
+        with pytest.raises(StorageAccessError, match="access denied") as e:
             st.put("metadata/x.json", b"{}", content_type="application/json", cache_control="no-store")
-        assert "credentials" in e.value.hint
+        assert "credentials" in e.value.hint and e.value.exit_code == 2
     finally:
         server.stop()
 
@@ -311,3 +312,84 @@ def test_interrupted_multipart_upload_is_aborted(moto, tmp_path, built):
     assert not any(k.endswith(".rootfs.img.zst") and "4.0.0" in k for k in w.storage.list("targets/"))
     assert not st.client.list_multipart_uploads(Bucket=st.bucket).get("Uploads")
     assert publish_release(tmp_path / "rel", w.storage, w.keys, channel="stable").changed  # the retry completes
+
+
+# -- issue 23: every s3:// command takes the S3 options; errors blame what is wrong -------------
+def _no_abflip_env() -> dict:
+    """This environment without ABFLIP_* S3 settings or AWS_ENDPOINT_URL*: only the options count."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("ABFLIP_", "AWS_ENDPOINT_URL"))} | DUMMY_ENV
+
+
+def _s3cli(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*ABFLIP, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env or _no_abflip_env())
+
+
+def test_every_s3_command_takes_the_s3_options(moto, tmp_path, built):
+    """The key ceremony, a publish, the signer, verify and gc against a bucket, each with
+    --endpoint-url/--region and nothing from the environment but credentials."""
+    bucket = moto.new_bucket()
+    url = f"s3://{bucket}/repo"
+    s3 = ["--endpoint-url", moto.endpoint, "--region", "us-east-1"]
+    keys = tmp_path / "keys"
+    steps = [
+        ["repo", "init", "--keys", keys, "--to", url, *s3],
+        ["repo", "status", "--repo", url, "--keys", keys, *s3],
+        ["repo", "delegate", PRODUCT, "--keys", keys, "--to", url, "--generate", *s3],
+        ["repo", "commit", "--keys", keys, "--to", url, *s3],
+        ["repo", "rotate", "timestamp", "--keys", keys, "--to", url, "--generate", "1", *s3],
+        ["repo", "commit", "--keys", keys, "--to", url, *s3],
+        ["publish", built["1.0.0"], "--to", url, "--keys", keys, *s3],
+        ["repo", "snapshot", "--repo", url, "--keys", keys, "--force", *s3],
+        ["repo", "refresh", "--repo", url, "--keys", keys, "--force", *s3],
+        ["channel", "promote", PRODUCT, "1.0.0", "--to", "beta", "--repo", url, "--keys", keys, *s3],
+        ["repo", "verify", url, *s3],
+        ["repo", "gc", "--repo", url, "--keys", keys, "--keep", "1", "--dry-run", *s3],
+    ]
+    for step in steps:
+        r = _s3cli(*step)
+        assert r.returncode == 0, (step, r.stderr)
+    # and every command that takes a repository has them (a new command cannot forget them)
+    import typer.main
+
+    from abflip.cli import _app
+    from abflip.commands.meta import walk
+
+    for path, cmd in walk(typer.main.get_command(_app())):
+        names = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        if names & {"--to", "--repo"} or path == ("repo", "verify"):
+            assert {"--endpoint-url", "--region", "--profile"} <= names, path
+
+
+def test_s3_errors_blame_what_is_wrong(moto, tmp_path, built):
+    bucket = moto.new_bucket()
+    url = f"s3://{bucket}/repo"
+    keys = tmp_path / "keys"
+    s3 = ["--endpoint-url", moto.endpoint, "--region", "us-east-1"]
+    assert _s3cli("repo", "init", "--keys", keys, "--to", url, *s3).returncode == 0
+    # a wrong prefix: what is not there, not the network
+    for args in (["publish", built["1.0.0"], "--to", f"s3://{bucket}/rpeo", "--keys", keys],
+                 ["repo", "status", "--repo", f"s3://{bucket}/rpeo"], ["repo", "verify", f"s3://{bucket}/rpeo"]):
+        r = _s3cli(*args, *s3)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith(f"error (user): s3://{bucket}/rpeo holds no abflip repository"), r.stderr
+        assert "network" not in r.stderr and "Traceback" not in r.stderr
+    # an endpoint nobody listens on: transport, exit 4
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = _s3cli("repo", "status", "--repo", url, "--endpoint-url", dead, "--region", "us-east-1", timeout=300)
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.startswith("error (transport): ") and "cannot reach the S3 endpoint" in r.stderr
+    assert "--endpoint-url" in r.stderr
+    # no credentials anywhere (and no instance metadata lookup: offline tests): the user's, exit 2
+    env = {k: v for k, v in _no_abflip_env().items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
+    r = _s3cli("publish", built["1.0.0"], "--to", url, "--keys", keys, *s3, env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error (user): ") and "no AWS credentials found" in r.stderr
+    r = _s3cli("repo", "status", "--repo", url, "--profile", "abflip-no-such-profile", *s3, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error (user): AWS profile"), r.stderr

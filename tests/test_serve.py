@@ -202,3 +202,54 @@ def test_cli_bad_limits_are_user_errors(tmp_path):
     (tmp_path / "repo").mkdir()
     r = abflip("serve", str(tmp_path / "repo"), "--port", str(free_port()), "--max-connections", "0", timeout=30)
     assert r.returncode == 2 and "error (user): --max-connections must be at least 1" in r.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_cli_a_port_out_of_range_is_a_user_error(tmp_path, port):
+    (tmp_path / "repo").mkdir()
+    r = abflip("serve", str(tmp_path / "repo"), "--port", port, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"error (user): --port {port} is not a TCP port (0 to 65535; 0: any free port)\n"
+                               "  hint: ") and "Traceback" not in r.stderr
+
+
+def test_cli_logs_each_request_in_common_log_format(tmp_path):
+    """What `abflip serve` prints on stderr per request, once the response is out: client, time,
+    request line, status and the bytes sent (a range's, none for a 404 or a HEAD); --quiet: none."""
+    import re
+    import urllib.error
+    import urllib.request
+
+    repo = tmp_path / "repo"
+    (repo / "metadata").mkdir(parents=True)
+    (repo / "metadata" / "timestamp.json").write_bytes(b"x" * 1000)
+    srv = Serving(repo)
+    try:
+        with urllib.request.urlopen(f"{srv.url}/metadata/timestamp.json") as r:
+            assert len(r.read()) == 1000
+        req = urllib.request.Request(f"{srv.url}/metadata/timestamp.json", headers={"Range": "bytes=100-199"})
+        with urllib.request.urlopen(req) as r:
+            assert r.status == 206 and len(r.read()) == 100
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{srv.url}/metadata/nope.json")
+        with urllib.request.urlopen(urllib.request.Request(f"{srv.url}/metadata/timestamp.json", method="HEAD")):
+            pass
+        assert raw_get(srv.url, "/.lock")[0] == 404
+    finally:
+        err = srv.close()
+    lines = err.splitlines()
+    clf = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "(?P<req>[^"]*)" '
+                     r'(?P<status>\d{3}) (?P<size>\d+|-)$')
+    got = [(m["req"], m["status"], m["size"]) for m in map(clf.match, lines) if m]
+    assert len(got) == len(lines), lines
+    assert got == [("GET /metadata/timestamp.json HTTP/1.1", "200", "1000"),
+                   ("GET /metadata/timestamp.json HTTP/1.1", "206", "100"),
+                   ("GET /metadata/nope.json HTTP/1.1", "404", "-"),
+                   ("HEAD /metadata/timestamp.json HTTP/1.1", "200", "-"),
+                   ("GET /.lock HTTP/1.1", "404", "-")], got
+    quiet = Serving(repo, "--quiet")
+    try:
+        with urllib.request.urlopen(f"{quiet.url}/metadata/timestamp.json") as r:
+            r.read()
+    finally:
+        assert quiet.close() == ""

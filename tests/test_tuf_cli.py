@@ -217,7 +217,7 @@ def test_refresh_racing_a_publish_never_hides_it(world):
             raced.append(world.publish("2.0.0"))  # lands between our read and our write
         return files
 
-    _sign_and_write(str(world.repo), world.keys, make)
+    _sign_and_write(str(world.repo), (None, None, None), world.keys, make)
     r = load(world.repo)
     assert r.timestamp.signed.snapshot_meta.version == r.snapshot.signed.version
     assert "demo-os/releases/2.0.0/release.json" in r.target_files

@@ -29,7 +29,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="print abflip's version and exit")) -> None:
+                                       help="print abflip's version and exit"),
+          verbose: bool = typer.Option(False, "--verbose", help="debug logging on stderr (HTTP, TUF, storage, hooks) "
+                                                                "and tracebacks; may also follow the command")) -> None:
     """Atomic A/B OS image updates with TUF and systemd-boot."""
 
 
@@ -42,7 +44,7 @@ CONFIG_OPT = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="device configu
 JSON_OPT = typer.Option(False, "--json", help="machine-readable output")
 
 
-def run(fn: Callable[[], Any], as_json: bool, render: Callable[[Any], str]) -> None:
+def run(fn: Callable[[], Any], as_json: bool, render: Callable[[Any], str], where=None) -> None:
     """Call ``fn``; print its result (JSON or rendered) or its error, and exit with the error's code."""
-    if code := report(fn, as_json, render):
+    if code := report(fn, as_json, render, where):
         raise typer.Exit(code)

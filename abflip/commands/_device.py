@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING
 from ._output import report
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from applier.agent import Device, ProgressFn
+    from metadata.errors import Interrupted
 
 __all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "download_call", "install_call",
            "open_device", "render_check", "render_status", "run_call", "status", "window_line"]
@@ -24,11 +27,41 @@ __all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "
 DEFAULT_CONFIG = Path("/etc/abflip/abflip.toml")
 
 
-def open_device(config: Path, progress: ProgressFn | None = None) -> Device:
+def open_device(config: Path, progress: ProgressFn | None = None, *, need: str = "write") -> Device:
+    """The device of ``config``, once this user can do what the command needs (``need``: "read"
+    for status, "check" to refresh the TUF cache, "write" for every command that changes things)."""
     from applier.agent import Device
     from applier.config import Config
 
-    return Device(Config.load(config), progress=progress)
+    cfg = Config.load(config)
+    require_access(cfg, need)
+    return Device(cfg, progress=progress)
+
+
+def require_access(cfg, need: str) -> None:
+    """A user who is not root and cannot read or write what the command uses is told to run it
+    as root, before the command fails on the first of those files with a misleading cause (an
+    unreadable state file taken for an invalid one, a TUF cache "without free space")."""
+    import os
+
+    if os.geteuid() == 0:
+        return
+    sd = cfg.state_dir
+    rw, rx, wx = os.R_OK | os.W_OK, os.R_OK | os.X_OK, os.W_OK | os.X_OK
+    wanted = [(sd, rx), (sd / "state.json", os.R_OK), (sd / "history.jsonl", os.R_OK)]
+    if need in ("check", "write"):
+        wanted += [(sd, wx), (sd / "state.json", rw), (sd / "lock", rw), (sd / "tuf", wx), (sd / "offer", wx),
+                   (sd / "release-control.json", rw)]
+    if need == "write":
+        wanted += [(sd / "staged", wx), *(() if cfg.esp_auto else ((cfg.esp, wx),)),
+                   *((s.device, os.R_OK) for s in cfg.slots.values())]
+    for path, mode in wanted:
+        if os.path.lexists(path) and not os.access(path, mode):
+            from metadata.errors import UserError
+
+            how = "written" if mode & os.W_OK else "read"
+            raise UserError(f"{path} cannot be {how} by this user (uid {os.geteuid()}): abflip's device commands "
+                            "run as root", hint="run it as root (sudo abflip ...); nothing was changed")
 
 
 def window_line(w: dict | None) -> str:
@@ -37,23 +70,62 @@ def window_line(w: dict | None) -> str:
     return f"window:  {'open now, until ' + w['end'] if w['open'] else 'next ' + w['start'] + ' until ' + w['end']}"
 
 
+def _line(label: str, value: str) -> str:
+    return f"{label + ':':<8} {value}"
+
+
+def _short(sha: str | None) -> str:
+    return f"sha256 {sha[:12]}..." if sha else "not verified"
+
+
 def render_status(s: dict) -> str:
+    """Everything ``status --json`` says, for a person: one line per subject, in the order one
+    asks (where am I, what is on the slots, what is coming, what went wrong)."""
     booted = (f"slot {s['booted_slot']} ({s['booted_version'] or 'unknown version'}, "
               f"entry {s['booted_entry'] or 'unknown'})" if s["booted_slot"] else "unknown slot (every write is refused)")
-    lines = [f"state:   {s['state']}", f"booted:  {booted}", f"floor:   {s['floor'] or 'none'}"]
+    lines = [_line("state", s["state"] + (" (rebuilt from the boot entries)" if s.get("state_recovered") else "")),
+             _line("booted", booted), _line("floor", s["floor"] or "none")]
     if s["booted_slot"] and not s["booted_version"]:
         lines.append("         (not provisioned: `abflip provision RELEASE` records the image in the booted slot)")
+    if "hardware_id" in s:
+        lines.append(_line("hwid", s["hardware_id"] or "unknown (device.hardware_id: DMI unreadable)"))
     for name, slot in sorted(s["slots"].items()):
         lines.append(f"slot {name}:  {slot['status']:8} {slot['version'] or '-':12} {slot['device']}"
-                     + ("  (booted)" if slot["booted"] else ""))
+                     + ("  (booted)" if slot["booted"] else "") + (f"  {_short(slot.get('sha256'))}"
+                                                                   if slot.get("sha256") else ""))
+    t = s.get("target")
+    if t:
+        lines.append(_line("target", f"{t['version']} into slot {t['slot']}: {t['chunks_done']} of {t['chunks_total']} "
+                                     f"chunks verified ({t['bytes_downloaded']} bytes downloaded)"))
+    if d := s.get("download"):
+        how = (f"delta from {d['delta_from']}" if d.get("kind") == "delta" else d.get("kind", "full"))
+        saved = f", {d['bytes_saved']} saved" if d.get("bytes_saved") else ""
+        lines.append(_line("fetched", f"{d.get('version')} as {how}: {d.get('bytes_downloaded')} bytes{saved}"
+                                      + (f" ({d['delta_note']})" if d.get("delta_note") else "")))
     if s["pending_entry"]:
-        lines.append(f"pending: {s['pending_entry']}")
-    if s.get("rollback"):
-        lines.append(f"rollback: to slot {s['rollback']['to_slot']} at the next boot")
+        lines.append(_line("pending", s["pending_entry"]))
+    if s.get("entries"):
+        lines.append(_line("entries", ", ".join(
+            e["file"] + ("" if e.get("tries_left") is None else f" ({e['tries_left']} tries left)")
+            for e in s["entries"])))
+    if rb := s.get("rollback"):
+        lines.append(_line("rollback", f"to slot {rb['to_slot']} ({rb.get('to_version') or '?'}) from slot "
+                                       f"{rb.get('from_slot')} ({rb.get('from_version') or '?'}) at the next boot"))
     if s["failed_versions"]:
-        lines.append(f"failed:  {', '.join(s['failed_versions'])}")
+        lines.append(_line("failed", ", ".join(s["failed_versions"]) + " (not retried without --retry-failed)"))
+    if rc := s.get("release_control"):
+        ro = rc["rollout"]
+        chan = f"{rc['channel']} offered {rc['version']} at the last check; rollout: "
+        chan += ("in" if ro["in"] else "not in") + (f" ({ro['percent']} %" if ro.get("percent") is not None else " (")
+        chan += (", paused" if ro.get("paused") else "") + f": {ro['reason']})"
+        lines.append(_line("channel", chan))
+        if rc["withdrawn"]:
+            lines.append(_line("withdrawn", ", ".join(rc["withdrawn"])
+                               + ("; the booted version is one of them" if rc.get("booted_withdrawn") else "")))
     if "next_window" in s:
-        lines.append(window_line(s["next_window"]))
+        lines.append(window_line(s["next_window"]) + (f" ({'; '.join(s['windows'])})" if s.get("windows") else ""))
+    if s.get("esp"):
+        lines.append(_line("esp", s["esp"]))
     if s.get("state_invalid"):
         lines.append(f"state file invalid: {s['state_invalid']} (shown: rebuilt from the boot entries; "
                      "`abflip reset-state` keeps it so)")
@@ -70,12 +142,13 @@ def render_check(r: dict) -> str:
 
 
 def status(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:
-    return report(lambda: open_device(config).status(), as_json, render_status)
+    return report(lambda: open_device(config, need="read").status(), as_json, render_status)
 
 
 def check(config: Path = DEFAULT_CONFIG, allow_downgrade: bool = False, retry_failed: bool = False,
           as_json: bool = False) -> int:
-    return report(lambda: open_device(config).check(allow_downgrade=allow_downgrade, retry_failed=retry_failed),
+    return report(lambda: open_device(config, need="check").check(allow_downgrade=allow_downgrade,
+                                                                  retry_failed=retry_failed),
                   as_json, render_check)
 
 
@@ -117,24 +190,57 @@ def render_run(r: dict) -> str:
     return "\n".join(lines)
 
 
-# Each: (fn(progress) -> result, render), for _output.stream_events or typer's progress bar.
+def where_stopped(config: Path) -> Callable[[str], Interrupted]:
+    """For a streaming command stopped by a signal: the error saying where the device stands,
+    read from the state file its run left (what the next run starts from)."""
+    def where(signame: str) -> Interrupted:
+        import signal
+
+        from applier.config import Config
+        from applier.state import load_state
+        from metadata.errors import Interrupted
+
+        signum = signal.Signals[signame].value
+        state = load_state(Config.load(config).state_dir)
+        t = state.target if state is not None and not state.invalid else None
+        if t is None:
+            return Interrupted(f"interrupted ({signame})", signum=signum)
+        if state.state == "downloading":
+            return Interrupted(f"interrupted ({signame}); the next run resumes at chunk {t.chunks_done} of "
+                               f"{t.chunks_total} ({t.version} into slot {t.slot})", signum=signum,
+                               hint="run it again (or let the timer's `abflip run` do it): the verified chunks are kept")
+        if state.state == "staged":
+            return Interrupted(f"interrupted ({signame}); {t.version} is staged in slot {t.slot}: `abflip apply` "
+                               "(or the timer's `abflip run` in a maintenance window) applies it", signum=signum)
+        if state.state == "pending":
+            return Interrupted(f"interrupted ({signame}) after {t.version} was applied: the next boot tries it "
+                               f"in slot {t.slot}", signum=signum, hint="reboot to try it, or `abflip rollback` "
+                                                                        "to withdraw it")
+        return Interrupted(f"interrupted ({signame}); the device is {state.state}", signum=signum,
+                           hint="`abflip status` shows where it stands; run the command again")
+    return where
+
+
+# Each: (fn(progress) -> result, render, where), for _output.stream_events or typer's progress bar.
 def download_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False):
     return (lambda p: open_device(config, p).download(allow_downgrade=allow_downgrade,
-                                                      retry_failed=retry_failed).to_json()), render_download
+                                                      retry_failed=retry_failed).to_json()), render_download, \
+        where_stopped(config)
 
 
 def apply_call(config: Path, now: bool = False):
-    return (lambda p: open_device(config, p).apply(now=now).to_json()), render_apply
+    return (lambda p: open_device(config, p).apply(now=now).to_json()), render_apply, where_stopped(config)
 
 
 def run_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False, no_reboot: bool = False):
     return (lambda p: open_device(config, p).run(allow_downgrade=allow_downgrade, retry_failed=retry_failed,
-                                                 reboot=not no_reboot)), render_run
+                                                 reboot=not no_reboot)), render_run, where_stopped(config)
 
 
 def install_call(config: Path, allow_downgrade: bool = False, retry_failed: bool = False):
     return (lambda p: open_device(config, p).install(allow_downgrade=allow_downgrade,
-                                                     retry_failed=retry_failed).to_json()), render_install
+                                                     retry_failed=retry_failed).to_json()), render_install, \
+        where_stopped(config)
 
 
 STREAMING = {"download": download_call, "apply": apply_call, "run": run_call, "install": install_call}

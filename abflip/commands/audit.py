@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ._common import JSON_OPT, repo_app, run
+from ._output import say
 from .producer import ENDPOINT_OPT, PROFILE_OPT, REGION_OPT, progress_bar, storage_for
 
 
@@ -32,13 +33,15 @@ def repo_verify(
             except OSError as e:
                 from metadata.errors import UserError
 
-                raise UserError(f"cannot read --root {root}: {e}") from None
+                raise UserError(f"cannot read --root {root}: {e.strerror or e}",
+                                hint="pass the root.json devices are shipped with (the repository's "
+                                     "metadata/1.root.json)") from None
         with progress_bar("verifying", deep and not as_json) as progress:
             report = audit(location, deep=deep, trusted_root=trusted, endpoint_url=endpoint_url, region=region,
                            profile=profile, progress=progress)
         if not report["ok"]:
             if not as_json:
-                print(render(report))
+                say(render(report))
             raise AuditFailed(report)
         return report
 
@@ -48,7 +51,8 @@ def repo_verify(
 @repo_app.command("gc")
 def repo_gc(
     repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
-    keys: Optional[Path] = typer.Option(None, help="keys directory (keys.json); not needed with --dry-run"),
+    keys: Optional[Path] = typer.Option(None, help="keys directory (keys.json); with --dry-run: checked as the real "
+                                                   "run would, or left out"),
     keep: int = typer.Option(..., "--keep", help="newest releases to keep per product (channel targets always stay)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed; change nothing"),
     endpoint_url: Optional[str] = ENDPOINT_OPT,
@@ -72,6 +76,9 @@ def repo_gc(
         lines.append(f"{verb} {len(r['removed_targets'])} target(s) and {len(r['deleted_objects'])} object(s)")
         lines += [f"  {k}" for k in r["deleted_objects"]] if r["dry_run"] else []
         lines += [f"skipped {s['path']}: {s['reason']}" for s in r.get("skipped", [])]
+        if r["dry_run"]:
+            lines.append("the keys can sign what the real run re-signs" if r["keys_checked"]
+                         else "keys not checked (pass --keys to check them as the real run would)")
         return "\n".join(lines)
 
     run(go, as_json, render)

@@ -26,12 +26,13 @@ def _exit(code: int) -> None:
         raise typer.Exit(code)
 
 
-def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str]], as_json: bool) -> None:
+def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str], Callable[[str], Any] | None],
+               as_json: bool) -> None:
     """:func:`._output.stream_events` (JSON lines with ``--json``, else the result alone), with a
     rich progress bar on stderr when that is a terminal."""
-    fn, render = call
+    fn, render, where = call
     if as_json or not sys.stderr.isatty():
-        return _exit(stream_events(fn, as_json, render))
+        return _exit(stream_events(fn, as_json, render, where))
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -58,7 +59,7 @@ def _streaming(call: tuple[Callable[[Any], Any], Callable[[Any], str]], as_json:
 
             return fn(show)
 
-    return run(bar_call, False, render)  # the result is printed after the bar is gone
+    return run(bar_call, False, render, where)  # the result is printed after the bar is gone
 
 
 @app.command("status")
@@ -125,6 +126,34 @@ def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
         + "\n" + render_status(s))
 
 
+def _render_history(events: list[dict]) -> str:
+    if not events:
+        return "no history yet (abflip records what its commands change from now on)"
+    return "\n".join(f"{e.get('time', '?'):25}  {e.get('verb', '?'):11} {e['what']}" for e in events)
+
+
+@app.command("history")
+def history(config: Path = CONFIG_OPT,
+            last: int = typer.Option(0, "--last", "-n", help="only the newest N events (0: all that are kept)"),
+            as_json: bool = JSON_OPT) -> None:
+    """The device's past: downloads, updates applied, booted, committed, rolled back, and failures, oldest first."""
+    from applier.config import Config
+    from applier.history import read
+
+    from ._device import require_access
+
+    def go() -> list[dict]:
+        if last < 0:
+            from metadata.errors import UserError
+
+            raise UserError(f"--last {last}: a number of events, 0 or more", hint="e.g. --last 20")
+        cfg = Config.load(config)
+        require_access(cfg, "read")
+        return read(cfg.state_dir, last or None)
+
+    run(go, as_json, _render_history)
+
+
 @app.command("reset-state")
 def reset_state(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Rebuild the state file from the boot entries (an invalid file is kept as state.json.invalid)."""
@@ -150,5 +179,5 @@ def provision(release: Path = typer.Argument(..., help="the release of the image
               config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """A device's first day: verify the factory image in the booted slot against its release, write its
     boot files and a blessed entry, and record it (slot good, version floor) in the state."""
-    _streaming((lambda p: open_device(config, p).provision(release, slot=slot, force=force), _render_provision),
-               as_json)
+    _streaming((lambda p: open_device(config, p).provision(release, slot=slot, force=force), _render_provision,
+                None), as_json)

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ._common import JSON_OPT, app, channel_app, image_app, release_app, run
+from ._output import say
 
 # S3 options shared by every command that takes a repository (--to / --repo). Without them
 # boto3's standard chain applies (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL_S3, roles...).
@@ -30,7 +31,12 @@ def storage_for(url: str, endpoint_url: Optional[str], region: Optional[str], pr
     from metadata.errors import UserError
 
     if url.startswith("s3://"):
-        return open_storage(url, endpoint_url=endpoint_url, region=region, profile=profile)
+        storage = open_storage(url, endpoint_url=endpoint_url, region=region, profile=profile)
+        if not new and not storage.exists("metadata/1.root.json"):
+            raise UserError(f"{url} holds no abflip repository (no metadata/1.root.json)",
+                            hint="check the bucket and prefix (the place holding metadata/ and targets/); "
+                                 "'abflip repo init' creates a repository")
+        return storage
     if url.lower().startswith(("http://", "https://")):
         raise UserError(f"{url} is an HTTP URL: abflip reads repositories over HTTP but writes them only to a directory "
                         "or s3://bucket/prefix", hint="pass the directory or bucket the web server serves; nothing "
@@ -55,13 +61,14 @@ def image_build(
     source_date_epoch: Optional[int] = typer.Option(None, help="timestamp for every file (default: $SOURCE_DATE_EPOCH or 0)"),
     max_size: Optional[int] = typer.Option(None, help="refuse an image larger than this (the slot size, bytes)"),
     xattrs: bool = typer.Option(True, help="keep extended attributes (file capabilities, SELinux labels)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output file"),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Build a reproducible image from a directory or a tarball."""
+    """Build a reproducible image from a directory or a tarball (an existing -o is refused without --force)."""
     from builder.image import build_image
 
     run(lambda: build_image(rootfs, output, fstype=fstype, source_date_epoch=source_date_epoch, max_size=max_size,
-                            xattrs=xattrs).__dict__,
+                            xattrs=xattrs, force=force).__dict__,
         as_json, lambda r: f"{r['path']}: {r['fstype']}, {r['size']} bytes, sha256 {r['sha256']}")
 
 
@@ -110,15 +117,22 @@ def release_create(
     delta_from: list[Path] = typer.Option([], "--delta-from", help="an earlier release's directory (repeat for more): "
                                                                   "also write a delta from its image (docs/delta.md)"),
     delta_level: int = typer.Option(19, help="zstd level of the delta frames"),
+    force: bool = typer.Option(False, "--force", help="replace the release an existing -o holds"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Compress an image and write release.json with its signed-to-be chunk table.
 
-    release.json's "created" is $SOURCE_DATE_EPOCH when set (set it for a bit-identical
-    release.json), else the current time."""
-    from builder.release import create_release
+    The image must be a filesystem of --fstype (its superblock is checked); an -o that holds a
+    release already is refused without --force. release.json's "created" is $SOURCE_DATE_EPOCH
+    when set (set it for a bit-identical release.json), else the current time."""
+    from builder.image import check_image_type
+    from builder.release import check_arguments, create_release
 
     def go() -> dict:
+        check_arguments(product=product, version=version, compatible=compatible, options=options, fstype=fstype,
+                        level=level, chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size)
+        if image.is_file() and image.stat().st_size:  # else create_release says what is wrong with it
+            check_image_type(image, fstype)
         try:
             size: int | None = image.stat().st_size
         except OSError:
@@ -127,7 +141,8 @@ def release_create(
             r = create_release(image, output, product=product, version=version, compatible=compatible, kernel=kernel,
                                initrd=initrd, uki=uki, options=options, fstype=fstype, level=level,
                                chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size,
-                               progress=progress, delta_from=delta_from, delta_level=delta_level).release
+                               progress=progress, delta_from=delta_from, delta_level=delta_level,
+                               force=force).release
         return {"dir": str(output), "product": r.product, "version": str(r.version), "image_size": r.image.size,
                 "compressed_size": r.image.compressed_size, "chunks": len(r.image.chunks), "sha256": r.image.sha256,
                 "boot": sorted(r.boot.files()),
@@ -275,11 +290,20 @@ def serve_cmd(
     port: int = typer.Option(8080, help="port to listen on"),
     max_connections: int = typer.Option(64, help="connections served at once; more wait a second, then get 503"),
     timeout: float = typer.Option(60.0, help="seconds a client may stay silent (or not read) before it is dropped"),
+    quiet: bool = typer.Option(False, "--quiet", help="no request log on stderr"),
 ) -> None:
-    """Serve a repository directory over HTTP (with Range) for local trials. Dotfiles and
-    anything whose real path leaves the directory are never served."""
+    """Serve a repository directory over HTTP (with Range) for local trials, logging each request
+    on stderr (Common Log Format). Dotfiles and anything whose real path leaves the directory are
+    never served."""
     from ..httpserver import serve
 
+    def log(line: str) -> None:
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:
+            pass  # a log reader that went away must not stop the server
+
     run(lambda: serve(directory, host, port, max_connections=max_connections, timeout=timeout,
-                      ready=lambda url: print(f"serving {directory.resolve()} at {url}", flush=True)),
+                      ready=lambda url: say(f"serving {directory.resolve()} at {url}"),
+                      log=None if quiet else log),
         False, lambda _: "")

@@ -11,10 +11,12 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ._common import JSON_OPT, repo_app, run
+from .producer import ENDPOINT_OPT, PROFILE_OPT, REGION_OPT
 
 REPO_OPT = typer.Option(..., "--to", help="repository: a directory or s3://bucket/prefix")
 KEYS_OPT = typer.Option(..., "--keys", help="keys directory (keys.json, key files, staged/)")
@@ -32,16 +34,18 @@ def _role_numbers(values: list[str], what: str) -> dict[str, int]:
     return out
 
 
-def _storage(location: str, *, new: bool = False):
-    """A directory or s3://bucket/prefix; S3 settings from ABFLIP_ENDPOINT_URL, ABFLIP_REGION,
-    ABFLIP_PROFILE as for 'abflip publish' (credentials from boto3's chain)."""
+S3 = tuple[Optional[str], Optional[str], Optional[str]]  # --endpoint-url, --region, --profile
+
+
+def _storage(location: str, s3: S3, *, new: bool = False):
+    """A directory or s3://bucket/prefix (:func:`.producer.storage_for`); the S3 options default
+    to ABFLIP_ENDPOINT_URL, ABFLIP_REGION, ABFLIP_PROFILE (credentials from boto3's chain)."""
     from .producer import storage_for
 
-    env = os.environ.get
-    return storage_for(location, env("ABFLIP_ENDPOINT_URL"), env("ABFLIP_REGION"), env("ABFLIP_PROFILE"), new=new)
+    return storage_for(location, *s3, new=new)
 
 
-def _reader(location: str):
+def _reader(location: str, s3: S3):
     """Metadata reader of a repository: an http(s) URL (read-only), a directory or s3://."""
     if location.startswith(("http://", "https://")):
         import urllib.error
@@ -62,17 +66,11 @@ def _reader(location: str):
             except OSError as e:
                 raise TransportError(f"{base + name}: {e}") from None
         return read
-    storage = _storage(location)
+    storage = _storage(location, s3)
     return lambda name: storage.get(f"metadata/{name}")
 
 
-def _write(location: str, files) -> None:
-    from builder.publish import write_signed
-
-    write_signed(_storage(location), files)
-
-
-def _sign_and_write(location: str, keys, make) -> list:
+def _sign_and_write(location: str, s3: S3, keys, make) -> list:
     """Load the repository with its timestamp tag, ``make(repo)`` the signed files, write them:
     versioned files create-only, ``timestamp.json`` compare-and-swapped (builder.publish), so a
     publish racing this command is never undone; a lost race re-reads and tries again."""
@@ -81,7 +79,7 @@ def _sign_and_write(location: str, keys, make) -> list:
     from builder.errors import AlreadyExists, StorageError
     from builder.publish import RETRIES, load_tagged, settle_timestamp, write_signed
 
-    storage = _storage(location)
+    storage = _storage(location, s3)
     for attempt in range(RETRIES):
         repo, tag = load_tagged(storage)
         files = make(repo)
@@ -103,8 +101,9 @@ def _sign_and_write(location: str, keys, make) -> list:
 
 @contextlib.contextmanager
 def _undo_new_keys(keys: Path):
-    """On failure, remove what ``repo init`` added to the keys directory (the directory too, if
-    it made it), so a retry starts clean; files that were there before are never touched."""
+    """On failure, remove what the command (``repo init``, a key generated for ``delegate`` or
+    ``rotate``) added to the keys directory (the directory too, if it made it), so a retry starts
+    clean; files that were there before are never touched."""
     existed = keys.is_dir()
     before = set(os.listdir(keys)) if existed else set()
     try:
@@ -127,6 +126,9 @@ def repo_init(
     keys_per_role: list[str] = typer.Option([], "--keys-per-role", help="ROLE=N keys to generate, e.g. root=3"),
     key: list[str] = typer.Option([], help="ROLE=URI: use an existing key (file2:/path, awskms:id, key file)"),
     expiry: list[str] = typer.Option([], help="ROLE=DAYS expiry period (root, targets, snapshot, timestamp, delegated)"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Create signing keys and the first signed metadata of a repository."""
@@ -143,7 +145,8 @@ def repo_init(
         for v in key:
             role, sep, uri = v.partition("=")
             if not sep:
-                raise UserError(f"--key {v!r}: expected ROLE=URI")
+                raise UserError(f"--key {v!r}: expected ROLE=URI", hint="e.g. --key snapshot=awskms:<key id> or "
+                                                                         "--key root=/media/token/root.pem")
             uris.setdefault(role, []).append(uri)
         days = _role_numbers(expiry, "expiry")
         for r in [*th, *n, *uris]:
@@ -154,7 +157,7 @@ def repo_init(
         if keys.exists() and not keys.is_dir():
             raise UserError(f"--keys {keys} is a file; repo init writes a new keys directory there",
                             hint="pass a directory that does not exist yet (or is empty); nothing was created")
-        storage = _storage(to, new=True)
+        storage = _storage(to, (endpoint_url, region, profile), new=True)
         if storage.exists("metadata/1.root.json") or storage.exists("metadata/timestamp.json"):
             raise UserError(f"{to} already holds a repository (metadata/1.root.json)",
                             hint="nothing was created; pass another --to for a new repository, or change the keys of "
@@ -176,6 +179,9 @@ def repo_init(
 def repo_status(
     repo: str = typer.Option(..., "--repo", help="repository: http(s) URL, directory or s3://bucket/prefix"),
     keys: Path = typer.Option(None, "--keys", help="also show the staged changes in this keys directory"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Each role's version, expiry, threshold and signatures; staged changes and what they lack."""
@@ -186,7 +192,7 @@ def repo_status(
         if keys is not None and not (keys / "keys.json").is_file():
             raise UserError(f"--keys {keys} holds no key configuration (keys.json)",
                             hint="pass the keys directory of 'abflip repo init', or leave --keys out")
-        return repository_status(_reader(repo), keys)
+        return repository_status(_reader(repo, (endpoint_url, region, profile)), keys)
 
     run(go, as_json, _render_status)
 
@@ -233,6 +239,9 @@ def repo_delegate(
     threshold: int = typer.Option(1, help="signatures needed"),
     bin_bits: int = typer.Option(4, "--bin-bits", help="2^N hash bins for the product's releases (0: none, every "
                                                        "release in the product's role; docs/formats.md)"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Stage a delegated targets role for one product (e.g. a CI pipeline's key)."""
@@ -245,11 +254,12 @@ def repo_delegate(
         check_name("product", product)
         check_bin_bits(bin_bits)
         config = KeyConfig.load(keys)
-        repo = Repository.load(_reader(to))
+        repo = Repository.load(_reader(to, (endpoint_url, region, profile)))
         pairs = [public_key_from(k, keys) for k in key]
-        if generate:
-            pairs.append(generate_file_key(keys, product))
-        paths = stage_delegation(repo, config, product, pairs, threshold=threshold, bits=bin_bits)
+        with _undo_new_keys(keys):  # refused (say, already delegated): no orphan key file is left
+            if generate:
+                pairs.append(generate_file_key(keys, product))
+            paths = stage_delegation(repo, config, product, pairs, threshold=threshold, bits=bin_bits)
         return {"staged": [str(p) for p in paths], "keyids": [k.keyid for k, _ in pairs]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
@@ -261,6 +271,9 @@ def repo_bins(
     keys: Path = KEYS_OPT,
     to: str = REPO_OPT,
     bin_bits: int = typer.Option(4, "--bin-bits", help="2^N hash bins"),  # metadata.repository.DEFAULT_BIN_BITS
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Stage hash bins for a product delegated without them; its role moves its releases into
@@ -270,7 +283,8 @@ def repo_bins(
     from metadata.staging import stage_bins
 
     def go() -> dict:
-        paths = stage_bins(Repository.load(_reader(to)), KeyConfig.load(keys), product, bin_bits)
+        paths = stage_bins(Repository.load(_reader(to, (endpoint_url, region, profile))), KeyConfig.load(keys), product,
+                           bin_bits)
         return {"staged": [str(p) for p in paths]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
@@ -285,6 +299,9 @@ def repo_rotate(
     generate: int = typer.Option(0, help="generate N new key files for the role"),
     revoke: list[str] = typer.Option([], help="keyid (or unique prefix) to remove from the role (repeat)"),
     threshold: int = typer.Option(None, help="new threshold"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Stage a key rotation, revocation or threshold change (a new root, or targets for a delegated role)."""
@@ -294,25 +311,28 @@ def repo_rotate(
 
     def go() -> dict:
         config = KeyConfig.load(keys)
-        repository = Repository.load(_reader(to))
+        repository = Repository.load(_reader(to, (endpoint_url, region, profile)))
         check_rotatable(repository, role)  # before a key file is generated for it
         pairs = [public_key_from(k, keys) for k in add_key]
-        pairs += [generate_file_key(keys, role) for _ in range(generate)]
-        paths = stage_rotation(repository, config, role, add=pairs, revoke=revoke, threshold=threshold)
+        with _undo_new_keys(keys):  # refused (say, a threshold too high): no orphan key file is left
+            pairs += [generate_file_key(keys, role) for _ in range(generate)]
+            paths = stage_rotation(repository, config, role, add=pairs, revoke=revoke, threshold=threshold)
         return {"staged": [str(p) for p in paths], "added": [k.keyid for k, _ in pairs]}
 
     run(go, as_json, lambda r: f"staged {', '.join(r['staged'])}; collect signatures, then 'abflip repo commit'")
 
 
 @repo_app.command("commit")
-def repo_commit(keys: Path = KEYS_OPT, to: str = REPO_OPT, as_json: bool = JSON_OPT) -> None:
+def repo_commit(keys: Path = KEYS_OPT, to: str = REPO_OPT, endpoint_url: Optional[str] = ENDPOINT_OPT,
+                region: Optional[str] = REGION_OPT, profile: Optional[str] = PROFILE_OPT,
+                as_json: bool = JSON_OPT) -> None:
     """Publish the staged changes once each meets its threshold (then snapshot and timestamp)."""
     from metadata.keys import KeyConfig
     from metadata.staging import clear_staged, commit_staged
 
     def go() -> dict:
         config = KeyConfig.load(keys)
-        files = _sign_and_write(to, config, lambda repo: commit_staged(repo, config))
+        files = _sign_and_write(to, (endpoint_url, region, profile), config, lambda repo: commit_staged(repo, config))
         clear_staged(keys)
         return {"published": [f.name for f in files]}
 
@@ -324,20 +344,30 @@ def repo_refresh(
     repo: str = typer.Option(..., "--repo", help="repository to write: a directory or s3://bucket/prefix"),
     keys: Path = KEYS_OPT,
     force: bool = typer.Option(False, help="re-sign the timestamp even if it is not due"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Re-sign the online roles before they expire (timestamp; snapshot within half its period).
 
     What a scheduled CI job runs (ci/refresh-workflow.yml)."""
+    from metadata.errors import RepositoryError
     from metadata.keys import KeyConfig
     from metadata.repository import Repository
-    from metadata.status import expiry_warnings
+    from metadata.status import expired_roles, expiry_warnings
 
     def go() -> dict:
         config = KeyConfig.load(keys)
-        files = _sign_and_write(repo, config, lambda r: r.refresh_files(config, force=force))
-        return {"signed": [f.name for f in files],
-                "warnings": expiry_warnings(Repository.load(_reader(repo)), config)}
+        files = _sign_and_write(repo, (endpoint_url, region, profile), config,
+                                lambda r: r.refresh_files(config, force=force))
+        current = Repository.load(_reader(repo, (endpoint_url, region, profile)))
+        if expired := expired_roles(current):
+            signed = f" (re-signed meanwhile: {', '.join(f.name for f in files)})" if files else ""
+            raise RepositoryError("; ".join(expired) + signed,
+                                  hint="devices refuse every update while a role is expired (docs/keys.md); "
+                                       "this job can re-sign only the roles whose keys it holds")
+        return {"signed": [f.name for f in files], "warnings": expiry_warnings(current, config)}
 
     run(go, as_json, lambda r: "\n".join([f"re-signed {', '.join(r['signed'])}" if r["signed"] else "nothing due",
                                           *(f"warning: {w}" for w in r["warnings"])]))
@@ -348,6 +378,9 @@ def repo_snapshot(
     repo: str = typer.Option(..., "--repo", help="repository to write: a directory or s3://bucket/prefix"),
     keys: Path = KEYS_OPT,
     force: bool = typer.Option(False, help="sign a new timestamp even if nothing is new or due"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """The repository's online signer: check each product's new metadata against its delegation
@@ -359,7 +392,7 @@ def repo_snapshot(
     from metadata.keys import KeyConfig
 
     def go() -> dict:
-        r = sign_online(_storage(repo), KeyConfig.load(keys), force=force)
+        r = sign_online(_storage(repo, (endpoint_url, region, profile)), KeyConfig.load(keys), force=force)
         return {"signed": list(r.signed), "included": r.included, "newly_included": r.newly_included,
                 "skipped": list(r.skipped), "timestamp_version": r.timestamp_version}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 from ..errors import AlreadyExists, StorageError
 
 __all__ = ["LocalStorage"]
+
+_log = logging.getLogger(__name__)  # `abflip --verbose`: every write and delete
 
 
 class LocalStorage:
@@ -101,6 +104,8 @@ class LocalStorage:
     def put(self, key: str, data: bytes, *, content_type: str = "", cache_control: str = "",
             create_only: bool = False, if_match: str | None = None) -> None:
         path = self._path(key)
+        _log.debug("writing %s (%d bytes%s)", path, len(data),
+                   ", create-only" if create_only else ", if unchanged" if if_match else "")
         try:
             tmp = self._stage(path, lambda f: f.write(data))
         except OSError as e:
@@ -124,6 +129,7 @@ class LocalStorage:
 
     def put_file(self, key: str, src: Path, *, content_type: str = "", cache_control: str = "") -> None:
         path = self._path(key)
+        _log.debug("copying %s to %s", src, path)
         try:
             with open(src, "rb") as s:
                 tmp = self._stage(path, lambda f: shutil.copyfileobj(s, f, 1 << 20))
@@ -143,6 +149,7 @@ class LocalStorage:
         return sorted(out)
 
     def delete(self, key: str) -> None:
+        _log.debug("deleting %s", self._path(key))
         try:
             self._path(key).unlink()
         except FileNotFoundError:

@@ -12,12 +12,16 @@ Semantics kept (see :mod:`builder.storage`):
   that fails is aborted by boto3 and leaves no object behind, so nothing references it;
 - every object carries the Content-Type and Cache-Control of :func:`builder.publish.headers_for`.
 
-Every failure of the service is re-rooted as :class:`~builder.errors.StorageError` with what
-to do (missing bucket, access denied, unreachable endpoint).
+Every failure of the service is re-rooted by blame, with what to do: the command line or the
+credentials (a missing bucket, no credentials, access denied, an unknown profile:
+:class:`~builder.errors.StorageAccessError`, exit 2), the network (an endpoint that cannot be
+reached, the service failing for now: :class:`~builder.errors.StorageUnreachable`, exit 4), or
+the storage itself (:class:`~builder.errors.StorageError`, exit 5).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,15 +31,17 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 
-from ..errors import AlreadyExists, StorageError
+from ..errors import AlreadyExists, StorageAccessError, StorageError, StorageUnreachable
 
 __all__ = ["S3Storage"]
 
 MiB = 1 << 20
+_log = logging.getLogger(__name__)  # `abflip --verbose`: every operation on the bucket
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "403",
            "ExpiredToken", "InvalidToken"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "503"}
 
 
 class S3Storage:
@@ -51,16 +57,12 @@ class S3Storage:
                  profile: str | None = None, max_concurrency: int = 10, part_size: int = 8 * MiB) -> S3Storage:
         """``s3://bucket[/prefix]``; credentials from boto3's standard chain (or ``profile``)."""
         if not url.startswith("s3://") or not url[5:].split("/", 1)[0]:
-            from metadata.errors import UserError
-
-            raise UserError(f"{url!r} is not an s3://bucket[/prefix] URL")
+            raise StorageAccessError(f"{url!r} is not an s3://bucket[/prefix] URL", hint="e.g. s3://updates/edge")
         bucket, _, prefix = url[5:].partition("/")
         try:
             session = boto3.session.Session(profile_name=profile, region_name=region)
         except botocore.exceptions.ProfileNotFound as e:
-            from metadata.errors import UserError
-
-            raise UserError(f"AWS profile: {e}", hint="check --profile and ~/.aws/config") from None
+            raise StorageAccessError(f"AWS profile: {e}", hint="check --profile and ~/.aws/config") from None
         cfg = BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=max(10, max_concurrency * 2),
                          s3={"addressing_style": "path"} if endpoint_url else None)
         client = session.client("s3", endpoint_url=endpoint_url, config=cfg)
@@ -81,25 +83,35 @@ class S3Storage:
     @contextmanager
     def _errors(self, what: str, key: str = "") -> Iterator[None]:
         where = f"s3://{self.bucket}/{self._key(key) if key else self.prefix}"
+        _log.debug("%s %s", what, where)
         try:
             yield
         except botocore.exceptions.ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "NoSuchBucket":
-                raise StorageError(f"{what} {where}: the bucket {self.bucket} does not exist",
-                                   hint="create the bucket or fix the s3:// URL (and --endpoint-url/--region)") from None
+                raise StorageAccessError(f"{what} {where}: the bucket {self.bucket} does not exist",
+                                         hint="create the bucket or fix the s3:// URL (and --endpoint-url/--region)"
+                                         ) from None
             if code in _DENIED or status == 403:
-                raise StorageError(f"{what} {where}: access denied ({code})",
-                                   hint="check the credentials (environment, --profile) and the bucket policy: "
-                                        "publishing needs s3:GetObject, s3:PutObject, s3:ListBucket, s3:DeleteObject") from None
+                raise StorageAccessError(f"{what} {where}: access denied ({code})",
+                                         hint="check the credentials (environment, --profile) and the bucket policy: "
+                                              "publishing needs s3:GetObject, s3:PutObject, s3:ListBucket, "
+                                              "s3:DeleteObject") from None
+            if code in _TRANSIENT or (isinstance(status, int) and status >= 500):
+                raise StorageUnreachable(f"{what} {where}: the S3 service failed ({code or status})",
+                                         hint="retry later; nothing was changed by this step") from None
             raise StorageError(f"{what} {where} failed: {code} {e}") from None
         except botocore.exceptions.NoCredentialsError:
-            raise StorageError(f"{what} {where}: no AWS credentials found",
-                               hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, pass --profile, or run with a role") from None
-        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError) as e:
-            raise StorageError(f"{what} {where}: cannot reach the S3 endpoint: {e}",
-                               hint="check --endpoint-url / --region and the network") from None
+            raise StorageAccessError(f"{what} {where}: no AWS credentials found",
+                                     hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, pass --profile, or run with a "
+                                          "role") from None
+        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
+                botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError) as e:
+            raise StorageUnreachable(f"{what} {where}: cannot reach the S3 endpoint: {e}") from None
+        except botocore.exceptions.NoRegionError:
+            raise StorageAccessError(f"{what} {where}: no AWS region configured",
+                                     hint="pass --region (or set AWS_REGION / ABFLIP_REGION)") from None
         except botocore.exceptions.BotoCoreError as e:
             raise StorageError(f"{what} {where} failed: {e}") from None
 
