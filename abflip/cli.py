@@ -224,8 +224,8 @@ def main() -> None:
             raise
         stdout_gone()  # `abflip --help | head`: a normal end
         code = 0
-    except KeyboardInterrupt:  # a signal outside any command (while typer parses)
-        code = 130
+    except KeyboardInterrupt as e:  # a signal outside any command (while typer parses or imports)
+        code = 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
     except Exception as e:
         code = print_error(internal_error(e), "--json" in argv)
     sys.exit(code)
