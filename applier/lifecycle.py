@@ -59,7 +59,6 @@ class Event(enum.StrEnum):
     MARK_GOOD = "mark-good"
     HEALTH_FAILED = "health-failed"
     ROLLBACK = "rollback"
-    CANCEL = "cancel"
     PROVISION = "provision"
     RESET = "reset-state"
     # what the boot loader did (reconcile)
@@ -123,16 +122,15 @@ RULES: tuple[Rule, ...] = (
        "the stage (or the pending update) is withdrawn or, staged, no longer offered",
        "remove the target's entries + sync; state settled, no target, slot `unknown`; staged files removed",
        "no entry names the target slot; `rolled-back` when the booted version is below the floor, else `idle`"),
-    _r(E.CANCEL, {P.PENDING}, {P.ROLLED_BACK}, "`abflip rollback` before the reboot",
-       "state `rolled-back`, version failed, slot `bad` (write-ahead); remove the target's entries + sync",
-       "no entry names the target slot; the version is not retried by itself"),
     _r(E.BOOT_TRIAL, ALL, {P.TRIAL}, "the loader booted a counting entry",
        "(systemd-boot counted the try down)", "the other slot is the fallback and is not written"),
     _r(E.BLESS, {P.TRIAL}, {P.COMMITTED},
        "the root is the named slot; health-check hooks pass; the trial's version is not withdrawn",
        "bless the entry (rename, sync): the commit point; state `committed`, floor raised",
        "the booted entry is blessed; entries of other versions pruned"),
-    _r(E.MARK_GOOD, SETTLED | IN_FLIGHT, SETTLED | IN_FLIGHT, "not on trial (that is `bless`)",
+    _r(E.MARK_GOOD, {P.TRIAL}, {P.COMMITTED}, "on trial: it is the `bless` (health-check hooks first)",
+       "as `bless`", "as `bless`"),
+    _r(E.MARK_GOOD, SETTLED | IN_FLIGHT, SETTLED | IN_FLIGHT, "not on trial",
        "bless the booted entry if it counts; state: the booted slot `good` with its entry's version",
        "the booted slot is recorded good"),
     _r(E.HEALTH_FAILED, {P.TRIAL}, {P.ROLLBACK_REQUESTED},
@@ -143,6 +141,11 @@ RULES: tuple[Rule, ...] = (
        "the other slot is `good`, has a usable entry and still matches its sha256",
        "state: rollback request (write-ahead); booted entry `+0-N` + sync",
        "the other slot's entry boots next; the floor is not lowered"),
+    _r(E.ROLLBACK, {P.PENDING}, {P.ROLLED_BACK}, "not booted yet: the pending update is cancelled",
+       "state `rolled-back`, version failed, slot `bad` (write-ahead); remove the target's entries + sync",
+       "no entry names the target slot; the version is not retried by itself"),
+    _r(E.ROLLBACK, {P.ROLLBACK_REQUESTED}, {P.ROLLBACK_REQUESTED}, "requested already", "(none)",
+       "the other slot still boots next"),
     _r(E.BOOT_ROLLED_BACK, {P.ROLLBACK_REQUESTED}, {P.ROLLED_BACK}, "booted the slot the request named",
        "state `rolled-back`, the version failed", "the marked entry and its files are pruned"),
     _r(E.REQUEST_VOID, {P.ROLLBACK_REQUESTED}, SETTLED | {P.TRIAL},
@@ -178,7 +181,8 @@ RULES: tuple[Rule, ...] = (
        "the next command reconciles the file with the boot loader: the device boots a verified slot"),
 )
 
-VERBS = (E.DOWNLOAD, E.APPLY, E.BLESS, E.MARK_GOOD, E.ROLLBACK, E.CANCEL, E.PROVISION, E.RESET)
+#: The events a command asks for (the others happen inside a verb, at a boot, or in the repository).
+VERBS = (E.DOWNLOAD, E.APPLY, E.MARK_GOOD, E.ROLLBACK, E.PROVISION, E.RESET)
 
 #: Why a verb's event is refused in a phase: (error class, sentence). ``{slot}``, ``{other}``
 #: are filled in by :func:`require`.
@@ -190,15 +194,10 @@ REFUSALS: dict[tuple[Phase, Event], tuple[type, str, str]] = {
                                          "must not be overwritten", "reboot first"),
     **{(p, E.APPLY): (UserError, "nothing is staged (state {state})", "run `abflip download` first")
        for p in ALL - {P.STAGED, P.PENDING}},
-    **{(p, E.BLESS): (UserError, "slot {slot} is not on trial (state {state})", "nothing to bless")
-       for p in ALL - {P.TRIAL}},
-    (P.TRIAL, E.MARK_GOOD): (InternalError, "mark-good on a trial is a bless", ""),
     (P.ROLLBACK_REQUESTED, E.MARK_GOOD): (PolicyError, "a rollback to slot {other} waits for a reboot; slot {slot} "
                                           "is marked bad", "reboot: slot {other} boots next"),
     **{(p, E.ROLLBACK): (UserError, "slot {other} is being written (state {state}): it holds no verified, bootable "
                          "system to roll back to", "nothing was changed") for p in (P.DOWNLOADING, P.STAGED)},
-    **{(p, E.CANCEL): (UserError, "no update is pending (state {state})", "nothing was changed")
-       for p in ALL - {P.PENDING}},
     (P.TRIAL, E.PROVISION): (PolicyError, "slot {slot} is on trial (booted, not yet blessed): provisioning would "
                              "bless an image nobody judged", "run `abflip boot-check` (health hooks) or `abflip "
                              "rollback` first; nothing was changed"),
@@ -402,7 +401,7 @@ def markdown() -> str:
 
     lines = ["| event | from | to | precondition | writes, in order | afterwards |", "|---|---|---|---|---|---|"]
     for r in RULES:
-        to = "same" if r.targets == r.sources and len(r.sources) > 1 else names(r.targets)
+        to = "same" if r.targets == r.sources else names(r.targets)
         lines.append(f"| `{r.event}` | {names(r.sources)} | {to} | {r.pre} | {r.writes} | {r.after} |")
     lines += ["", "Refused (the verb's error, nothing changed):", "", "| event | in | says |", "|---|---|---|"]
     by_event: dict[tuple[Event, str], list[Phase]] = {}

@@ -103,10 +103,8 @@ def mark_good(session: Session, *, health: bool = True) -> dict:
     loaded = session.load()
     state, slot = loaded.state, loaded.booted
     t = state.target
-    phase = phase_of(state)
+    phase = require(state, Event.MARK_GOOD, slot)
     trial = phase == Phase.TRIAL and t is not None and t.slot == slot
-    if not trial:
-        require(state, Event.MARK_GOOD, slot)
     if trial and health:
         _confirm_root(session, slot)
         _confirm_not_withdrawn(session, t.version)
@@ -227,7 +225,7 @@ def rollback(session: Session) -> dict:
     boot = session.boot
     o = other(slot)
     t = state.target
-    phase = phase_of(state)
+    phase = require(state, Event.ROLLBACK, slot)
     if phase == Phase.ROLLBACK_REQUESTED:
         return {**status(session), "action": "already-requested",
                 "message": f"a rollback to slot {o} is already requested: it boots at the next reboot"}
@@ -238,7 +236,7 @@ def rollback(session: Session) -> dict:
         if not any(same_version(t.version, v) for v in state.failed_versions):
             state.failed_versions.append(t.version)
         state.slots[o].status = "bad"
-        move(state, Event.CANCEL)
+        move(state, Event.ROLLBACK)
         session.save(state)  # write-ahead: a crash before the removal leaves entries that prune removes
         try:
             boot.remove_slot(o)
@@ -248,7 +246,6 @@ def rollback(session: Session) -> dict:
         session.prune(state, slot)
         return {**status(session), "action": "cancelled-pending",
                 "message": f"cancelled the pending {t.version}: slot {slot} keeps booting"}
-    require(state, Event.ROLLBACK, slot)
     s = state.slots[o]
     other_entries = [e for e in boot.entries() if e.slot == o and not e.exhausted]
     if s.status != "good" or not other_entries:
