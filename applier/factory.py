@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from metadata.bounded import FileRefused, read_file
 from metadata.errors import DeviceError, PolicyError, UserError
 from metadata.manifest import ManifestError, Release
 
@@ -51,15 +52,14 @@ def read_release(source: Path, limits) -> tuple[Release, Path]:
     source = Path(source)
     path = source / "release.json" if source.is_dir() else source
     try:
-        with open(path, "rb") as f:
-            data = f.read(limits.manifest_max_bytes + 1)
+        data = read_file(path, limits.manifest_max_bytes)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist", hint="pass the directory 'abflip release create' wrote, or its "
                                                        "release.json") from None
+    except FileRefused as e:
+        raise UserError(f"{path} {e.strerror}: not a release manifest") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(data) > limits.manifest_max_bytes:
-        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest")
     try:
         release = Release.from_bytes(data, limits)
     except ManifestError as e:

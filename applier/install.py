@@ -39,6 +39,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from metadata.bounded import read_file
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import Release
 
@@ -199,8 +200,8 @@ def _check_esp(dev) -> None:
 def _staged_release(dev, t: Target) -> Release:
     path = staged_dir(dev) / "release.json"
     try:
-        raw = path.read_bytes()
-    except OSError:
+        raw = read_file(path, dev.limits.manifest_max_bytes)
+    except OSError:  # also FileRefused
         raw = b""
     if hashlib.sha256(raw).hexdigest() != t.manifest_sha256:
         raise DeviceError(f"the staged manifest {path} is missing or does not match the state",

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,7 +131,7 @@ def test_the_producer_refuses_what_the_device_would(percent, seed, message):
     (b"", "is malformed"),
     (b"0" * 32 + b"\n", "all zeros"),
     (b"a" * 129, "is malformed"),
-    (b"a" * 5000, "larger than 4096 bytes"),
+    (b"a" * 5000, "is 5000 bytes, more than the limit 4096"),
     (b"\xff\xfe", "not ASCII"),
     (b"abc\ndef\n", "is malformed"),
     (b"abc def", "is malformed"),
@@ -146,21 +147,25 @@ def test_a_bad_device_id_file_keeps_the_device_out_of_partial_rollouts(tmp_path,
 
 def test_device_id_file_of_the_wrong_kind(tmp_path):
     os.mkfifo(tmp_path / "fifo")
-    assert "not a regular file" in read_device_id(tmp_path / "fifo")[1]  # never blocks on a FIFO
+    assert "is a FIFO, not a regular file" in read_device_id(tmp_path / "fifo")[1]  # never blocks on a FIFO
     assert "cannot read" in read_device_id(tmp_path / "missing")[1]
-    assert read_device_id(tmp_path)[1]  # a directory
+    assert "is a directory, not a regular file" in read_device_id(tmp_path)[1]
+    assert "is a character device" in read_device_id(Path("/dev/zero"))[1]
     (tmp_path / "machine-id").write_text("4c4c4544004d3510804bb4c04f4d3732\n")
     assert read_device_id(tmp_path / "machine-id") == ("4c4c4544004d3510804bb4c04f4d3732", None)
     assert device_id_problem("4c4c4544004d3510804bb4c04f4d3732") is None
 
 
 def test_device_id_file_config_key_is_validated(world):
+    """The key must be a path; whatever the file is, it only keeps the device out of partial
+    rollouts (tests/test_hostile_files.py runs every command with a FIFO there)."""
     sim, _ = world.device()
     text = sim.config_path.read_text()
     (sim.root / "iddir").mkdir()
     sim.config_path.write_text(text.replace("[device]\n", '[device]\nid_file = "iddir"\n'))
-    with pytest.raises(UserError, match=r"device\.id_file.*is a directory, not a file"):
-        Config.load(sim.config_path)
+    config = Config.load(sim.config_path)
+    assert config.id_file == sim.root / "iddir"
+    assert "is a directory, not a regular file" in read_device_id(config.id_file)[1]
     sim.config_path.write_text(text.replace("[device]\n", "[device]\nid_file = 7\n"))
     with pytest.raises(UserError, match=r"device\.id_file"):
         Config.load(sim.config_path)
