@@ -26,10 +26,12 @@ from datetime import datetime
 
 from tuf.api.metadata import TargetFile
 
-from metadata.errors import UserError
+from metadata.bounded import FileRefused
+from metadata.errors import RepositoryError, UserError
 from metadata.manifest import (
     MAX_WITHDRAWN,
     Channel,
+    Limits,
     ManifestError,
     Release,
     Rollout,
@@ -79,7 +81,10 @@ def current_pointer(storage: Storage, repo: Repository, product: str, channel: s
     t = repo.target_files.get(channel_target_path(product, channel))
     if t is None:
         return None
-    data = storage.get(target_key(t))
+    try:
+        data = storage.get(target_key(t), Limits().channel_max_bytes)
+    except FileRefused as e:
+        raise RepositoryError(f"channel {channel} of {product}: its object {target_key(t)} {e.strerror}") from None
     if data is None:
         raise StorageError(f"channel {channel} of {product} is listed but its object is missing")
     try:
@@ -99,9 +104,9 @@ def current_releases(storage: Storage, repo: Repository, product: str) -> set[st
         if not (path.startswith(prefix) and path.endswith(".json")):
             continue
         try:
-            data = storage.get(target_key(t))
+            data = storage.get(target_key(t), Limits().channel_max_bytes)
             ptr = Channel.from_bytes(data) if data is not None else None
-        except ManifestError:
+        except (ManifestError, FileRefused):
             ptr = None
         if ptr is None:
             return dirs | {p.rsplit("/", 1)[0] + "/" for p in repo.role(product).signed.targets
@@ -129,7 +134,8 @@ def _update(storage: Storage, keys: KeyConfig, product: str, channel: str,
     check_name("product", product)
     check_name("channel", channel)
     for attempt in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
+        repo.require(product)
         old = current_pointer(storage, repo, product, channel)
         new = make(repo, old)
         pointer = new.to_bytes()
@@ -168,7 +174,11 @@ def _published(storage: Storage, repo: Repository, product: str, ver: Version) -
     if rel is None:
         raise UserError(f"{product} {ver} is not published in {storage.describe()}",
                         hint="publish it first ('abflip publish'), or check the product and version")
-    data = storage.get(target_key(rel))
+    try:
+        data = storage.get(target_key(rel), Limits().manifest_max_bytes)
+    except FileRefused as e:
+        raise RepositoryError(f"the release manifest of {product} {ver}: its object {target_key(rel)} {e.strerror}") \
+            from None
     if data is None:
         raise StorageError(f"the release manifest of {product} {ver} is listed but its object is missing")
     Release.from_bytes(data)  # a pointer must never name a manifest that does not parse

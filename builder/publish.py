@@ -31,23 +31,23 @@ point at now, so the metadata a device downloads per update does not grow with t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from tuf.api.metadata import TargetFile
 
-from metadata.errors import UserError
+from metadata.errors import RepositoryError, UserError
 from metadata.keys import KeyConfig
-from metadata.manifest import Channel, ManifestError, Release, channel_target_path, check_name
-from metadata.repository import Repository, SignedFile
+from metadata.bounded import FileRefused, read_file
+from metadata.manifest import Channel, Limits, ManifestError, Release, channel_target_path, check_name
+from metadata.repository import MAX_METADATA_BYTES, Repository, SignedFile
 
 from .errors import AlreadyExists, BuildError, StorageError
 from .storage import Storage
 
 __all__ = ["publish_release", "write_signed", "headers_for", "PublishResult", "target_key", "load_tagged", "commit",
-           "settle_timestamp"]
+           "settle_timestamp", "MetadataOf"]
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 RETRIES = 20
@@ -90,14 +90,31 @@ def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: st
                     **kw)
 
 
-def _reader(storage: Storage) -> Callable[[str], bytes | None]:
-    return lambda name: storage.get(f"metadata/{name}")
+class MetadataOf:
+    """A storage backend's ``metadata/`` as :meth:`Repository.load` reads it: listed (versions are
+    found by listing, never by probing), every file read bounded (``Storage.get(key, limit)``)."""
+
+    def __init__(self, storage: Storage, **known: bytes | None) -> None:
+        self.storage, self.known = storage, known  # known: file name -> bytes already read
+
+    def read(self, name: str, limit: int) -> bytes | None:
+        if name in self.known:
+            return self.known[name]
+        return self.storage.get(f"metadata/{name}", limit)
+
+    def names(self) -> list[str]:
+        return self.storage.names("metadata/")
 
 
-def load_tagged(storage: Storage) -> tuple[Repository, str | None]:
+def load_tagged(storage: Storage, *, now: datetime | None = None) -> tuple[Repository, str | None]:
     """Load the repository and the tag of the ``timestamp.json`` it was built from."""
-    ts, tag = storage.get_tagged("metadata/timestamp.json")
-    return Repository.load(lambda n: ts if n == "timestamp.json" else storage.get(f"metadata/{n}")), tag
+    try:
+        ts, tag = storage.get_tagged("metadata/timestamp.json", MAX_METADATA_BYTES["timestamp"])
+    except FileRefused as e:
+        raise RepositoryError(f"timestamp.json {e.strerror}",
+                              hint="only the online signer writes timestamp.json (docs/keys.md): put back its last "
+                                   "one (a backup, or a mirror's or device's copy)") from None
+    return Repository.load(MetadataOf(storage, **{"timestamp.json": ts}), now=now), tag
 
 
 def holds_online_keys(repo: Repository, keys: KeyConfig) -> bool:
@@ -138,8 +155,9 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
                     now: datetime | None = None) -> PublishResult:
     check_name("channel", channel)
     release_dir = Path(release_dir)
+    limits = Limits()
     try:
-        release = Release.from_bytes((release_dir / "release.json").read_bytes())
+        release = Release.from_bytes(read_file(release_dir / "release.json", limits.manifest_max_bytes), limits)
     except (FileNotFoundError, NotADirectoryError):
         raise BuildError(f"{release_dir} holds no release.json" + ("" if release_dir.is_dir() or not release_dir.exists()
                                                                     else " (it is a file, not a release directory)"),
@@ -167,7 +185,8 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
             raise BuildError(f"{name} does not match release.json (was it changed after 'release create'?)")
     uploaded: list[str] = []
     for attempt in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
+        repo.require(release.product)  # its roles loaded whole: a publish never builds on a role kept as it was
         current = repo.target_files
         from .channels import current_releases, next_pointer  # withdrawn versions carry over (docs/release-control.md)
 
@@ -219,7 +238,7 @@ def settle_timestamp(storage: Storage, keys: KeyConfig, now: datetime | None) ->
     """Make ``timestamp.json`` name the newest snapshot (a concurrent publisher's timestamp may
     name an older one than ours); compare-and-swap, so versions only go up."""
     for _ in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
         if repo.timestamp.signed.snapshot_meta.version == repo.snapshot.signed.version:
             return
         try:

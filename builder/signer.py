@@ -52,7 +52,7 @@ def sign_online(storage: Storage, keys: KeyConfig, *, now: datetime | None = Non
     """Snapshot every role's newest checked metadata and sign a timestamp for it when anything
     is new, when the snapshot or timestamp is within half its period of expiry, or ``force``."""
     for attempt in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
         for r in ("snapshot", "timestamp"):
             if (problem := repo.signing_problem(r, keys)) is not None:
                 raise UserError(problem, hint=f"the online signer's keys directory ({keys.dir}) must hold the "

@@ -62,8 +62,9 @@ def _reader(location: str):
             except OSError as e:
                 raise TransportError(f"{base + name}: {e}") from None
         return read
-    storage = _storage(location)
-    return lambda name: storage.get(f"metadata/{name}")
+    from builder.publish import MetadataOf
+
+    return MetadataOf(_storage(location))
 
 
 def _write(location: str, files) -> None:
