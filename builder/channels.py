@@ -45,7 +45,7 @@ from metadata.repository import Repository
 from metadata.version import Version
 
 from .errors import StorageError
-from .publish import IMMUTABLE, RETRIES, commit, holds_online_keys, load_tagged, target_key
+from .publish import RETRIES, commit, holds_online_keys, load_tagged, put_new, target_key
 from .storage import Storage
 
 __all__ = ["promote", "set_rollout", "withdraw", "next_pointer", "current_pointer", "current_releases", "ChannelResult",
@@ -155,9 +155,7 @@ def _update(storage: Storage, keys: KeyConfig, product: str, channel: str,
             if (problem := repo.signing_problem(r, keys)) is not None:
                 raise UserError(problem, hint=f"check --keys ({keys.dir}): it must hold this repository's key for {r}; "
                                               "nothing was changed")
-        key = target_key(target)
-        if not storage.exists(key):
-            storage.put(key, pointer, content_type="application/json", cache_control=IMMUTABLE)
+        put_new(storage, target_key(target), pointer)
         repo.add_target(target)
         if repo.has_bins(product):
             repo.set_current(product, current_releases(storage, repo, product))

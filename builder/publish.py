@@ -80,14 +80,17 @@ class PublishResult:
     visible: bool = True  # False: signed into the product's role; devices see it once 'abflip repo snapshot' ran
 
 
-def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: str | None = None) -> None:
+def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: str | None = None,
+                 new: bool = False) -> None:
     """Write signed metadata in order; versioned files create-only; ``timestamp.json``
-    compare-and-swapped against ``timestamp_tag`` when given (raises AlreadyExists if it moved)."""
+    compare-and-swapped against ``timestamp_tag`` when given (raises AlreadyExists if it moved),
+    created only if there is none when ``new`` (a new repository). What abflip's commands write is
+    conditional every time, so a bucket policy can refuse any other write (docs/keys.md)."""
     for f in files:
         ctype, cache = headers_for(f.name)
-        kw = {"if_match": timestamp_tag} if (f.name == "timestamp.json" and timestamp_tag) else {}
-        storage.put(f"metadata/{f.name}", f.data, content_type=ctype, cache_control=cache, create_only=f.create_only,
-                    **kw)
+        swap = f.name == "timestamp.json" and timestamp_tag is not None
+        storage.put(f"metadata/{f.name}", f.data, content_type=ctype, cache_control=cache,
+                    create_only=f.create_only or new, **({"if_match": timestamp_tag} if swap else {}))
 
 
 class MetadataOf:
@@ -218,8 +221,7 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
                 uploaded.append(key)
             repo.add_target(t)
         key = target_key(pointer_target)
-        if not storage.exists(key):
-            storage.put(key, pointer, content_type="application/json", cache_control=IMMUTABLE)
+        if put_new(storage, key, pointer):
             uploaded.append(key)
         repo.add_target(pointer_target)
         if repo.has_bins(release.product):
@@ -232,6 +234,17 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
                              repo.timestamp.signed.version, tuple(uploaded), visible=online)
     raise StorageError(f"gave up publishing after {RETRIES} conflicting concurrent publishes",
                        hint="retry; the repository is consistent")
+
+
+def put_new(storage: Storage, key: str, data: bytes) -> bool:
+    """Upload a small hash-prefixed target (a channel pointer) create-only; False if it is there."""
+    if storage.exists(key):
+        return False
+    try:
+        storage.put(key, data, content_type="application/json", cache_control=IMMUTABLE, create_only=True)
+    except AlreadyExists:
+        return False  # another publisher's: the same bytes (the name is their hash)
+    return True
 
 
 def settle_timestamp(storage: Storage, keys: KeyConfig, now: datetime | None) -> None:

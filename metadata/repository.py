@@ -73,7 +73,7 @@ from .errors import RepositoryError, UserError
 from .keys import DEFAULT_EXPIRY_DAYS, TOP_ROLES, KeyConfig, RoleKeys, generate_file_key
 
 __all__ = ["empty_role", "add_delegation", "Repository", "SignedFile", "init_repository", "Reader", "MetadataStore",
-           "RoleSpec", "product_paths", "MAX_METADATA_BYTES",
+           "RoleSpec", "product_paths", "MAX_METADATA_BYTES", "product_name_problem", "name_collisions",
            "signature_report", "bin_bits", "check_bin_bits", "set_bin_bits", "bins_delegations", "DEFAULT_BIN_BITS", "MAX_BIN_BITS"]
 
 Reader = Callable[[str], "bytes | None"]  # metadata file name ("3.root.json") -> bytes, None if absent
@@ -627,12 +627,64 @@ def add_delegation(targets: Metadata[Targets], product: str, keys: list[Key], th
         if want is not None and want.succinct_roles.is_delegated_role(product):
             raise UserError(f"{product!r} is the name of one of {other}'s hash bins",
                             hint="choose another product name")
+    if (problem := product_name_problem(product, t.delegations.roles)) is not None:
+        raise UserError(problem, hint="choose a product name no other product's wildcards reach (docs/keys.md "
+                                      "'Product names')")
     role = DelegatedRole(name=product, keyids=[], threshold=threshold, terminating=True, paths=product_paths(product))
     t.delegations.roles[product] = role
     for k in keys:
         t.add_key(k, product)
     set_bin_bits(t, product, bits)
     return role
+
+
+# The storage permissions docs/keys.md gives a product's CI, as wildcards (S3 resource ARNs: '*' matches
+# any characters, '/' and '.' included), and the names of the files a product has: its role, its hash
+# bins (any of the 1..8 bit names a 'repo bins' could give it later) and its targets.
+_HEX = [f"{i:x}" for i in range(16)] + [f"{i:02x}" for i in range(256)]
+
+
+def _product_wildcards(product: str) -> list[str]:
+    return [f"metadata/*.{product}.json", f"metadata/*.{product}-bin-*.json", f"targets/{product}/*"]
+
+
+def _product_files(product: str, bins: bool) -> list[str]:
+    """``bins``: its hash bins' names too (only a name with '-bin-' in it, its own or the other's, can
+    meet a bin name: ``*.P.json`` reaches ``Q-bin-h`` only if P ends in ``-bin-h``, and
+    ``*.P-bin-*.json`` reaches it only where it reaches ``Q``'s role file already)."""
+    return [f"metadata/1.{product}.json", *(f"metadata/1.{product}-bin-{h}.json" for h in (_HEX if bins else ())),
+            f"targets/{product}/x"]
+
+
+_TOP_FILES = [*(f"metadata/1.{r}.json" for r in TOP_ROLES if r != "timestamp"), "metadata/timestamp.json"]
+
+
+def product_name_problem(product: str, others: Iterable[str]) -> str | None:
+    """Why ``product`` cannot be delegated next to ``others``, or None: a file name of one of them
+    (role, hash bins, targets) would match another's storage wildcards (docs/keys.md), so one
+    product's CI could write the other's files (``edge.prod-a`` under ``*.prod-a.json``,
+    ``prod-a-bin-zz`` under ``*.prod-a-bin-*.json``), or a top-level role's."""
+    from fnmatch import fnmatchcase
+
+    if product in TOP_ROLES:
+        return f"{product!r} is the name of a top-level role"
+    mine = _product_wildcards(product)
+    if top := next((f for f in _TOP_FILES if any(fnmatchcase(f, w) for w in mine)), None):
+        return f"product {product!r}: its CI's wildcards would reach the top-level file {top}"
+    for other in sorted(o for o in others if o != product):
+        theirs, bins = _product_wildcards(other), "-bin-" in product or "-bin-" in other
+        if f := next((f for f in _product_files(other, bins) if any(fnmatchcase(f, w) for w in mine)), None):
+            return f"product {product!r}: its CI's wildcards would reach {other}'s file {f}"
+        if f := next((f for f in _product_files(product, bins) if any(fnmatchcase(f, w) for w in theirs)), None):
+            return f"product {product!r}: {other}'s CI's wildcards would reach its file {f}"
+    return None
+
+
+def name_collisions(targets: Targets) -> list[str]:
+    """Every pair of delegated products one of whose CI wildcards reach the other's files (a
+    repository delegated before the rule existed): what 'repo verify' warns about."""
+    roles = sorted(_delegated_roles(Metadata(targets)) if targets.delegations else [])
+    return [p for i, name in enumerate(roles) if (p := product_name_problem(name, roles[:i])) is not None]
 
 
 def set_bin_bits(targets: Targets, product: str, bits: int) -> None:
