@@ -38,7 +38,7 @@ from metadata.manifest import Chunk, Image
 from .fetch import READ_SIZE, transport_hint
 from .slots import SlotDevice, libc
 
-__all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener"]
+__all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener", "FrameBounds"]
 
 # Opener(start, end) -> an iterable of byte pieces of the compressed image from ``start``.
 Opener = Callable[[int, int], Iterable[bytes]]
@@ -82,12 +82,75 @@ def _check_header(index: int, chunk: Chunk, head: bytes | memoryview) -> None:
         raise ChunkError(f"chunk {index} declares {size} decompressed bytes, the manifest says {chunk.out_length}")
 
 
+ZSTD_MAGIC = 0xFD2FB528
+
+
+class FrameBounds:
+    """Where the one zstd frame a chunk must be ends, from its headers alone (RFC 8878 3.1.1:
+    frame header, then blocks of ``3 + size`` bytes, the last flagged, then the optional
+    4-byte checksum). Fed a chunk's bytes in order, it refuses any byte after the frame (a
+    skippable frame, an empty frame, junk), and :meth:`finish` a chunk that ends inside it.
+    libzstd refuses such bytes by itself, python-zstandard's reader stops before them without a
+    word: both decoders go through this, so both accept exactly the same chunks."""
+
+    _DICT_ID = (0, 1, 2, 4)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pos = 0  # bytes fed
+        self.at = 0  # where the header being read starts
+        self.need = 5  # magic and frame header descriptor first, then 3 per block header
+        self.head = bytearray()
+        self.checksum = False
+        self.end: int | None = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        data = memoryview(data)
+        base, self.pos = self.pos, self.pos + len(data)
+        while self.end is None:
+            i = self.at + len(self.head) - base
+            if i >= len(data):
+                return
+            self.head += data[i:i + self.need - len(self.head)]
+            if len(self.head) < self.need:
+                return
+            self._header(bytes(self.head))
+            self.head.clear()
+        if self.pos > self.end:
+            raise ChunkError(f"chunk {self.index} has {self.pos - self.end} bytes after the end of its zstd frame")
+
+    def _header(self, head: bytes) -> None:
+        if self.need == 5:
+            if int.from_bytes(head[:4], "little") != ZSTD_MAGIC:
+                raise ChunkError(f"chunk {self.index} is not a zstd frame")
+            fhd = head[4]
+            single, fcs = (fhd >> 5) & 1, fhd >> 6
+            self.checksum = bool(fhd & 4)
+            self.at = 5 + (not single) + self._DICT_ID[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fcs]
+            self.need = 3
+            return
+        h = int.from_bytes(head, "little")
+        kind, size = (h >> 1) & 3, h >> 3
+        if kind == 3:
+            raise ChunkError(f"chunk {self.index} has a zstd block of the reserved type")
+        self.at += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+        if h & 1:  # the last block
+            self.end = self.at + 4 * self.checksum
+
+    def finish(self) -> None:
+        if self.end is None or self.pos < self.end:
+            raise ChunkError(f"chunk {self.index} ends inside its zstd frame")
+
+
 def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, dictionary: bytes | memoryview | None,
                      into: bytearray | None = None) -> memoryview:
     """Decompress one verified chunk (into ``into`` if given, to spare a fresh allocation);
     its output must be exactly what the manifest says. With libzstd the dictionary is
     referenced, not copied (the delta path's ``memory_needed`` still counts the copy)."""
     _check_header(index, chunk, data)
+    bounds = FrameBounds(index)  # one frame, nothing after it: whichever decoder runs
+    bounds.feed(data)
+    bounds.finish()
     buf = into if into is not None and len(into) >= chunk.out_length else bytearray(chunk.out_length)
     out = memoryview(buf)[:chunk.out_length]
     dictionary = dictionary if dictionary is not None and len(dictionary) else None
@@ -256,14 +319,20 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     if image.size > slot.capacity:
         raise DeviceError(f"the image decompresses to {image.size} bytes; slot {slot.name} holds only {slot.capacity}",
                           hint="this release does not fit this device's slots")
-    first, _ = verified_prefix(image, slot, chunks_done)
+    first, whole = verified_prefix(image, slot, chunks_done)
     downloaded = 0
     if first < len(image.chunks):
         try:
-            downloaded = _Pipeline(image, slot, opener, first, retries, backoff, on_chunk).run()
+            downloaded = _Pipeline(image, slot, opener, first, retries, backoff, on_chunk, whole).run()
         finally:
             _give_back()  # the pipeline's buffers are gone: return the heap they were on
     slot.sync()
+    # Every chunk matched the chunk table; the table must add up to the image it names too, or a
+    # slot would be recorded good under a hash it does not have (issue 21): the signer's fault.
+    if whole.hexdigest() != image.sha256:
+        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)",
+                              hint="its chunks are verified but do not make the image it names; nothing was flipped "
+                                   "and the slot is not recorded good. Tell the publisher")
     return downloaded
 
 
@@ -299,9 +368,10 @@ class _Pipeline:
     """The four stages of :func:`write_image` and what they share."""
 
     def __init__(self, image: Image, slot: SlotDevice, opener: Opener, first: int, retries: int, backoff: float,
-                 on_chunk: Callable[[int, int], None] | None) -> None:
+                 on_chunk: Callable[[int, int], None] | None, whole: hashlib._Hash) -> None:
         self.image, self.slot, self.opener, self.first = image, slot, opener, first
         self.retries, self.backoff, self.on_chunk = retries, backoff, on_chunk
+        self.whole = whole  # the image's sha256 so far: the verified prefix, then every byte written
         self.chunks = image.chunks
         self.read_ahead = read_ahead(image)
         piece, pool = _units(image)
@@ -595,6 +665,7 @@ class _Pipeline:
             view = bufs[i % len(bufs)][a:b]
             self.slot.pwrite(ch.out_offset + a, view)  # flushed once at the end: the kernel writes back
             h.update(view)
+            self.whole.update(view)
             with self.cond:
                 self.written = ch.out_offset + b
                 self.cond.notify_all()
@@ -609,6 +680,7 @@ class _Pieces:
         self.left = self.pipe.chunks[i].length
         self.view = memoryview(b"")
         self.buf: bytearray | None = None
+        self.bounds = FrameBounds(i)  # one frame, nothing after it: whichever decoder runs
 
     def _next(self) -> None:
         if self.buf is not None:
@@ -620,6 +692,7 @@ class _Pieces:
         i, self.view, self.buf = item
         assert i == self.i, (i, self.i)
         self.left -= len(self.view)
+        self.bounds.feed(self.view)
 
     def peek(self) -> memoryview:
         if not self.view and self.left:
@@ -644,3 +717,4 @@ class _Pieces:
         if self.buf is not None:
             self.pipe.free.put(self.buf)
             self.buf = None
+        self.bounds.finish()
