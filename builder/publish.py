@@ -40,7 +40,7 @@ from tuf.api.metadata import TargetFile
 from metadata.errors import RepositoryError, UserError
 from metadata.keys import KeyConfig
 from metadata.bounded import FileRefused, read_file
-from metadata.manifest import Channel, Limits, ManifestError, Release, channel_target_path, check_name
+from metadata.manifest import Limits, ManifestError, Release, Rollout, channel_target_path, check_name
 from metadata.repository import MAX_METADATA_BYTES, Repository, SignedFile
 
 from .errors import AlreadyExists, BuildError, StorageError
@@ -78,6 +78,7 @@ class PublishResult:
     timestamp_version: int
     uploaded: tuple[str, ...]
     visible: bool = True  # False: signed into the product's role; devices see it once 'abflip repo snapshot' ran
+    rollout: dict | None = None  # the channel's rollout the pointer carries (kept from the channel, or --rollout)
 
 
 def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: str | None = None,
@@ -155,7 +156,9 @@ def commit(storage: Storage, keys: KeyConfig, repo: Repository, tag: str | None,
 
 
 def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, channel: str,
-                    now: datetime | None = None) -> PublishResult:
+                    now: datetime | None = None, rollout: Rollout | None = None) -> PublishResult:
+    """Upload a release and point ``channel`` at it. The channel's phased rollout and pause carry
+    over to the new release (``rollout``: set another; docs/release-control.md)."""
     check_name("channel", channel)
     release_dir = Path(release_dir)
     limits = Limits()
@@ -193,7 +196,9 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
         current = repo.target_files
         from .channels import current_releases, next_pointer  # withdrawn versions carry over (docs/release-control.md)
 
-        pointer = next_pointer(storage, repo, release.product, channel, release.version, release.target_path)
+        ptr = next_pointer(storage, repo, release.product, channel, release.version, release.target_path,
+                           rollout=rollout)
+        pointer = ptr.to_bytes()
         pointer_target = TargetFile.from_data(channel_target_path(release.product, channel), pointer, ["sha256"])
         online = holds_online_keys(repo, keys)
         for path, t in targets.items():
@@ -205,7 +210,8 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
         if ((repo.is_current or not online) and all(p in current for p in targets) and old_ptr is not None
                 and old_ptr.hashes == pointer_target.hashes):
             return PublishResult(release.product, str(release.version), channel, False,
-                                 repo.timestamp.signed.version, tuple(uploaded), visible=repo.is_current)
+                                 repo.timestamp.signed.version, tuple(uploaded), visible=repo.is_current,
+                                 rollout=ptr.rollout.to_json() if ptr.rollout else None)
         # Before the first byte is uploaded: these keys can sign every role this publish re-signs.
         roles = {repo.role_for_path(p) for p in (*targets, pointer_target.path)}
         for role in [*sorted(roles), *(("snapshot", "timestamp") if online else ())]:
@@ -231,7 +237,8 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
             time.sleep(min(0.05 * (attempt + 1), 1.0))  # another publisher won; re-read and retry
             continue
         return PublishResult(release.product, str(release.version), channel, True,
-                             repo.timestamp.signed.version, tuple(uploaded), visible=online)
+                             repo.timestamp.signed.version, tuple(uploaded), visible=online,
+                             rollout=ptr.rollout.to_json() if ptr.rollout else None)
     raise StorageError(f"gave up publishing after {RETRIES} conflicting concurrent publishes",
                        hint="retry; the repository is consistent")
 
