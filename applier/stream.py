@@ -301,9 +301,11 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
        bytes, or a whole chunk in manifests without pieces) exactly, and compare its sha256
        with the signed manifest; only verified bytes go on;
     2. *decompress*: feed a chunk's verified pieces to zstd as they arrive, with the
-       ``window`` image bytes before the chunk as its dictionary, into an output buffer;
-    3. *write* (this thread): write each decompressed slice to the slot and hash it; at the
-       chunk's end compare its sha256 with the chunk table;
+       ``window`` image bytes before the chunk as its dictionary, into an output buffer, hash
+       each slice as the write stage writes it, and at the chunk's end compare its sha256 with
+       the chunk table;
+    3. *write* (this thread): write each decompressed slice to the slot and add it to the whole
+       image's sha256, compared with the manifest's at the end (before anything is staged);
     4. *progress*: ``on_chunk(i, downloaded_bytes)`` for each chunk written, in order (the
        caller persists progress there, with an fsync that no longer holds up the writing).
 
@@ -602,7 +604,8 @@ class _Pipeline:
             except zstandard.ZstdError as e:
                 raise ChunkError(f"chunk {i} does not decompress: {e}") from None
             del reader, dictionary, kwargs
-            if done != ch.out_length or extra:
+            # the whole chunk is still in the buffer (the next one's dictionary): hashed while it is written
+            if done != ch.out_length or extra or hashlib.sha256(out[:done]).hexdigest() != ch.out_sha256:
                 raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
             source.drain()
             self.slices.put((i, None, None))
@@ -624,17 +627,18 @@ class _Pipeline:
                 _check_header(i, ch, source.peek())
                 with self._prefix(i, prev) as prefix:
                     decoder.start(out, prefix)
-                    done = 0
+                    done, h = 0, hashlib.sha256()
                     try:
                         while data := source.read(READ_IN):
                             if (n := decoder.feed(data)) > done:
                                 self.slices.put((i, done, n))
+                                h.update(out[done:n])  # while the write stage writes it
                                 done = n
                     except zstdlib.ZstdLibError as e:
                         raise ChunkError(f"chunk {i} does not decompress: {e}") from None
                     finally:
                         decoder.end()
-                if done != ch.out_length or not decoder.done():
+                if done != ch.out_length or not decoder.done() or h.hexdigest() != ch.out_sha256:
                     raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
                 source.drain()
                 self.slices.put((i, None, None))
@@ -644,7 +648,8 @@ class _Pipeline:
 
     # -- 3. write and hash --------------------------------------------------------------------
     def _write_stage(self) -> None:
-        h = hashlib.sha256()
+        """Write each slice and add it to the whole image's sha256; a chunk's end (its own sha256
+        already compared by the decompress stage, on the other core) commits it."""
         bufs = [memoryview(b) for b in self.bufs]
         while self.committed < len(self.chunks):
             item = self._get(self.slices)
@@ -653,9 +658,6 @@ class _Pipeline:
             i, a, b = item
             ch = self.chunks[i]
             if a is None:
-                if h.hexdigest() != ch.out_sha256:
-                    raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
-                h = hashlib.sha256()
                 self.slot.start_writeback(ch.out_offset, ch.out_length)  # the final flush finds little left
                 self.progress.put((i, self.received))
                 with self.cond:
@@ -664,7 +666,6 @@ class _Pipeline:
                 continue
             view = bufs[i % len(bufs)][a:b]
             self.slot.pwrite(ch.out_offset + a, view)  # flushed once at the end: the kernel writes back
-            h.update(view)
             self.whole.update(view)
             with self.cond:
                 self.written = ch.out_offset + b
