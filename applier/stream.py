@@ -294,7 +294,7 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                 on_chunk: Callable[[int, int], None] | None = None, backoff: float = 0.5) -> int:
     """Write ``image`` into ``slot`` starting after ``chunks_done`` verified chunks.
 
-    Four stages overlap (issue 14), each in its own thread, joined by queues whose buffers
+    The stages overlap (issue 14), each in its own thread, joined by queues whose buffers
     are reused, so memory stays :func:`memory_needed` whatever the image size:
 
     1. *fetch*: read each verification unit (a piece of ``compression.piece_size`` compressed
@@ -304,8 +304,9 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
        ``window`` image bytes before the chunk as its dictionary, into an output buffer, hash
        each slice as the write stage writes it, and at the chunk's end compare its sha256 with
        the chunk table;
-    3. *write* (this thread): write each decompressed slice to the slot and add it to the whole
-       image's sha256, compared with the manifest's at the end (before anything is staged);
+    3. *write* (this thread): write each decompressed slice to the slot; beside it a *hash* stage
+       adds each written slice to the whole image's sha256, compared with the manifest's at the
+       end (before anything is staged), and only then lets its buffer region be reused;
     4. *progress*: ``on_chunk(i, downloaded_bytes)`` for each chunk written, in order (the
        caller persists progress there, with an fsync that no longer holds up the writing).
 
@@ -367,7 +368,7 @@ class _Stop(Exception):
 
 
 class _Pipeline:
-    """The four stages of :func:`write_image` and what they share."""
+    """The stages of :func:`write_image` and what they share."""
 
     def __init__(self, image: Image, slot: SlotDevice, opener: Opener, first: int, retries: int, backoff: float,
                  on_chunk: Callable[[int, int], None] | None, whole: hashlib._Hash) -> None:
@@ -387,7 +388,9 @@ class _Pipeline:
         # decompresses from its start, and a region is overwritten only once it is written.
         out = max(c.out_length for c in self.chunks)
         self.bufs = [bytearray(out) for _ in range(2 if zstdlib.LIB is not None else 1)]
-        self.written = self.chunks[first].out_offset  # image bytes the write stage has written
+        # image bytes written to the slot *and* hashed into ``whole``: until then their buffer is not reused
+        self.written = self.chunks[first].out_offset
+        self.hashing: queue.SimpleQueue = queue.SimpleQueue()  # write -> hash: (chunk, start, end) written
         self.cond = threading.Condition()
         self.committed = first  # chunks [0, committed) are in the slot and verified
         self.persisted = first  # ... and ``on_chunk`` has returned for them (the caller saved its progress)
@@ -431,13 +434,15 @@ class _Pipeline:
         if zstdlib.LIB is None:
             _heap_for_large_blocks()
         stages = [threading.Thread(target=self._fetch_stage, name="abflip-fetch", daemon=True),
-                  threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True)]
+                  threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True),
+                  threading.Thread(target=self._hash_stage, name="abflip-hash", daemon=True)]
         progress = threading.Thread(target=self._progress_stage, name="abflip-progress", daemon=True)
         for t in (*stages, progress):
             t.start()
         try:
             self._write_stage()
-            self._wait(lambda: self.persisted == len(self.chunks) or self.failure is not None)
+            end = self.image.size
+            self._wait(lambda: (self.persisted == len(self.chunks) and self.written == end) or self.failure is not None)
             if self.failure is not None:
                 raise self.failure
         except BaseException:
@@ -563,7 +568,8 @@ class _Pipeline:
         if prev is not None and len(prev) >= need:
             yield prev[len(prev) - need:]
             return
-        self._wait(lambda: self.committed >= i)  # every byte before chunk i is in the slot
+        # every byte before chunk i is in the slot, and hashed: the buffer read into below is free
+        self._wait(lambda: self.committed >= i and self.written >= ch.out_offset)
         if need <= len(self.bufs[0]):
             into = memoryview(self.bufs[(i + 1) % len(self.bufs)])[:need]
             self.slot.pread_into(lo, into)
@@ -648,8 +654,8 @@ class _Pipeline:
 
     # -- 3. write and hash --------------------------------------------------------------------
     def _write_stage(self) -> None:
-        """Write each slice and add it to the whole image's sha256; a chunk's end (its own sha256
-        already compared by the decompress stage, on the other core) commits it."""
+        """Write each slice and hand it to the hash stage; a chunk's end (its own sha256 already
+        compared by the decompress stage) commits it."""
         bufs = [memoryview(b) for b in self.bufs]
         while self.committed < len(self.chunks):
             item = self._get(self.slices)
@@ -664,12 +670,23 @@ class _Pipeline:
                     self.committed = i + 1
                     self.cond.notify_all()
                 continue
-            view = bufs[i % len(bufs)][a:b]
-            self.slot.pwrite(ch.out_offset + a, view)  # flushed once at the end: the kernel writes back
-            self.whole.update(view)
-            with self.cond:
-                self.written = ch.out_offset + b
-                self.cond.notify_all()
+            self.slot.pwrite(ch.out_offset + a, bufs[i % len(bufs)][a:b])  # flushed once at the end
+            self.hashing.put((i, a, b))
+
+    # -- 3b. the whole image's sha256 -------------------------------------------------------------------
+    def _hash_stage(self) -> None:
+        """Add each written slice to the whole image's sha256, in order, beside the write stage
+        (the write stage no longer waits for it); a buffer region is reused only once hashed."""
+        try:
+            bufs = [memoryview(b) for b in self.bufs]
+            while self.written < self.image.size:
+                i, a, b = self._get(self.hashing)
+                self.whole.update(bufs[i % len(bufs)][a:b])
+                with self.cond:
+                    self.written = self.chunks[i].out_offset + b
+                    self.cond.notify_all()
+        except BaseException as e:
+            self._fail(e, self.slices)
 
 
 class _Pieces:

@@ -21,6 +21,14 @@ write a junk ``N.other-os.json`` can freeze, roll back or hide another product's
 (docs/release-control.md). This is what the repository's online signer
 (:mod:`builder.signer`) relies on when it signs a snapshot of every product's newest metadata.
 
+Each product is judged on its own (issue 21, :class:`_Loader`): versions are found by listing the
+store (:class:`MetadataStore`), at most :data:`MAX_CANDIDATES` per role are examined, every file is
+read bounded by what devices accept (:data:`MAX_METADATA_BYTES`) and only if it is a regular file,
+new metadata that has expired is refused, a product whose current file is bad keeps that version
+(:attr:`Repository.unavailable`; edits of it are refused, :meth:`Repository.require`), and an
+overwritten current snapshot gives way to the newest snapshot that verifies. Only root, timestamp
+and targets must be intact.
+
 Split signing (issue 13): :meth:`Repository.signed_files` with ``online=False`` signs only the
 roles that changed (a product CI: its delegated role) and no snapshot or timestamp.
 
@@ -85,6 +93,13 @@ MAX_METADATA_BYTES = {"root": 512000, "timestamp": 16384, "snapshot": 2000000, "
 MAX_VERSION = 10**19 - 1  # the largest version a file name may carry (19 digits; int64 TUF clients hold it)
 _VERSIONED_NAME = re.compile(r"([1-9][0-9]{0,18})\.(.+)\.json\Z")
 
+MAX_TARGET_DEPTH = 6  # path segments below <product>/ a delegated role is trusted for
+# Hash bins per product: 2^bits roles, each a line in every snapshot (~40 B) that every device of every
+# product downloads with each update; fewer bins make each bin (and a producer's load) bigger.
+DEFAULT_BIN_BITS = 4  # 16 bins: at 500 releases ~18 KB each, the snapshot ~0.6 KB more
+MAX_BIN_BITS = 8  # 256 bins: the snapshot ~10 KB more for every device
+BIN_BITS_FIELD = "x-abflip-bin-bits"  # in the product's DelegatedRole in targets (signed offline)
+
 
 class MetadataStore(Protocol):
     """Where :meth:`Repository.load` reads metadata (builder.storage gives one per backend)."""
@@ -95,12 +110,6 @@ class MetadataStore(Protocol):
 
     def names(self) -> Iterable[str] | None:
         """Every name in ``metadata/`` (objects, directories, anything); None if the store cannot list."""
-MAX_TARGET_DEPTH = 6  # path segments below <product>/ a delegated role is trusted for
-# Hash bins per product: 2^bits roles, each a line in every snapshot (~40 B) that every device of every
-# product downloads with each update; fewer bins make each bin (and a producer's load) bigger.
-DEFAULT_BIN_BITS = 4  # 16 bins: at 500 releases ~18 KB each, the snapshot ~0.6 KB more
-MAX_BIN_BITS = 8  # 256 bins: the snapshot ~10 KB more for every device
-BIN_BITS_FIELD = "x-abflip-bin-bits"  # in the product's DelegatedRole in targets (signed offline)
 
 
 @dataclass(frozen=True)

@@ -271,3 +271,18 @@ def test_repo_snapshot_cli_says_which_product_was_refused_and_goes_on(world):
     assert any(s.startswith(f"1.{EVIL}.json: 1.{EVIL}.json is not valid TUF metadata") for s in out["skipped"])
     assert out["kept"] == {EVIL: out["kept"][EVIL]} and f"1.{EVIL}.json" in out["kept"][EVIL]
     assert dev.check()["version"] == "2.0.0"
+
+
+def test_the_producers_limits_are_the_devices():
+    """The signer refuses what devices refuse: the limits are python-tuf ngclient's, which the device uses."""
+    import inspect
+
+    from tuf.ngclient import UpdaterConfig
+
+    from applier import client
+    from metadata.repository import MAX_METADATA_BYTES
+
+    c = UpdaterConfig()
+    assert MAX_METADATA_BYTES == {"root": c.root_max_length, "timestamp": c.timestamp_max_length,
+                                  "snapshot": c.snapshot_max_length, "targets": c.targets_max_length}
+    assert "updater_config or UpdaterConfig()" in inspect.getsource(client)  # the device keeps the defaults
