@@ -20,32 +20,17 @@ from builder.gc import collect_garbage
 from builder.publish import commit, load_tagged, publish_release, write_signed
 from builder.signer import sign_online
 from metadata.errors import RepositoryError, UserError
-from metadata.keys import KeyConfig, generate_file_key
+from metadata.keys import KeyConfig
 from metadata.repository import MAX_CANDIDATES, Repository, init_repository, product_name_problem
-from metadata.staging import clear_staged, commit_staged, stage_delegation
 
 from s3server import backend, moto  # noqa: F401  (fixtures)
+from test_online_signer import EVIL, _split  # demo-os and evil-os, each with its own CI key
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
-EVIL = "evil-os"
 
 
 def _load(storage) -> Repository:
     return load_tagged(storage)[0]
-
-
-def _only(keys: KeyConfig, *roles: str) -> KeyConfig:
-    return KeyConfig(keys.path, {r: keys.roles[r] for r in roles}, keys.expiry_days)
-
-
-def _split(w, bits: int = 4):
-    """demo-os and evil-os delegated to their own CI keys; (signer, demo CI, evil CI) keys."""
-    for product in (PRODUCT, EVIL):
-        stage_delegation(_load(w.storage), w.keys, product, [generate_file_key(w.keys.dir, f"ci-{product}")],
-                         bits=bits)
-        write_signed(w.storage, commit_staged(_load(w.storage), w.keys))
-        clear_staged(w.keys.dir)
-    return _only(w.keys, "snapshot", "timestamp"), _only(w.keys, PRODUCT), _only(w.keys, EVIL)
 
 
 def _evil_publishes(w, evil_ci: KeyConfig, name: str, *, now: datetime | None = None) -> int:

@@ -362,12 +362,17 @@ def test_a_publish_keeps_the_channels_rollout_and_pause(world):
     assert json.loads(p.stdout)["rollout"] == {"percent": 100, "paused": False}
 
 
-def test_a_paused_channel_stays_paused_for_the_next_release(world):
+def _paused(world, percent: int) -> None:
+    """1.0.0 published; 2.0.0 on beta and, at ``percent`` with the seed canary, paused on stable."""
     world.publish("1.0.0")
     world.publish("2.0.0", channel="beta")
     promote(world.storage, world.keys, product=PRODUCT, version="2.0.0", channel="stable",
-            rollout=make_rollout(50, seed="canary"))
+            rollout=make_rollout(percent, seed="canary"))
     set_rollout(world.storage, world.keys, product=PRODUCT, channel="stable", paused=True)
+
+
+def test_a_paused_channel_stays_paused_for_the_next_release(world):
+    _paused(world, 50)
     world.publish("3.0.0")
     ptr = Channel.from_bytes(_stored_pointer(world).read_bytes())
     assert ptr.rollout == Rollout(50, paused=True, seed="canary")  # a fixed seed stays: the same cohort first
@@ -394,11 +399,7 @@ def test_withdraw_refuses_a_version_that_was_never_published(world):
 
 
 def test_channel_show_and_list_say_what_each_channel_offers(world):
-    world.publish("1.0.0")
-    world.publish("2.0.0", channel="beta")
-    promote(world.storage, world.keys, product=PRODUCT, version="2.0.0", channel="stable",
-            rollout=make_rollout(10, seed="canary"))
-    set_rollout(world.storage, world.keys, product=PRODUCT, channel="stable", paused=True)
+    _paused(world, 10)
     withdraw(world.storage, world.keys, product=PRODUCT, version="1.0.0", channel="stable")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
