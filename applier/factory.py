@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from metadata.bounded import FileRefused, read_file
+from metadata.bounded import FileRefused, open_regular, read_file
 from metadata.errors import DeviceError, PolicyError, UserError
 from metadata.manifest import ManifestError, Release
 
@@ -72,7 +72,7 @@ def _file_sha256(path: Path) -> tuple[str, int] | None:
     h = hashlib.sha256()
     n = 0
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             while piece := f.read(PIECE):
                 h.update(piece)
                 n += len(piece)

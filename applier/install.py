@@ -39,7 +39,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from metadata.bounded import read_file
+from metadata.bounded import open_regular, read_file
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import Release
 
@@ -80,7 +80,7 @@ def _check_memory(dev, release: Release) -> None:
 def _sha256_file(path: Path) -> str | None:
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             while piece := f.read(COPY_PIECE):
                 h.update(piece)
     except OSError:
