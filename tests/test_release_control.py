@@ -26,6 +26,7 @@ from metadata.manifest import Channel, ManifestError, Rollout
 from metadata.version import Version
 
 from helpers import assert_untouched
+from s3server import backend, moto  # noqa: F401  (fixtures)
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 FLEET = [hashlib.sha256(f"device-{i}".encode()).hexdigest()[:32] for i in range(2000)]
@@ -430,3 +431,19 @@ def test_channel_show_and_list_say_what_each_channel_offers(world):
                        timeout=120)
     stable = next(c for c in json.loads(p.stdout)["channels"] if c["channel"] == "stable")
     assert stable["rollout"] == {"percent": 10, "paused": True, "seed": "canary"} and stable["withdrawn"] == ["1.0.0"]
+
+
+def test_publish_keeps_the_rollout_and_withdraw_refuses_the_unpublished_on_either_backend(backend):
+    """The part-3 refusals on a folder repository and on moto's S3 server; read back with channel_states."""
+    from builder.channels import channel_states
+
+    backend.publish("1.0.0")
+    backend.publish("2.0.0", channel="beta")
+    promote(backend.storage, backend.keys, product=PRODUCT, version="2.0.0", channel="stable", rollout=Rollout(5))
+    set_rollout(backend.storage, backend.keys, product=PRODUCT, channel="stable", paused=True)
+    assert backend.publish("3.0.0").rollout == {"percent": 5, "paused": True}
+    with pytest.raises(UserError, match=f"{PRODUCT} 4.0.0 was never published"):
+        withdraw(backend.storage, backend.keys, product=PRODUCT, version="4.0.0", channel="stable")
+    rows = {c["channel"]: c for c in channel_states(backend.storage, PRODUCT)}
+    assert (rows["stable"]["version"], rows["stable"]["percent"], rows["stable"]["paused"]) == ("3.0.0", 5, True)
+    assert rows["stable"]["withdrawn"] == [] and rows["beta"]["phased"] is False
