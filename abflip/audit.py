@@ -124,6 +124,7 @@ def _all_targets(updater: Updater, mdir: Path, problems: list[str]) -> tuple[dic
     for hash bins, one probe path that hashes to each bin)."""
     out: dict[str, TargetFile] = {}
     roles: list[tuple[str, str]] = [("targets", "")]  # (role, a probe path that reaches it)
+    published = Metadata.from_bytes((mdir / "snapshot.json").read_bytes()).signed.meta  # as refresh() verified it
     seen: set[str] = set()
     while roles:
         name, base = roles.pop(0)
@@ -148,8 +149,11 @@ def _all_targets(updater: Updater, mdir: Path, problems: list[str]) -> tuple[dic
                 if fnmatch(probe, pattern):
                     try:
                         updater.get_targetinfo(probe)
-                    except tuf_exc.RepositoryError:
-                        pass  # reported when the real targets are looked up
+                    except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+                        # its channels cannot be listed: said here (unless it was never published), and
+                        # every other product is checked
+                        if f"{role.name}.json" in published:
+                            problems.append(f"role {role.name} cannot be loaded: {type(e).__name__}: {e}")
                     break
             roles.append((role.name, probe))
     return out, sorted(seen)

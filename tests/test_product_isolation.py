@@ -104,9 +104,15 @@ def test_a_product_overwriting_its_current_role_costs_only_its_own_new_metadata(
     with pytest.raises(RepositoryError, match=f"{EVIL}'s metadata cannot be loaded: 2.{EVIL}.json"):
         _evil_publishes(backend, evil_ci, "third")
     assert sorted(backend.storage.names("metadata/")) == before
-    # gc leaves evil-os alone and goes on for demo-os
+    # gc leaves evil-os alone and goes on for demo-os; verify (as a device reads it) checks demo-os's channel
     gc = collect_garbage(backend.storage, None, keep=5, dry_run=True)
     assert any(s["path"] == f"{EVIL}/" for s in gc.skipped)
+    if hasattr(backend, "repo"):  # the folder repository (the S3 one is read as devices do: over HTTP above)
+        from abflip.audit import audit
+
+        report = audit(str(backend.repo))
+        assert [c["ok"] for c in report["channels"] if c["product"] == PRODUCT] == [True]
+        assert any(p.startswith(f"role {EVIL} cannot be loaded") for p in report["problems"]), report["problems"]
     # once evil-os's file is put back (from a backup), evil-os publishes again
     _overwrite(backend, f"2.{EVIL}.json", good)
     assert _evil_publishes(backend, evil_ci, "third") == 3
