@@ -262,6 +262,9 @@ def test_repo_snapshot_cli_says_which_product_was_refused_and_goes_on(world):
     assert any(s.startswith(f"1.{EVIL}.json: 1.{EVIL}.json is not valid TUF metadata") for s in out["skipped"])
     assert out["kept"] == {EVIL: out["kept"][EVIL]} and f"1.{EVIL}.json" in out["kept"][EVIL]
     assert dev.check()["version"] == "2.0.0"
+    p = subprocess.run([*ABFLIP, "repo", "refresh", "--repo", str(world.repo), "--keys", str(world.keys.dir), "--force"],
+                       capture_output=True, text=True, timeout=120)  # the scheduled re-signing goes on too
+    assert p.returncode == 0 and "re-signed" in p.stdout and "timestamp.json" in p.stdout, p.stderr
 
 
 def test_the_producers_limits_are_the_devices():
