@@ -33,7 +33,8 @@ from datetime import datetime
 
 from metadata.errors import UserError
 from metadata.keys import KeyConfig
-from metadata.manifest import Channel, ManifestError
+from metadata.bounded import FileRefused
+from metadata.manifest import Channel, Limits, ManifestError
 from metadata.repository import Repository
 from metadata.version import Version
 
@@ -68,6 +69,9 @@ def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str,
     releases: dict[str, set[str]] = {}
     pinned: dict[str, set[str]] = {}
     frozen: set[str] = set()  # products with a channel pointer gc cannot read: remove nothing
+    for product, why in repo.unavailable_products().items():  # kept at their last version: left alone
+        skipped.append({"path": f"{product}/", "reason": f"its metadata cannot be loaded ({why}); nothing of "
+                                                         f"{product} is removed"})
     for path, t in sorted(repo.target_files.items()):
         if m := _RELEASE.match(path):
             try:
@@ -77,11 +81,14 @@ def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str,
                 continue
             releases.setdefault(m["product"], set()).add(m["version"])
         elif m := _CHANNEL.match(path):
-            data = storage.get(target_key(t))
             reason = None
+            try:
+                data = storage.get(target_key(t), Limits().channel_max_bytes)
+            except FileRefused as e:
+                data, reason = b"", f"its object {target_key(t)} {e.strerror}"
             if data is None:
                 reason = f"its object {target_key(t)} is missing"
-            else:
+            elif reason is None:
                 try:
                     pinned.setdefault(m["product"], set()).add(str(Channel.from_bytes(data).version))
                 except ManifestError as e:
@@ -110,11 +117,12 @@ def _dead_objects(storage: Storage, repo: Repository, removed: dict[str, list[st
     run passes them; after the commit they are gone already)."""
     targets = {p: t for p, t in repo.target_files.items() if p not in removed_paths}
     live = {target_key(t) for t in targets.values()}
+    held = {f"targets/{p}/" for p in repo.unavailable_products()}  # what they list is unknown here: all stays
     listed_releases = {(m["product"], m["version"]) for p in targets if (m := _RELEASE.match(p))}
     current_pointers = {p for p in targets if _CHANNEL.match(p)}
     dead = []
     for key in storage.list("targets/"):
-        if key in live or not (m := _STORED.match(key)):
+        if key in live or not (m := _STORED.match(key)) or any(key.startswith(h) for h in held):
             continue
         path = (m["dir"] or "") + m["name"]
         if (r := _RELEASE.match(path)) and (r["product"], r["version"]) not in listed_releases \

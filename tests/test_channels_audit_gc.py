@@ -119,7 +119,7 @@ def test_cli_repo_verify_over_http_and_s3(backend):
     backend.publish("1.0.0")
     r = subprocess.run([*ABFLIP, "repo", "verify", backend.url], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "demo-os/stable: 1.0.0  ok" in r.stdout and "timestamp" in r.stdout
+    assert "demo-os/stable: 1.0.0  every device  ok" in r.stdout and "timestamp" in r.stdout
     if hasattr(backend, "s3_url"):
         r = subprocess.run([*ABFLIP, "repo", "verify", backend.s3_url, "--endpoint-url", backend.moto.endpoint, "--json"],
                            capture_output=True, text=True, timeout=120, env=dict(os.environ, **DUMMY_ENV))

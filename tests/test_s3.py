@@ -271,7 +271,7 @@ def test_ci_release_script_publishes_to_s3(moto, tmp_path, built):
     r = subprocess.run(["bash", str(script), str(tmp_path / "rootfs.tar.zst"), "5.0.0"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "demo-os/stable: 5.0.0  ok" in r.stdout
+    assert "demo-os/stable: 5.0.0  every device  ok" in r.stdout
     root = S3Storage.from_url(url, endpoint_url=moto.endpoint).get("metadata/1.root.json")
     _, dev = make_device(tmp_path / "dev", f"{moto.endpoint}/{bucket}/edge", root, built)
     assert dev.install().version == "5.0.0"

@@ -21,6 +21,7 @@ the storage itself (:class:`~builder.errors.StorageError`, exit 5).
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ import boto3
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
+
+from metadata.bounded import FileRefused
 
 from ..errors import AlreadyExists, StorageAccessError, StorageError, StorageUnreachable
 
@@ -42,6 +45,9 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAc
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "503"}
+# What a GET of one object may answer that is that object's doing (a customer-provided encryption key,
+# a state the reader cannot read), not the bucket's or the credentials' (403, 404 and 5xx are those).
+_OBJECT_REFUSED = {400, 405, 409, 416}
 
 
 class S3Storage:
@@ -120,16 +126,34 @@ class S3Storage:
         return str(e.response.get("Error", {}).get("Code", ""))
 
     # -- reading ---------------------------------------------------------------------------
-    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
-        """The object's bytes and ETag (for a later ``put(if_match=...)``); ``(None, None)`` if absent."""
+    def get_tagged(self, key: str, limit: int | None = None) -> tuple[bytes | None, str | None]:
+        """The object's bytes and ETag (for a later ``put(if_match=...)``); ``(None, None)`` if absent.
+
+        With ``limit``: an object larger than ``limit`` (by its ``Content-Length``, before its body
+        is read; and at most ``limit + 1`` bytes of the body are read, whatever the header said) or
+        that the service will not give this reader (say, stored with a customer-provided key)
+        raises :class:`~metadata.bounded.FileRefused`, so the caller can judge that object alone."""
+        where = f"s3://{self.bucket}/{self._key(key)}"
         with self._errors("reading", key):
             try:
                 r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             except botocore.exceptions.ClientError as e:
-                if self._code(e) in _MISSING_KEY:
+                code, status = self._code(e), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in _MISSING_KEY:
                     return None, None
+                if limit is not None and status in _OBJECT_REFUSED:  # this object only: not the bucket, not access
+                    raise FileRefused(errno.EACCES, f"cannot be read ({code})", where) from None
                 raise
-            return r["Body"].read(), r["ETag"]
+            body = r["Body"]
+            try:
+                if limit is not None and r["ContentLength"] > limit:
+                    raise FileRefused(errno.EFBIG, f"is {r['ContentLength']} bytes, more than the limit {limit}", where)
+                data = body.read() if limit is None else body.read(limit + 1)
+            finally:
+                body.close()
+            if limit is not None and len(data) > limit:
+                raise FileRefused(errno.EFBIG, f"is more than the limit of {limit} bytes", where)
+            return data, r["ETag"]
 
     def stream(self, key: str, piece: int = 8 * MiB) -> Iterator[bytes] | None:
         """The object's bytes in pieces (bounded memory), None if absent."""
@@ -146,8 +170,8 @@ class S3Storage:
                 yield from r["Body"].iter_chunks(piece)
         return pieces()
 
-    def get(self, key: str) -> bytes | None:
-        return self.get_tagged(key)[0]
+    def get(self, key: str, limit: int | None = None) -> bytes | None:
+        return self.get_tagged(key, limit)[0]
 
     def exists(self, key: str) -> bool:
         with self._errors("checking", key):
@@ -179,6 +203,17 @@ class S3Storage:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 out.extend(o["Key"][strip:] for o in page.get("Contents", []))
         return sorted(out)
+
+    def names(self, prefix: str) -> list[str]:
+        """Every name directly under ``prefix`` (objects, and "directories": common prefixes)."""
+        base = self._key(prefix.rstrip("/")) + "/" if prefix.strip("/") else (self.prefix + "/" if self.prefix else "")
+        out = []
+        with self._errors("listing", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base,
+                                                                              Delimiter="/"):
+                out.extend(o["Key"][len(base):] for o in page.get("Contents", []))
+                out.extend(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+        return sorted(n for n in out if n)
 
     # -- writing ---------------------------------------------------------------------------
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream", cache_control: str = "",
