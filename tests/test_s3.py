@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import AlreadyExists, StorageError
-from builder.publish import headers_for, publish_release
+from builder.publish import fresh_for, headers_for, publish_release
 from builder.storage.s3 import S3Storage
 from metadata.errors import UserError
 from metadata.keys import KeyConfig
@@ -68,12 +68,13 @@ def test_s3_objects_carry_headers(moto, tmp_path, built):
         h = w.storage.head(key)
         assert (h["content_type"], h["cache_control"]) == headers_for(key), key
         assert not h["content_encoding"]
-    assert w.storage.head("metadata/timestamp.json")["cache_control"] == "no-store"
+    assert w.storage.head("metadata/timestamp.json")["cache_control"] == fresh_for()
     # and over plain HTTP, as a device or CDN sees them
     import urllib.request
 
     with urllib.request.urlopen(f"{w.url}/metadata/timestamp.json") as r:
-        assert r.headers["Cache-Control"] == "no-store"
+        assert r.headers["Cache-Control"] == fresh_for()
+        assert r.headers["ETag"] and r.headers["Last-Modified"]  # what a cache revalidates with
 
 
 def test_multipart_upload_of_a_large_file(moto, tmp_path):
