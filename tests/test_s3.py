@@ -61,6 +61,46 @@ def test_create_only_and_compare_and_swap_on_either_backend(backend):
                if_match=new_tag)
 
 
+def race(n: int, write) -> list[int]:
+    """Run ``write(i)`` in ``n`` threads released at once; the indices whose write won."""
+    import threading
+
+    won: list[int] = []
+    start = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            write(i)
+            won.append(i)
+        except AlreadyExists:
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
+def test_conditional_writes_have_one_winner_under_concurrency(s3):
+    """Eight publishers at once, five rounds: one create-only write of a key wins, one
+    compare-and-swap from the same tag wins; every loser gets AlreadyExists (as publish expects)."""
+    st = S3Storage.from_url(f"s3://{s3.new_bucket()}/r", endpoint_url=s3.endpoint, region="us-east-1",
+                            max_concurrency=8)
+    kw = {"content_type": "application/json", "cache_control": "no-store"}
+    for round_ in range(5):
+        key = f"metadata/{round_}.snapshot.json"
+        won = race(8, lambda i: st.put(key, f"create {i}".encode(), create_only=True, **kw))
+        assert len(won) == 1, won
+        assert st.get(key) == f"create {won[0]}".encode()
+        _, tag = st.get_tagged(key)
+        won = race(8, lambda i: st.put(key, f"swap {i}".encode(), if_match=tag, **kw))
+        assert len(won) == 1, won
+        assert st.get(key) == f"swap {won[0]}".encode()
+
+
 def test_s3_objects_carry_headers(s3, tmp_path, built):
     w = S3World(tmp_path, built, s3)
     w.publish("1.0.0")

@@ -8,6 +8,10 @@ Semantics kept (see :mod:`builder.storage`):
   the key exists, which becomes :class:`~builder.errors.AlreadyExists`, so two publishers
   cannot both create ``5.snapshot.json``;
 - ``put(if_match=etag)`` is a compare-and-swap (``If-Match``) for ``timestamp.json``;
+- a conditional write is always one ``PutObject``, never a multipart upload: stores that honour
+  conditions on a single put may not on a multipart completion (SeaweedFS 4.48 checks those
+  outside its per-object lock: several of six concurrent create-only completions won, tested);
+  the files written conditionally are small metadata;
 - large files go up as concurrent multipart uploads (boto3 ``TransferConfig``); an upload
   that fails is aborted by boto3 and leaves no object behind, so nothing references it;
 - every object carries the Content-Type and Cache-Control of :func:`builder.publish.headers_for`.
@@ -36,6 +40,8 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAc
            "ExpiredToken", "InvalidToken"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_AGAIN = ("then run the command again: devices see nothing of a publish before its last write, and a re-run "
+          "re-uses what was uploaded (docs/producer.md)")
 
 
 class S3Storage:
@@ -93,13 +99,18 @@ class S3Storage:
                 raise StorageError(f"{what} {where}: access denied ({code})",
                                    hint="check the credentials (environment, --profile) and the bucket policy: "
                                         "publishing needs s3:GetObject, s3:PutObject, s3:ListBucket, s3:DeleteObject") from None
+            if isinstance(status, int) and status >= 500:  # boto3 retried it already (standard mode, 5 attempts)
+                tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+                raise StorageError(f"{what} {where}: the S3 service failed (HTTP {status} {code}, {tries} attempts)",
+                                   hint=f"the service or a server behind it failed (restarting, overloaded, a storage "
+                                        f"node lost); {_AGAIN}") from None
             raise StorageError(f"{what} {where} failed: {code} {e}") from None
         except botocore.exceptions.NoCredentialsError:
             raise StorageError(f"{what} {where}: no AWS credentials found",
                                hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, pass --profile, or run with a role") from None
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError) as e:
             raise StorageError(f"{what} {where}: cannot reach the S3 endpoint: {e}",
-                               hint="check --endpoint-url / --region and the network") from None
+                               hint=f"check --endpoint-url / --region and the network; {_AGAIN}") from None
         except botocore.exceptions.BotoCoreError as e:
             raise StorageError(f"{what} {where} failed: {e}") from None
 
