@@ -7,6 +7,9 @@ Every backend keeps the same semantics:
 - other puts replace the object atomically (readers see the old or the new bytes);
   ``put(..., if_match=tag)`` replaces it only if it is still what ``get_tagged`` returned
   with ``tag`` (compare-and-swap), else raises ``AlreadyExists``.
+- ``abandoned(older_than)`` lists what interrupted writes left behind, invisible to every reader
+  (an S3 multipart upload a failing client could not abort, a directory's ``.tmp-*`` file), and
+  with ``remove=True`` removes it; ``repo gc`` does so after a day.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
 
     def delete(self, key: str) -> None: ...
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]: ...
 
     def describe(self) -> str: ...
 

@@ -13,7 +13,9 @@ Semantics kept (see :mod:`builder.storage`):
   outside its per-object lock: several of six concurrent create-only completions won, tested);
   the files written conditionally are small metadata;
 - large files go up as concurrent multipart uploads (boto3 ``TransferConfig``); an upload
-  that fails is aborted by boto3 and leaves no object behind, so nothing references it;
+  that fails is aborted by boto3 and leaves no object behind, so nothing references it; one it
+  could not abort (the endpoint went away: tested with a SeaweedFS gateway restarted) stays an
+  incomplete upload, invisible, until :meth:`S3Storage.abandoned` (``repo gc``) aborts it;
 - every object carries the Content-Type and Cache-Control of :func:`builder.publish.headers_for`.
 
 Every failure of the service is re-rooted as :class:`~builder.errors.StorageError` with what
@@ -216,3 +218,26 @@ class S3Storage:
     def delete(self, key: str) -> None:
         with self._errors("deleting", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]:
+        """Incomplete multipart uploads under the prefix started more than ``older_than`` s ago
+        (``<key> (upload started <when>)``); ``remove``: abort them."""
+        import datetime as dt
+
+        limit = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        found = []
+        with self._errors("listing incomplete uploads of", ""):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+            uploads = [u for page in pages for u in page.get("Uploads", []) if u["Initiated"] <= limit]
+        for u in uploads:
+            if remove:
+                with self._errors("aborting the upload of", u["Key"][strip:]):
+                    try:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    except botocore.exceptions.ClientError as e:
+                        if self._code(e) not in ("NoSuchUpload", "404"):  # finished or aborted meanwhile
+                            raise
+            found.append(f"{u['Key'][strip:]} (upload started {u['Initiated']:%Y-%m-%d %H:%M} UTC)")
+        return sorted(found)
