@@ -54,17 +54,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/cdn.py: nginx with ci/nginx-cdn.conf
+sys.path.insert(0, str(ROOT / "bench"))
 
-from abflip.demo import HARDWARE, PRODUCT, make_rootfs  # noqa: E402
+from abflip.demo import HARDWARE, PRODUCT  # noqa: E402
 from abflip.httpserver import RepoHandler, Server  # noqa: E402
 from builder.channels import make_rollout, promote, set_rollout, withdraw  # noqa: E402
-from builder.image import build_image  # noqa: E402
-from builder.publish import MAX_AGE, publish_release, write_signed  # noqa: E402
+from builder.publish import MAX_AGE, publish_release  # noqa: E402
 from builder.release import create_release  # noqa: E402
-from builder.storage.local import LocalStorage  # noqa: E402
-from metadata.keys import KeyConfig, generate_file_key  # noqa: E402
-from metadata.repository import DEFAULT_BIN_BITS, Repository, init_repository  # noqa: E402
-from metadata.staging import clear_staged, commit_staged, stage_delegation  # noqa: E402
+from device import delegated_repository  # noqa: E402  (bench/device.py)
+from metadata.repository import DEFAULT_BIN_BITS  # noqa: E402
 
 EPOCH = 1700000000
 HOUR = 3600  # the device timer's interval, simulated
@@ -114,17 +112,7 @@ class Producer:
     def __init__(self, work: Path, image_kib: int) -> None:
         self.work = work
         self.repo = work / "repo"
-        self.storage = LocalStorage(self.repo)
-        write_signed(self.storage, init_repository(work / "keys"))
-        self.keys = KeyConfig.load(work / "keys")
-
-        def load() -> Repository:
-            return Repository.load(lambda n: self.storage.get(f"metadata/{n}"))
-
-        stage_delegation(load(), self.keys, PRODUCT, [generate_file_key(self.keys.dir, f"ci-{PRODUCT}")],
-                         bits=DEFAULT_BIN_BITS)
-        write_signed(self.storage, commit_staged(load(), self.keys))
-        clear_staged(self.keys.dir)
+        self.storage, self.keys = delegated_repository(self.repo, work / "keys", DEFAULT_BIN_BITS)
         src = work / "src"
         src.mkdir()
         (src / "vmlinuz").write_bytes(b"kernel " * 500)
@@ -260,13 +248,16 @@ def _worker(first: int, count: int, spec: dict, out: multiprocessing.Queue, star
         tally.updates.append((metadata, got))
         return release.version
 
+    def one(entry: list, tally: Tally) -> None:
+        try:
+            entry[1] = check(entry[0], entry[1], tally)
+        except Error as e:
+            tally.errors[f"{type(e).__name__}: {e.message}"[:200]] += 1
+        tally.checks += 1
+
     first_contact = Tally()
     for entry in devices:  # step 0, as fast as it goes: every device fetches the whole TUF chain once
-        try:
-            entry[1] = check(entry[0], entry[1], first_contact)
-        except Error as e:
-            first_contact.errors[f"{type(e).__name__}: {e.message}"[:200]] += 1
-        first_contact.checks += 1
+        one(entry, first_contact)
     first_contact.versions = collections.Counter(str(v) for _, v in devices)
     out.put((0, first, first_contact))
     period, settle, steps = spec["period"], spec["settle"], spec["steps"]
@@ -283,11 +274,7 @@ def _worker(first: int, count: int, spec: dict, out: multiprocessing.Queue, star
                 time.sleep(due - now)
             else:
                 tally.late = max(tally.late, now - due)
-            try:
-                entry[1] = check(entry[0], entry[1], tally)
-            except Error as e:
-                tally.errors[f"{type(e).__name__}: {e.message}"[:200]] += 1
-            tally.checks += 1
+            one(entry, tally)
         tally.versions = collections.Counter(str(v) for _, v in devices)
         out.put((step, first, tally))
 
@@ -403,8 +390,8 @@ def _report(devices: int, results: dict, windows: list[tuple[float, float]], ngi
 
 
 def render(s: dict) -> str:
-    out = [f"| step | device checks | rollout expected | reached | origin req/check | origin bytes/check | "
-           f"cache hit | devices per version |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| step | device checks | rollout expected | reached | origin req/check | origin bytes/check | "
+           "cache hit | devices per version |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in s["steps"]:
         c = max(r["checks"], 1)
         exp = "" if r["expected"] is None else f"{r['expected'] / s['devices']:.2%} ({r['expected']})"

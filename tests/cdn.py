@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ports import free_port, wait_listening
+
 SITE = Path(__file__).resolve().parents[1] / "ci" / "nginx-cdn.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
@@ -44,12 +46,6 @@ http {{
     include {dir}/abflip.conf;
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -106,17 +102,12 @@ class Nginx:
         self.proc = subprocess.Popen([NGINX, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"),
                                       "-e", str(self.dir / "error.log")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
-                    self.stop()
-                    raise RuntimeError(f"nginx did not start: {err}{self.errors()}") from None
-                time.sleep(0.05)
+        try:
+            wait_listening(self.port, self.proc, "nginx", timeout=30, details=self.errors)
+        except RuntimeError:
+            self.stop()
+            raise
+
 
     def entries(self, settle: float = 0.3) -> list[Logged]:
         """The access log so far (nginx logs a request just after its last byte went out: ``settle``)."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +24,8 @@ from applier.agent import Device
 from builder.publish import publish_release, write_signed
 from metadata.keys import KeyConfig
 from metadata.repository import init_repository
-from seaweedfs import DUMMY_ENV, SeaweedFS, free_port, weed_binary
+from ports import free_port, wait_listening
+from seaweedfs import DUMMY_ENV, SeaweedFS, weed_binary
 
 __all__ = ["DUMMY_ENV", "MotoServer", "S3World", "backend", "make_device", "moto", "seaweedfs", "s3", "free_port"]
 
@@ -38,16 +37,11 @@ class MotoServer:
         self.proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=dict(os.environ, **(env or {})))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("moto_server did not start (pip install 'moto[server]')")
-                time.sleep(0.1)
+        try:
+            wait_listening(self.port, self.proc, "moto_server (pip install 'moto[server]')", timeout=30)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -28,13 +28,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+
+from ports import free_port, free_ports, wait_listening
+
+__all__ = ["DUMMY_ENV", "SeaweedFS", "Weed", "free_port", "weed_binary"]
 
 DUMMY_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
              "AWS_SESSION_TOKEN": "", "AWS_SECURITY_TOKEN": ""}
@@ -57,26 +60,6 @@ def weed_binary() -> str | None:
     return str(here) if here.exists() else shutil.which("weed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports(n: int) -> list[int]:
-    """n distinct free ports (each bound at once, so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class Weed:
     """One ``weed`` process: its arguments, its directory, its log; restartable on the same ports."""
 
@@ -95,16 +78,7 @@ class Weed:
                                          env=dict(os.environ, **GROWTH), start_new_session=True)
 
     def wait_listening(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"weed {self.name} did not start listening on {self.port}: "
-                                       f"{self.tail()}") from None
-                time.sleep(0.1)
+        wait_listening(self.port, self.proc, f"weed {self.name}", timeout=timeout, details=self.tail)
 
     def kill(self) -> None:
         """SIGKILL, as a power cut or an OOM kill would end it (the tests drop the data anyway)."""
@@ -142,7 +116,7 @@ class SeaweedFS:
         """``weed server``: everything in one process (one volume server, no replication)."""
         fs = cls(base)
         (base / "data").mkdir()
-        master, master_g, vol, vol_g, filer, filer_g, s3, s3_g = _ports(8)
+        master, master_g, vol, vol_g, filer, filer_g, s3, s3_g = free_ports(8)
         fs.master_port = master
         fs._add(Weed("server", [
             "server", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
@@ -161,7 +135,7 @@ class SeaweedFS:
     def cluster(cls, base: Path, *, volumes: int = 2, gateways: int = 1) -> SeaweedFS:
         """A master, ``volumes`` volume servers, a filer, ``gateways`` S3 gateways; replication 001."""
         fs = cls(base)
-        master, master_g, filer, filer_g = _ports(4)
+        master, master_g, filer, filer_g = free_ports(4)
         fs.master_port = master
         fs._add(Weed("master", [
             "master", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={master}", f"-port.grpc={master_g}",
@@ -169,7 +143,7 @@ class SeaweedFS:
             "-telemetry=false",
         ], base / "master", master))
         for i in range(volumes):
-            port, grpc = _ports(2)
+            port, grpc = free_ports(2)
             fs._add(Weed(f"volume{i}", [
                 "volume", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={port}", f"-port.grpc={grpc}",
                 f"-dir={base / f'volume{i}'}", f"-master=127.0.0.1:{master}.{master_g}", "-max=1000", "-preStopSeconds=0",
@@ -180,7 +154,7 @@ class SeaweedFS:
             f"-localSocket={base / 'filer.sock'}",
         ], base / "filer", filer))
         for i in range(gateways):
-            port, grpc = _ports(2)
+            port, grpc = free_ports(2)
             fs._add(Weed(f"s3-{i}", [
                 "s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-port={port}", f"-port.grpc={grpc}", "-port.iceberg=0",
                 "-port.lance=0", "-autoCreateBucket=false",
