@@ -161,13 +161,14 @@ def test_a_stale_timestamp_is_never_served_past_its_max_age(cdn):
     cdn.publish("2.0.0")
     written = time.monotonic()
     while True:
+        asked = time.monotonic()
         status, headers, body = get(url)
         version = json.loads(body)["signed"]["version"]
         if version != old:
             break
-        assert time.monotonic() - written <= SHORT + 1, "a stale timestamp.json was served past its max-age"
+        assert asked - written <= SHORT + 1, "a stale timestamp.json was served past its max-age"
         time.sleep(0.05)
-    assert time.monotonic() - written <= SHORT + 1
+    assert asked - written <= SHORT + 1
     cached = [e for e in cdn.nginx.entries() if e.uri == "/metadata/timestamp.json"]
     assert any(e.cache == "HIT" for e in cached) and any(e.cache in ("EXPIRED", "REVALIDATED") for e in cached)
     # the origin goes away: immutable objects stay available, the timestamp does not outlive its max-age

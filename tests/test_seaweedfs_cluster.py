@@ -249,7 +249,7 @@ def test_volume_server_killed_during_a_publish(healthy, tmp_path, built, big):
 
 
 def test_volume_server_killed_during_device_downloads(healthy, tmp_path, built, big):
-    """Three devices download the 24 MiB image at 4 MB/s each, two through gateway s3-0, one
+    """Three devices download the 24 MiB image at 3 MB/s each, two through gateway s3-0, one
     through s3-1. During the downloads volume0 dies (and comes back), then volume1 dies for good,
     then gateway s3-0 is restarted. The gateways read the other copy by themselves (in our runs no
     device noticed the volume servers going); the restart cuts the downloads through s3-0, and
@@ -259,7 +259,7 @@ def test_volume_server_killed_during_device_downloads(healthy, tmp_path, built, 
     repo = Repo(fs, tmp_path, built)
     publish_release(built["1.0.0"], repo.storage, repo.keys, channel="stable")
     publish_release(big, repo.storage, repo.keys, channel="stable")
-    devices = [repo.device(f"dev{i}", fs.gateways[i % 2], rate=4 << 20) for i in range(3)]
+    devices = [repo.device(f"dev{i}", fs.gateways[i % 2], rate=3 << 20) for i in range(3)]
     results: dict[int, object] = {}
 
     def install(i: int) -> None:

@@ -276,8 +276,9 @@ def serve_cmd(
     max_connections: int = typer.Option(64, help="connections served at once; more wait a second, then get 503"),
     timeout: float = typer.Option(60.0, help="seconds a client may stay silent (or not read) before it is dropped"),
 ) -> None:
-    """Serve a repository directory over HTTP (with Range) for local trials. Dotfiles and
-    anything whose real path leaves the directory are never served."""
+    """Serve a repository directory over HTTP (with Range, and the cache headers a cache in front
+    needs) for local trials. Dotfiles and anything whose real path leaves the directory are never
+    served."""
     from ..httpserver import serve
 
     run(lambda: serve(directory, host, port, max_connections=max_connections, timeout=timeout,
