@@ -32,9 +32,9 @@ change that did not concern the device, and per update (metadata, and the image)
     fleet: D devices, origin Q req/check, hit H%, idle B bytes, update U bytes
 
 (U: the metadata an update costs a device, as bench/device.py's "bytes per update"; the image comes
-on top and is printed above). It asserts nothing about speed; a run with ``--check`` fails unless
-every step reached exactly its expected devices and no device started the withdrawn release
-(tests/test_fleet.py runs 50 devices so).
+on top and is printed above). It asserts nothing about speed; ``--check`` makes it exit 1 unless
+every step reached exactly its expected devices, no device started the withdrawn release and no
+check failed (tests/test_fleet.py checks that, and more, on 50 devices). Results: README, "Fleet".
 """
 
 from __future__ import annotations
