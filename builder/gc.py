@@ -13,6 +13,9 @@ points at (whatever its age). Everything else:
    (``N.targets.json``, ``N.snapshot.json``, delegated ``N.<role>.json`` and bins): a device that
    read the timestamp just before step 1 can still fetch what it names. Root versions are
    never deleted: devices walk the root chain from the root they ship with.
+4. what interrupted writes left behind more than ``abandoned_after`` seconds ago (a day by
+   default: never a write still running) is removed: S3 multipart uploads a failing publisher
+   could not abort, ``.tmp-*`` staging files of a killed publish (:meth:`Storage.abandoned`).
 
 Nothing the current snapshot or any channel references is deleted: the set of live objects
 is recomputed from the metadata written in step 1. Objects under a release that is still
@@ -61,6 +64,11 @@ class GcResult:
     timestamp_version: int | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: left alone
     keys_checked: bool = False  # a dry run: the keys given can sign what the real run would
+    abandoned: list[str] = field(default_factory=list)  # incomplete uploads, staging files (step 4)
+
+
+#: An interrupted write's leftovers are removed once this old (seconds): no publish runs a day.
+ABANDONED_AFTER = 24 * 3600
 
 
 def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str, str]]
@@ -154,7 +162,7 @@ def _check_keys(repo: Repository, keys: KeyConfig, paths: list[str]) -> None:
 
 
 def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_run: bool = False,
-                    now: datetime | None = None) -> GcResult:
+                    now: datetime | None = None, abandoned_after: float = ABANDONED_AFTER) -> GcResult:
     """Remove old releases (see the module); ``dry_run``: say what would go, and with ``keys``
     check them as the real run would."""
     if keep < 1:
@@ -172,6 +180,7 @@ def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_
             result.keys_checked = keys is not None
             result.deleted_objects = _dead_objects(storage, repo, removed, frozenset(paths))
             result.timestamp_version = repo.timestamp.signed.version
+            result.abandoned = storage.abandoned(abandoned_after)
             return result
         if paths:
             if keys is None:
@@ -192,4 +201,5 @@ def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_
     result.deleted_objects = _dead_objects(storage, repo, removed)
     for key in result.deleted_objects:
         storage.delete(key)
+    result.abandoned = storage.abandoned(abandoned_after, remove=True)
     return result

@@ -46,17 +46,29 @@ from metadata.repository import MAX_METADATA_BYTES, Repository, SignedFile
 from .errors import AlreadyExists, BuildError, StorageError
 from .storage import Storage
 
-__all__ = ["publish_release", "write_signed", "headers_for", "PublishResult", "target_key", "load_tagged", "commit",
-           "settle_timestamp", "MetadataOf"]
+__all__ = ["publish_release", "write_signed", "headers_for", "fresh_for", "PublishResult", "target_key", "load_tagged",
+           "commit", "settle_timestamp", "MetadataOf", "MAX_AGE", "IMMUTABLE"]
 
+#: Targets (hash-prefixed) and versioned metadata never change under their names: cached for a year.
 IMMUTABLE = "public, max-age=31536000, immutable"
+#: Seconds a cache (CDN, proxy) may keep what changes under its name: ``timestamp.json``, and a "not
+#: found" (devices probe ``N+1.root.json`` at every check). A device sees a timestamp at most this
+#: old, on top of its own check interval; the origin sees about one request per object per this many
+#: seconds per cache, whatever the fleet's size (docs/producer.md, "A cache in front").
+MAX_AGE = 300
 RETRIES = 20
 
 
-def headers_for(key: str) -> tuple[str, str]:
-    """(Content-Type, Cache-Control) of an object, by its class (DESIGN.md "what is served")."""
+def fresh_for(seconds: int = MAX_AGE) -> str:
+    """Cache-Control of an answer that may change: kept ``seconds``, never served stale after."""
+    return f"public, max-age={seconds}, must-revalidate"
+
+
+def headers_for(key: str, *, max_age: int = MAX_AGE) -> tuple[str, str]:
+    """(Content-Type, Cache-Control) of an object, by its class (DESIGN.md "what is served");
+    ``max_age``: seconds a cache may keep ``timestamp.json``."""
     if key.endswith("timestamp.json"):
-        return "application/json", "no-store"
+        return "application/json", fresh_for(max_age)
     if key.endswith(".json"):
         return "application/json", IMMUTABLE
     if key.endswith(".zst"):

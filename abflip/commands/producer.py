@@ -367,9 +367,9 @@ def serve_cmd(
     timeout: float = typer.Option(60.0, help="seconds a client may stay silent (or not read) before it is dropped"),
     quiet: bool = typer.Option(False, "--quiet", help="no request log on stderr"),
 ) -> None:
-    """Serve a repository directory over HTTP (with Range) for local trials, logging each request
-    on stderr (Common Log Format). Dotfiles and anything whose real path leaves the directory are
-    never served."""
+    """Serve a repository directory over HTTP (with Range, and the cache headers a cache in front
+    needs) for local trials, logging each request on stderr (Common Log Format). Dotfiles and
+    anything whose real path leaves the directory are never served."""
     from ..httpserver import serve
 
     def log(line: str) -> None:

@@ -13,6 +13,9 @@ Every backend keeps the same semantics:
   junk file costs that product, issue 21); without a limit such an object is a ``StorageError``.
 - ``names(prefix)`` lists every name directly under ``prefix``, whatever it is: the loader finds
   versions by listing them, never by probing (docs/release-control.md).
+- ``abandoned(older_than)`` lists what interrupted writes left behind, invisible to every reader
+  (an S3 multipart upload a failing client could not abort, a directory's ``.tmp-*`` file), and
+  with ``remove=True`` removes it; ``repo gc`` does so after a day.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Storage(Protocol):
     def names(self, prefix: str) -> list[str]: ...
 
     def delete(self, key: str) -> None: ...
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]: ...
 
     def describe(self) -> str: ...
 

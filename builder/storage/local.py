@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +178,22 @@ class LocalStorage:
             pass
         except OSError as e:
             raise StorageError(f"cannot delete {self._path(key)}: {e}") from None
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]:
+        """Staging files (``.tmp-*``) of writes killed before their rename, older than ``older_than`` s."""
+        found = []
+        limit = time.time() - older_than
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    if not name.startswith(".tmp-") or os.lstat(path).st_mtime > limit:
+                        continue
+                    if remove:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise StorageError(f"cannot remove {path}: {e}") from None
+                found.append(os.path.relpath(path, self.root))
+        return sorted(found)

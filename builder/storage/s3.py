@@ -8,8 +8,14 @@ Semantics kept (see :mod:`builder.storage`):
   the key exists, which becomes :class:`~builder.errors.AlreadyExists`, so two publishers
   cannot both create ``5.snapshot.json``;
 - ``put(if_match=etag)`` is a compare-and-swap (``If-Match``) for ``timestamp.json``;
+- a conditional write is always one ``PutObject``, never a multipart upload: stores that honour
+  conditions on a single put may not on a multipart completion (SeaweedFS 4.48 checks those
+  outside its per-object lock: several of six concurrent create-only completions won, tested);
+  the files written conditionally are small metadata;
 - large files go up as concurrent multipart uploads (boto3 ``TransferConfig``); an upload
-  that fails is aborted by boto3 and leaves no object behind, so nothing references it;
+  that fails is aborted by boto3 and leaves no object behind, so nothing references it; one it
+  could not abort (the endpoint went away: tested with a SeaweedFS gateway restarted) stays an
+  incomplete upload, invisible, until :meth:`S3Storage.abandoned` (``repo gc``) aborts it;
 - every object carries the Content-Type and Cache-Control of :func:`builder.publish.headers_for`.
 
 Every failure of the service is re-rooted by blame, with what to do: the command line or the
@@ -48,6 +54,8 @@ _TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout
 # What a GET of one object may answer that is that object's doing (a customer-provided encryption key,
 # a state the reader cannot read), not the bucket's or the credentials' (403, 404 and 5xx are those).
 _OBJECT_REFUSED = {400, 405, 409, 416}
+_AGAIN = ("then run the command again: devices see nothing of a publish before its last write, and a re-run "
+          "re-uses what was uploaded (docs/producer.md)")
 
 
 class S3Storage:
@@ -105,8 +113,11 @@ class S3Storage:
                                               "publishing needs s3:GetObject, s3:PutObject, s3:ListBucket, "
                                               "s3:DeleteObject") from None
             if code in _TRANSIENT or (isinstance(status, int) and status >= 500):
-                raise StorageUnreachable(f"{what} {where}: the S3 service failed ({code or status})",
-                                         hint="retry later; nothing was changed by this step") from None
+                # boto3 retried it already (standard mode, 5 attempts)
+                tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+                raise StorageUnreachable(f"{what} {where}: the S3 service failed (HTTP {status} {code}, {tries} "
+                                         "attempts)", hint=f"the service or a server behind it failed (restarting, "
+                                                           f"overloaded, a storage node lost); {_AGAIN}") from None
             raise StorageError(f"{what} {where} failed: {code} {e}") from None
         except botocore.exceptions.NoCredentialsError:
             raise StorageAccessError(f"{what} {where}: no AWS credentials found",
@@ -114,7 +125,8 @@ class S3Storage:
                                           "role") from None
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
                 botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError) as e:
-            raise StorageUnreachable(f"{what} {where}: cannot reach the S3 endpoint: {e}") from None
+            raise StorageUnreachable(f"{what} {where}: cannot reach the S3 endpoint: {e}",
+                                     hint=f"check --endpoint-url / --region and the network; {_AGAIN}") from None
         except botocore.exceptions.NoRegionError:
             raise StorageAccessError(f"{what} {where}: no AWS region configured",
                                      hint="pass --region (or set AWS_REGION / ABFLIP_REGION)") from None
@@ -252,3 +264,26 @@ class S3Storage:
     def delete(self, key: str) -> None:
         with self._errors("deleting", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]:
+        """Incomplete multipart uploads under the prefix started more than ``older_than`` s ago
+        (``<key> (upload started <when>)``); ``remove``: abort them."""
+        import datetime as dt
+
+        limit = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        found = []
+        with self._errors("listing incomplete uploads of", ""):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+            uploads = [u for page in pages for u in page.get("Uploads", []) if u["Initiated"] <= limit]
+        for u in uploads:
+            if remove:
+                with self._errors("aborting the upload of", u["Key"][strip:]):
+                    try:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    except botocore.exceptions.ClientError as e:
+                        if self._code(e) not in ("NoSuchUpload", "404"):  # finished or aborted meanwhile
+                            raise
+            found.append(f"{u['Key'][strip:]} (upload started {u['Initiated']:%Y-%m-%d %H:%M} UTC)")
+        return sorted(found)
