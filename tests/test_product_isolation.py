@@ -23,7 +23,7 @@ from metadata.errors import RepositoryError, UserError
 from metadata.keys import KeyConfig
 from metadata.repository import MAX_CANDIDATES, Repository, init_repository, product_name_problem
 
-from s3server import backend, moto  # noqa: F401  (fixtures)
+from s3server import backend, dummy_credentials, moto, seaweedfs  # noqa: F401  (fixtures)
 from test_online_signer import EVIL, _split  # demo-os and evil-os, each with its own CI key
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]

@@ -26,7 +26,7 @@ from metadata.manifest import Channel, ManifestError, Rollout
 from metadata.version import Version
 
 from helpers import assert_untouched
-from s3server import backend, moto  # noqa: F401  (fixtures)
+from s3server import backend, dummy_credentials, moto, seaweedfs  # noqa: F401  (fixtures)
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 FLEET = [hashlib.sha256(f"device-{i}".encode()).hexdigest()[:32] for i in range(2000)]

@@ -177,7 +177,7 @@ def test_seaweedfs_refuses_unknown_credentials_and_anonymous_writes(seaweedfs, m
     seaweedfs.client().put_object(Bucket=bucket, Key="metadata/timestamp.json", Body=b"{}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-known-key")
     st = S3Storage.from_url(f"s3://{bucket}/", endpoint_url=seaweedfs.endpoint, region="us-east-1")
-    with pytest.raises(StorageError, match="access denied") as e:
+    with pytest.raises(StorageAccessError, match="access denied") as e:  # a user error (exit 2)
         st.put("metadata/x.json", b"{}", content_type="application/json", cache_control="no-store")
     assert "credentials" in e.value.hint
     url = f"{seaweedfs.endpoint}/{bucket}/metadata/timestamp.json"
