@@ -2,8 +2,10 @@
 
 For the demo, the tests and local trials (``abflip serve DIR``). Production repositories
 are served by S3, a CDN or any web server; this one exists so devices can fetch over real
-HTTP on loopback. Headers follow DESIGN.md: ``timestamp.json`` no-store, everything else
-immutable; 404s not cacheable; no Content-Encoding.
+HTTP on loopback. Headers follow DESIGN.md, and are what a cache in front needs (docs/producer.md):
+``timestamp.json`` and 404s kept :data:`~builder.publish.MAX_AGE` seconds at most, everything else
+immutable; an ``ETag`` and ``Last-Modified`` to revalidate with (``If-None-Match`` gets a 304);
+no Content-Encoding.
 
 ``abflip serve`` logs every request on stderr in the Common Log Format (client, time, request
 line, status, body bytes; ``--quiet`` turns it off): the line is written once the response is
@@ -31,12 +33,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
-from builder.publish import headers_for
+from builder.publish import MAX_AGE, fresh_for, headers_for
 from metadata.errors import UserError
 
 __all__ = ["RepoHandler", "serve", "Server"]
@@ -51,6 +54,8 @@ class RepoHandler(BaseHTTPRequestHandler):
     root: Path = Path(".")
     protocol_version = "HTTP/1.1"
     honour_range = True
+    #: seconds a cache may keep timestamp.json and a 404 (a bench compressing time lowers it)
+    max_age = MAX_AGE
     # Headers and body go out in separate writes: with Nagle's algorithm the body waits for
     # the client's delayed ACK of the headers, ~40 ms per request on a kept-alive connection
     # (six TUF metadata requests of an update: 0.2 s, issue 14). CDNs and S3 send at once too.
@@ -108,8 +113,17 @@ class RepoHandler(BaseHTTPRequestHandler):
             path = None
         if path is None:
             self.send_response(HTTPStatus.NOT_FOUND)
-            self.send_header("Cache-Control", "no-store")
+            self.send_header("Cache-Control", fresh_for(self.max_age))  # devices probe N+1.root.json each check
             self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        ctype, cache = headers_for(path.name, max_age=self.max_age)
+        st = os.stat(path)
+        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'  # changes whenever the file is replaced
+        if _matches(self.headers.get("If-None-Match"), etag):  # a cache revalidating what it holds
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            self.send_header("ETag", etag)
+            self.send_header("Cache-Control", cache)
             self.end_headers()
             return
         data = self.body(path)
@@ -130,10 +144,11 @@ class RepoHandler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = HTTPStatus.PARTIAL_CONTENT
-        ctype, cache = headers_for(path.name)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Cache-Control", cache)
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
         self.send_header("Accept-Ranges", "bytes" if self.honour_range else "none")
         if status == HTTPStatus.PARTIAL_CONTENT:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
@@ -152,6 +167,14 @@ def clf_line(client: str, request: str, status: int | str, sent: int) -> str:
     when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
     request = request.encode("ascii", "backslashreplace").decode().replace('"', '\\"')  # a client's bytes
     return f'{client} - - [{when}] "{request}" {status} {sent or "-"}'
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.2: ``*`` or a list of tags, compared weakly."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 class _Httpd(ThreadingHTTPServer):

@@ -23,6 +23,7 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
+from metadata.bounded import open_regular, read_file
 from metadata.errors import DeviceError, RepositoryError, TransportError, UserError
 
 from .atomic import write_atomic
@@ -157,8 +158,8 @@ class UpdateClient:
     def __init__(self, *, metadata_url: str, targets_url: str, metadata_dir: Path, trusted_root: Path,
                  fetcher: HttpFetcher, updater_config: UpdaterConfig | None = None) -> None:
         try:
-            bootstrap = Path(trusted_root).read_bytes()
-        except OSError as e:
+            bootstrap = read_file(trusted_root, (updater_config or UpdaterConfig()).root_max_length)
+        except OSError as e:  # also FileRefused: a FIFO, a directory, a huge file
             raise UserError(f"cannot read the trusted root {trusted_root}: {e}",
                             hint="repository.trusted_root must name the root.json the device trusts") from None
         self.fetcher = fetcher
@@ -265,7 +266,7 @@ class UpdateClient:
             raise RepositoryError(f"{path} is {info.length} bytes, more than the limit {max_length}")
         if cache is not None and self.cached_target(info, cache):
             try:
-                return info, cache.read_bytes()
+                return info, read_file(cache, max_length)
             except OSError:
                 pass
         _, data = self._download_small(info, path)
@@ -289,7 +290,7 @@ class UpdateClient:
     def cached_target(self, info: TargetFile, dest: Path) -> bool:
         """True if ``dest`` already holds ``info``'s exact bytes (length and hashes)."""
         try:
-            with open(dest, "rb") as f:
+            with open_regular(dest) as f:  # a FIFO left there never blocks the agent
                 info.verify_length_and_hashes(f)
         except (OSError, tuf_exc.LengthOrHashMismatchError):
             return False

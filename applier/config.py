@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from metadata.bounded import FileRefused, TooDeep, loads_toml, read_file
 from metadata.errors import UserError
 from metadata.manifest import HWID_RE, NAME_RE
 
@@ -205,7 +206,8 @@ class Config:
             efivars=v.path(paths, "paths", "efivars", "/sys/firmware/efi/efivars", kind="dir"),
             tries=tries, http_timeout=float(timeout), retries=retries, metadata_deadline=float(deadline),
             low_speed_limit=low_limit, low_speed_time=float(low_time), memory_budget=memory,
-            id_file=v.path(dev, "device", "id_file", "/etc/machine-id", kind="file"),
+            # whatever it is, it only keeps the device out of partial rollouts (read_device_id says why)
+            id_file=v.path(dev, "device", "id_file", "/etc/machine-id", kind="any"),
         )
         _check_slots_apart(config, v)
         return config
@@ -260,34 +262,22 @@ def _read_toml(path: Path) -> dict:
     """The parsed file: a regular file of at most MAX_CONFIG_BYTES, UTF-8 (TOML's encoding), valid TOML."""
     hint = "create it (see README 'Device configuration') or pass --config"
     try:
-        # O_NONBLOCK: a FIFO given as --config must not hang the agent in open()
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_file(path, MAX_CONFIG_BYTES)  # a FIFO given as --config never hangs the agent
     except FileNotFoundError:
         raise UserError(f"no configuration file at {path}", hint=hint) from None
+    except FileRefused as e:
+        raise UserError(f"configuration {path} {e.strerror}: it is not a configuration file", hint=hint) from None
     except OSError as e:
         raise UserError(f"cannot read configuration {path}: {e.strerror}",
                         hint="run as root, or pass a configuration this user can read (--config)") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise UserError(f"configuration {path} is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}"
-                        ", not a configuration file", hint=hint)
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-        except OSError as e:
-            raise UserError(f"cannot read configuration {path}: {e.strerror}", hint=hint) from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise UserError(f"configuration {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; it is not a configuration file",
-                        hint=hint)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"configuration {path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8",
                         hint="save it as UTF-8") from None
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        raw = loads_toml(text)
+    except (tomllib.TOMLDecodeError, TooDeep) as e:
         raise UserError(f"cannot read configuration {path}: {e}",
                         hint="fix the TOML syntax at the line and column named (README 'Device configuration' has "
                              "an example)") from None
@@ -394,7 +384,8 @@ class _Values:
 
     def path(self, t: dict, section: str, key: str, default: str | None = None, *, kind: str) -> Path:
         """A path (relative to the configuration file's directory) that, where it exists, is a
-        ``dir``, a regular ``file``, or a ``slot`` (block device or image file)."""
+        ``dir``, a regular ``file``, or a ``slot`` (block device or image file); ``any``: not
+        checked here (its reader judges it)."""
         p = Path(self.string(t, section, key, default))
         p = p if p.is_absolute() else self.base / p
         _check_kind(p, kind, lambda why: self.bad(f"{section}.{key}", f"{p} {why}"))
@@ -402,6 +393,8 @@ class _Values:
 
 
 def _check_kind(p: Path, kind: str, bad) -> None:
+    if kind == "any":
+        return
     try:
         st = os.stat(p)
     except (FileNotFoundError, PermissionError):

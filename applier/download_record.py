@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from metadata.bounded import loads_json, read_file
 
 __all__ = ["RECORD", "RECORD_MAX", "last_record"]
 
@@ -20,9 +21,7 @@ RECORD_MAX = 64 << 10
 def last_record(state_dir: Path) -> dict | None:
     """The record of the last download (for status), or None."""
     try:
-        with open(Path(state_dir) / "staged" / RECORD, "rb") as f:
-            data = f.read(RECORD_MAX + 1)
-        obj = json.loads(data) if len(data) <= RECORD_MAX else None
-    except (OSError, ValueError):
+        obj = loads_json(read_file(Path(state_dir) / "staged" / RECORD, RECORD_MAX))
+    except (OSError, ValueError):  # also FileRefused, TooDeep, UnicodeDecodeError
         return None
     return obj if isinstance(obj, dict) else None

@@ -45,6 +45,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metadata.bounded import open_regular, read_file
 from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
 from metadata.manifest import Release
 
@@ -135,7 +136,7 @@ def _check_memory(session: Session, release: Release) -> None:
 def _sha256_file(path: Path) -> str | None:
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             while piece := f.read(COPY_PIECE):
                 h.update(piece)
     except OSError:
@@ -257,8 +258,8 @@ def _check_esp(session: Session) -> None:
 def _staged_release(session: Session, t: Target) -> Release:
     path = staged_dir(session) / "release.json"
     try:
-        raw = path.read_bytes()
-    except OSError:
+        raw = read_file(path, dev.limits.manifest_max_bytes)
+    except OSError:  # also FileRefused
         raw = b""
     if hashlib.sha256(raw).hexdigest() != t.manifest_sha256:
         raise DeviceError(f"the staged manifest {path} is missing or does not match the state",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from metadata.bounded import FileRefused, open_regular, read_file
 from metadata.errors import DeviceError, PolicyError, UserError
 from metadata.manifest import ManifestError, Release
 
@@ -54,17 +55,16 @@ def read_release(source: Path, limits) -> tuple[Release, Path]:
     source = Path(source)
     path = source / "release.json" if source.is_dir() else source
     try:
-        with open(path, "rb") as f:
-            data = f.read(limits.manifest_max_bytes + 1)
+        data = read_file(path, limits.manifest_max_bytes)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist", hint="pass the directory 'abflip release create' wrote, or its "
                                                        "release.json") from None
+    except FileRefused as e:
+        raise UserError(f"{path} {e.strerror}: not a release manifest",
+                        hint="pass the directory 'abflip release create' wrote, or its release.json") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}",
                         hint="pass the directory 'abflip release create' wrote, or its release.json") from None
-    if len(data) > limits.manifest_max_bytes:
-        raise UserError(f"{path} is larger than {limits.manifest_max_bytes} bytes: not a release manifest",
-                        hint="pass the directory 'abflip release create' wrote, or its release.json")
     try:
         release = Release.from_bytes(data, limits)
     except ManifestError as e:
@@ -77,7 +77,7 @@ def _file_sha256(path: Path) -> tuple[str, int] | None:
     h = hashlib.sha256()
     n = 0
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             while piece := f.read(PIECE):
                 h.update(piece)
                 n += len(piece)

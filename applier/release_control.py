@@ -1,7 +1,8 @@
 """The device's side of release control that touches files: its id, and what the channel said.
 
-- :func:`read_device_id`: ``device.id_file`` (``/etc/machine-id``), bounded (at most 4 KiB read,
-  a regular file, never a FIFO that blocks), validated by :func:`applier.rollout.device_id_problem`.
+- :func:`read_device_id`: ``device.id_file`` (``/etc/machine-id``), read with
+  :func:`metadata.bounded.read_file` (at most 4 KiB, a regular file, never a FIFO that blocks),
+  validated by :func:`applier.rollout.device_id_problem`.
   A missing or bad id is not an error: the device is then only in a rollout at 100 %, and
   ``check``/``status`` say why.
 - :func:`save_record` / :func:`load_record`: ``<state_dir>/release-control.json``, the last
@@ -13,11 +14,10 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from metadata.bounded import FileRefused, loads_json, read_file
 from metadata.manifest import NAME_RE, withdrawn_problem
 from metadata.version import Version
 
@@ -52,21 +52,14 @@ class ControlRecord:
 
 
 def read_device_id(path: Path) -> tuple[str | None, str | None]:
-    """``(id, None)`` or ``(None, why not)``."""
+    """``(id, None)`` or ``(None, why not)``: whatever the file is (missing, a FIFO, a directory,
+    huge, junk), it only keeps the device out of partial rollouts."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_file(path, ID_MAX_BYTES)
+    except FileRefused as e:
+        return None, f"{path} {e.strerror}"
     except OSError as e:
         return None, f"cannot read {path}: {e.strerror or e}"
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, f"{path} is not a regular file"
-        data = os.read(fd, ID_MAX_BYTES + 1)
-    except OSError as e:
-        return None, f"cannot read {path}: {e.strerror or e}"
-    finally:
-        os.close(fd)
-    if len(data) > ID_MAX_BYTES:
-        return None, f"{path} is larger than {ID_MAX_BYTES} bytes"
     try:
         text = data.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -81,9 +74,8 @@ def save_record(state_dir: Path, record: ControlRecord) -> None:
     is not written again (an idle check, every timer tick, then syncs nothing)."""
     data = (json.dumps(record.to_json(), sort_keys=True) + "\n").encode()
     try:
-        with open(state_dir / RECORD, "rb") as f:
-            if f.read(len(data) + 1) == data:
-                return
+        if read_file(state_dir / RECORD, len(data)) == data:
+            return
     except OSError:
         pass
     try:
@@ -96,12 +88,8 @@ def save_record(state_dir: Path, record: ControlRecord) -> None:
 
 def load_record(state_dir: Path) -> ControlRecord | None:
     try:
-        with open(state_dir / RECORD, "rb") as f:
-            data = f.read(RECORD_MAX_BYTES + 1)
-        if len(data) > RECORD_MAX_BYTES:
-            return None
-        d = json.loads(data)
-    except (OSError, ValueError, UnicodeDecodeError):
+        d = loads_json(read_file(state_dir / RECORD, RECORD_MAX_BYTES))
+    except (OSError, ValueError):  # also FileRefused, TooDeep, UnicodeDecodeError
         return None
     if not isinstance(d, dict) or not isinstance(d.get("channel"), str) or not NAME_RE.match(d["channel"]):
         return None

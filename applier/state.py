@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from metadata.bounded import FileRefused, loads_json, read_file
 from metadata.errors import DeviceError, UserError
 from metadata.version import Version
 
@@ -198,22 +199,19 @@ def load_state(state_dir: Path) -> State | None:
     rebuilds it from the boot loader (:func:`applier.lifecycle.rebuild`)."""
     path = state_path(state_dir)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_STATE_BYTES + 1)
+        raw = read_file(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        return State(invalid=f"{path} is a directory")
+    except FileRefused as e:
+        return State(invalid=f"{path} {e.strerror}")
     except PermissionError:
         raise DeviceError(f"cannot read the state file {path}: permission denied",
                           hint="run abflip as root (the state directory belongs to the device agent)") from None
     except OSError as e:
         return State(invalid=f"cannot read {path}: {e.strerror or e}")
-    if len(raw) > MAX_STATE_BYTES:
-        return State(invalid=f"{path} is larger than {MAX_STATE_BYTES} bytes")
     try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        d = loads_json(raw)
+    except ValueError as e:  # also TooDeep, UnicodeDecodeError
         return State(invalid=f"{path} is not valid JSON ({e})")
     try:
         return State.from_json(d)

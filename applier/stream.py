@@ -38,7 +38,7 @@ from metadata.manifest import Chunk, Image
 from .fetch import READ_SIZE, transport_hint
 from .slots import SlotDevice, libc
 
-__all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener"]
+__all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener", "FrameBounds"]
 
 # Opener(start, end) -> an iterable of byte pieces of the compressed image from ``start``.
 Opener = Callable[[int, int], Iterable[bytes]]
@@ -82,12 +82,75 @@ def _check_header(index: int, chunk: Chunk, head: bytes | memoryview) -> None:
         raise ChunkError(f"chunk {index} declares {size} decompressed bytes, the manifest says {chunk.out_length}")
 
 
+ZSTD_MAGIC = 0xFD2FB528
+
+
+class FrameBounds:
+    """Where the one zstd frame a chunk must be ends, from its headers alone (RFC 8878 3.1.1:
+    frame header, then blocks of ``3 + size`` bytes, the last flagged, then the optional
+    4-byte checksum). Fed a chunk's bytes in order, it refuses any byte after the frame (a
+    skippable frame, an empty frame, junk), and :meth:`finish` a chunk that ends inside it.
+    libzstd refuses such bytes by itself, python-zstandard's reader stops before them without a
+    word: both decoders go through this, so both accept exactly the same chunks."""
+
+    _DICT_ID = (0, 1, 2, 4)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pos = 0  # bytes fed
+        self.at = 0  # where the header being read starts
+        self.need = 5  # magic and frame header descriptor first, then 3 per block header
+        self.head = bytearray()
+        self.checksum = False
+        self.end: int | None = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        data = memoryview(data)
+        base, self.pos = self.pos, self.pos + len(data)
+        while self.end is None:
+            i = self.at + len(self.head) - base
+            if i >= len(data):
+                return
+            self.head += data[i:i + self.need - len(self.head)]
+            if len(self.head) < self.need:
+                return
+            self._header(bytes(self.head))
+            self.head.clear()
+        if self.pos > self.end:
+            raise ChunkError(f"chunk {self.index} has {self.pos - self.end} bytes after the end of its zstd frame")
+
+    def _header(self, head: bytes) -> None:
+        if self.need == 5:
+            if int.from_bytes(head[:4], "little") != ZSTD_MAGIC:
+                raise ChunkError(f"chunk {self.index} is not a zstd frame")
+            fhd = head[4]
+            single, fcs = (fhd >> 5) & 1, fhd >> 6
+            self.checksum = bool(fhd & 4)
+            self.at = 5 + (not single) + self._DICT_ID[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fcs]
+            self.need = 3
+            return
+        h = int.from_bytes(head, "little")
+        kind, size = (h >> 1) & 3, h >> 3
+        if kind == 3:
+            raise ChunkError(f"chunk {self.index} has a zstd block of the reserved type")
+        self.at += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+        if h & 1:  # the last block
+            self.end = self.at + 4 * self.checksum
+
+    def finish(self) -> None:
+        if self.end is None or self.pos < self.end:
+            raise ChunkError(f"chunk {self.index} ends inside its zstd frame")
+
+
 def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, dictionary: bytes | memoryview | None,
                      into: bytearray | None = None) -> memoryview:
     """Decompress one verified chunk (into ``into`` if given, to spare a fresh allocation);
     its output must be exactly what the manifest says. With libzstd the dictionary is
     referenced, not copied (the delta path's ``memory_needed`` still counts the copy)."""
     _check_header(index, chunk, data)
+    bounds = FrameBounds(index)  # one frame, nothing after it: whichever decoder runs
+    bounds.feed(data)
+    bounds.finish()
     buf = into if into is not None and len(into) >= chunk.out_length else bytearray(chunk.out_length)
     out = memoryview(buf)[:chunk.out_length]
     dictionary = dictionary if dictionary is not None and len(dictionary) else None
@@ -231,16 +294,19 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
                 on_chunk: Callable[[int, int], None] | None = None, backoff: float = 0.5) -> int:
     """Write ``image`` into ``slot`` starting after ``chunks_done`` verified chunks.
 
-    Four stages overlap (issue 14), each in its own thread, joined by queues whose buffers
+    The stages overlap (issue 14), each in its own thread, joined by queues whose buffers
     are reused, so memory stays :func:`memory_needed` whatever the image size:
 
     1. *fetch*: read each verification unit (a piece of ``compression.piece_size`` compressed
        bytes, or a whole chunk in manifests without pieces) exactly, and compare its sha256
        with the signed manifest; only verified bytes go on;
     2. *decompress*: feed a chunk's verified pieces to zstd as they arrive, with the
-       ``window`` image bytes before the chunk as its dictionary, into an output buffer;
-    3. *write* (this thread): write each decompressed slice to the slot and hash it; at the
-       chunk's end compare its sha256 with the chunk table;
+       ``window`` image bytes before the chunk as its dictionary, into an output buffer, hash
+       each slice as the write stage writes it, and at the chunk's end compare its sha256 with
+       the chunk table;
+    3. *write* (this thread): write each decompressed slice to the slot; beside it a *hash* stage
+       adds each written slice to the whole image's sha256, compared with the manifest's at the
+       end (before anything is staged), and only then lets its buffer region be reused;
     4. *progress*: ``on_chunk(i, downloaded_bytes)`` for each chunk written, in order (the
        caller persists progress there, with an fsync that no longer holds up the writing).
 
@@ -256,14 +322,20 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     if image.size > slot.capacity:
         raise DeviceError(f"the image decompresses to {image.size} bytes; slot {slot.name} holds only {slot.capacity}",
                           hint="this release does not fit this device's slots")
-    first, _ = verified_prefix(image, slot, chunks_done)
+    first, whole = verified_prefix(image, slot, chunks_done)
     downloaded = 0
     if first < len(image.chunks):
         try:
-            downloaded = _Pipeline(image, slot, opener, first, retries, backoff, on_chunk).run()
+            downloaded = _Pipeline(image, slot, opener, first, retries, backoff, on_chunk, whole).run()
         finally:
             _give_back()  # the pipeline's buffers are gone: return the heap they were on
     slot.sync()
+    # Every chunk matched the chunk table; the table must add up to the image it names too, or a
+    # slot would be recorded good under a hash it does not have (issue 21): the signer's fault.
+    if whole.hexdigest() != image.sha256:
+        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)",
+                              hint="its chunks are verified but do not make the image it names; nothing was flipped "
+                                   "and the slot is not recorded good. Tell the publisher")
     return downloaded
 
 
@@ -296,12 +368,13 @@ class _Stop(Exception):
 
 
 class _Pipeline:
-    """The four stages of :func:`write_image` and what they share."""
+    """The stages of :func:`write_image` and what they share."""
 
     def __init__(self, image: Image, slot: SlotDevice, opener: Opener, first: int, retries: int, backoff: float,
-                 on_chunk: Callable[[int, int], None] | None) -> None:
+                 on_chunk: Callable[[int, int], None] | None, whole: hashlib._Hash) -> None:
         self.image, self.slot, self.opener, self.first = image, slot, opener, first
         self.retries, self.backoff, self.on_chunk = retries, backoff, on_chunk
+        self.whole = whole  # the image's sha256 so far: the verified prefix, then every byte written
         self.chunks = image.chunks
         self.read_ahead = read_ahead(image)
         piece, pool = _units(image)
@@ -315,7 +388,9 @@ class _Pipeline:
         # decompresses from its start, and a region is overwritten only once it is written.
         out = max(c.out_length for c in self.chunks)
         self.bufs = [bytearray(out) for _ in range(2 if zstdlib.LIB is not None else 1)]
-        self.written = self.chunks[first].out_offset  # image bytes the write stage has written
+        # image bytes written to the slot *and* hashed into ``whole``: until then their buffer is not reused
+        self.written = self.chunks[first].out_offset
+        self.hashing: queue.SimpleQueue = queue.SimpleQueue()  # write -> hash: (chunk, start, end) written
         self.cond = threading.Condition()
         self.committed = first  # chunks [0, committed) are in the slot and verified
         self.persisted = first  # ... and ``on_chunk`` has returned for them (the caller saved its progress)
@@ -359,13 +434,15 @@ class _Pipeline:
         if zstdlib.LIB is None:
             _heap_for_large_blocks()
         stages = [threading.Thread(target=self._fetch_stage, name="abflip-fetch", daemon=True),
-                  threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True)]
+                  threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True),
+                  threading.Thread(target=self._hash_stage, name="abflip-hash", daemon=True)]
         progress = threading.Thread(target=self._progress_stage, name="abflip-progress", daemon=True)
         for t in (*stages, progress):
             t.start()
         try:
             self._write_stage()
-            self._wait(lambda: self.persisted == len(self.chunks) or self.failure is not None)
+            end = self.image.size
+            self._wait(lambda: (self.persisted == len(self.chunks) and self.written == end) or self.failure is not None)
             if self.failure is not None:
                 raise self.failure
         except BaseException:
@@ -491,7 +568,8 @@ class _Pipeline:
         if prev is not None and len(prev) >= need:
             yield prev[len(prev) - need:]
             return
-        self._wait(lambda: self.committed >= i)  # every byte before chunk i is in the slot
+        # every byte before chunk i is in the slot, and hashed: the buffer read into below is free
+        self._wait(lambda: self.committed >= i and self.written >= ch.out_offset)
         if need <= len(self.bufs[0]):
             into = memoryview(self.bufs[(i + 1) % len(self.bufs)])[:need]
             self.slot.pread_into(lo, into)
@@ -532,7 +610,8 @@ class _Pipeline:
             except zstandard.ZstdError as e:
                 raise ChunkError(f"chunk {i} does not decompress: {e}") from None
             del reader, dictionary, kwargs
-            if done != ch.out_length or extra:
+            # the whole chunk is still in the buffer (the next one's dictionary): hashed while it is written
+            if done != ch.out_length or extra or hashlib.sha256(out[:done]).hexdigest() != ch.out_sha256:
                 raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
             source.drain()
             self.slices.put((i, None, None))
@@ -554,17 +633,18 @@ class _Pipeline:
                 _check_header(i, ch, source.peek())
                 with self._prefix(i, prev) as prefix:
                     decoder.start(out, prefix)
-                    done = 0
+                    done, h = 0, hashlib.sha256()
                     try:
                         while data := source.read(READ_IN):
                             if (n := decoder.feed(data)) > done:
                                 self.slices.put((i, done, n))
+                                h.update(out[done:n])  # while the write stage writes it
                                 done = n
                     except zstdlib.ZstdLibError as e:
                         raise ChunkError(f"chunk {i} does not decompress: {e}") from None
                     finally:
                         decoder.end()
-                if done != ch.out_length or not decoder.done():
+                if done != ch.out_length or not decoder.done() or h.hexdigest() != ch.out_sha256:
                     raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
                 source.drain()
                 self.slices.put((i, None, None))
@@ -574,7 +654,8 @@ class _Pipeline:
 
     # -- 3. write and hash --------------------------------------------------------------------
     def _write_stage(self) -> None:
-        h = hashlib.sha256()
+        """Write each slice and hand it to the hash stage; a chunk's end (its own sha256 already
+        compared by the decompress stage) commits it."""
         bufs = [memoryview(b) for b in self.bufs]
         while self.committed < len(self.chunks):
             item = self._get(self.slices)
@@ -583,21 +664,29 @@ class _Pipeline:
             i, a, b = item
             ch = self.chunks[i]
             if a is None:
-                if h.hexdigest() != ch.out_sha256:
-                    raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
-                h = hashlib.sha256()
                 self.slot.start_writeback(ch.out_offset, ch.out_length)  # the final flush finds little left
                 self.progress.put((i, self.received))
                 with self.cond:
                     self.committed = i + 1
                     self.cond.notify_all()
                 continue
-            view = bufs[i % len(bufs)][a:b]
-            self.slot.pwrite(ch.out_offset + a, view)  # flushed once at the end: the kernel writes back
-            h.update(view)
-            with self.cond:
-                self.written = ch.out_offset + b
-                self.cond.notify_all()
+            self.slot.pwrite(ch.out_offset + a, bufs[i % len(bufs)][a:b])  # flushed once at the end
+            self.hashing.put((i, a, b))
+
+    # -- 3b. the whole image's sha256 -------------------------------------------------------------------
+    def _hash_stage(self) -> None:
+        """Add each written slice to the whole image's sha256, in order, beside the write stage
+        (the write stage no longer waits for it); a buffer region is reused only once hashed."""
+        try:
+            bufs = [memoryview(b) for b in self.bufs]
+            while self.written < self.image.size:
+                i, a, b = self._get(self.hashing)
+                self.whole.update(bufs[i % len(bufs)][a:b])
+                with self.cond:
+                    self.written = self.chunks[i].out_offset + b
+                    self.cond.notify_all()
+        except BaseException as e:
+            self._fail(e, self.slices)
 
 
 class _Pieces:
@@ -609,6 +698,7 @@ class _Pieces:
         self.left = self.pipe.chunks[i].length
         self.view = memoryview(b"")
         self.buf: bytearray | None = None
+        self.bounds = FrameBounds(i)  # one frame, nothing after it: whichever decoder runs
 
     def _next(self) -> None:
         if self.buf is not None:
@@ -620,6 +710,7 @@ class _Pieces:
         i, self.view, self.buf = item
         assert i == self.i, (i, self.i)
         self.left -= len(self.view)
+        self.bounds.feed(self.view)
 
     def peek(self) -> memoryview:
         if not self.view and self.left:
@@ -644,3 +735,4 @@ class _Pieces:
         if self.buf is not None:
             self.pipe.free.put(self.buf)
             self.buf = None
+        self.bounds.finish()

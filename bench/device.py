@@ -90,6 +90,22 @@ def imports(argv: list[str], env: dict[str, str]) -> tuple[int, bool, bool]:
 LAYOUTS = {"bins": DEFAULT_BIN_BITS, "flat": 0}
 
 
+def delegated_repository(repo: Path, keys_dir: Path, bits: int) -> tuple[LocalStorage, KeyConfig]:
+    """A new repository in ``repo`` whose product is delegated to its own key (as ``abflip repo
+    delegate`` does) with ``2**bits`` hash bins; the keys in ``keys_dir`` sign every role."""
+    storage = LocalStorage(repo)
+    write_signed(storage, init_repository(keys_dir))
+    keys = KeyConfig.load(keys_dir)
+
+    def load() -> Repository:
+        return Repository.load(lambda n: storage.get(f"metadata/{n}"))
+
+    stage_delegation(load(), keys, PRODUCT, [generate_file_key(keys.dir, f"ci-{PRODUCT}")], bits=bits)
+    write_signed(storage, commit_staged(load(), keys))
+    clear_staged(keys.dir)
+    return storage, keys
+
+
 class Bench:
     def __init__(self, work: Path, bits: int) -> None:
         self.work = work
@@ -101,16 +117,7 @@ class Bench:
         self.image = build_image(tree, base / "rootfs.erofs", source_date_epoch=EPOCH).path
         self.base = base
         self.repo = work / "repo"
-        self.storage = LocalStorage(self.repo)
-        write_signed(self.storage, init_repository(work / "keys"))
-        self.keys = KeyConfig.load(work / "keys")
-
-        def load() -> Repository:
-            return Repository.load(lambda n: self.storage.get(f"metadata/{n}"))
-
-        stage_delegation(load(), self.keys, PRODUCT, [generate_file_key(self.keys.dir, f"ci-{PRODUCT}")], bits=bits)
-        write_signed(self.storage, commit_staged(load(), self.keys))
-        clear_staged(self.keys.dir)
+        self.storage, self.keys = delegated_repository(self.repo, work / "keys", bits)
         self.count = 0
 
     def release(self, n: int) -> Path:

@@ -26,10 +26,12 @@ from datetime import datetime
 
 from tuf.api.metadata import TargetFile
 
-from metadata.errors import UserError
+from metadata.bounded import FileRefused
+from metadata.errors import RepositoryError, UserError
 from metadata.manifest import (
     MAX_WITHDRAWN,
     Channel,
+    Limits,
     ManifestError,
     Release,
     Rollout,
@@ -43,11 +45,11 @@ from metadata.repository import Repository
 from metadata.version import Version
 
 from .errors import StorageError
-from .publish import IMMUTABLE, RETRIES, commit, holds_online_keys, load_tagged, target_key
+from .publish import RETRIES, commit, holds_online_keys, load_tagged, put_new, target_key
 from .storage import Storage
 
 __all__ = ["promote", "set_rollout", "withdraw", "next_pointer", "current_pointer", "current_releases", "ChannelResult",
-           "make_rollout"]
+           "make_rollout", "published_versions", "channel_states"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,10 @@ def current_pointer(storage: Storage, repo: Repository, product: str, channel: s
     t = repo.target_files.get(channel_target_path(product, channel))
     if t is None:
         return None
-    data = storage.get(target_key(t))
+    try:
+        data = storage.get(target_key(t), Limits().channel_max_bytes)
+    except FileRefused as e:
+        raise RepositoryError(f"channel {channel} of {product}: its object {target_key(t)} {e.strerror}") from None
     if data is None:
         raise StorageError(f"channel {channel} of {product} is listed but its object is missing")
     try:
@@ -99,9 +104,9 @@ def current_releases(storage: Storage, repo: Repository, product: str) -> set[st
         if not (path.startswith(prefix) and path.endswith(".json")):
             continue
         try:
-            data = storage.get(target_key(t))
+            data = storage.get(target_key(t), Limits().channel_max_bytes)
             ptr = Channel.from_bytes(data) if data is not None else None
-        except ManifestError:
+        except (ManifestError, FileRefused):
             ptr = None
         if ptr is None:
             return dirs | {p.rsplit("/", 1)[0] + "/" for p in repo.role(product).signed.targets
@@ -111,16 +116,34 @@ def current_releases(storage: Storage, repo: Repository, product: str) -> set[st
 
 
 def next_pointer(storage: Storage, repo: Repository, product: str, channel: str, version: Version,
-                 release_path: str, *, rollout: Rollout | None = None) -> bytes:
-    """The pointer a publish writes: the channel's withdrawn versions carry over, and a
-    withdrawn version is not put back by a publish (promote it explicitly to do that)."""
+                 release_path: str, *, rollout: Rollout | None = None) -> Channel:
+    """The pointer a publish writes. The channel's rollout carries over (a publish never widens a
+    phased or paused channel: the new release goes to the same percentage, paused if it was, its
+    cohort drawn anew unless the channel has a fixed seed), unless ``rollout`` says otherwise; the
+    withdrawn versions carry over, and a withdrawn version is not put back by a publish (promote it
+    explicitly to do that)."""
     old = current_pointer(storage, repo, product, channel)
     withdrawn = old.withdrawn if old is not None else ()
     if old is not None and old.is_withdrawn(version):
         raise UserError(f"{product} {version} was withdrawn from channel {channel}",
                         hint=f"publish a new version, or put it back explicitly with 'abflip channel promote {product} "
                              f"{version} --to {channel}'; nothing was uploaded")
-    return Channel(product, channel, version, release_path, rollout=rollout, withdrawn=withdrawn).to_bytes()
+    if rollout is None and old is not None:
+        rollout = old.rollout
+    return Channel(product, channel, version, release_path, rollout=rollout, withdrawn=withdrawn)
+
+
+def published_versions(repo: Repository, product: str) -> set[Version]:
+    """The versions of ``product`` whose release manifest the repository lists."""
+    prefix = f"{product}/releases/"
+    out = set()
+    for path in repo.target_files:
+        if path.startswith(prefix) and path.endswith("/release.json") and path.count("/") == 3:
+            try:
+                out.add(Version.parse(path[len(prefix):-len("/release.json")]))
+            except UserError:
+                continue  # not a release abflip made (gc reports those)
+    return out
 
 
 def _update(storage: Storage, keys: KeyConfig, product: str, channel: str,
@@ -129,7 +152,8 @@ def _update(storage: Storage, keys: KeyConfig, product: str, channel: str,
     check_name("product", product)
     check_name("channel", channel)
     for attempt in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
+        repo.require(product)
         old = current_pointer(storage, repo, product, channel)
         new = make(repo, old)
         pointer = new.to_bytes()
@@ -149,9 +173,7 @@ def _update(storage: Storage, keys: KeyConfig, product: str, channel: str,
             if (problem := repo.signing_problem(r, keys)) is not None:
                 raise UserError(problem, hint=f"check --keys ({keys.dir}): it must hold this repository's key for {r}; "
                                               "nothing was changed")
-        key = target_key(target)
-        if not storage.exists(key):
-            storage.put(key, pointer, content_type="application/json", cache_control=IMMUTABLE)
+        put_new(storage, target_key(target), pointer)
         repo.add_target(target)
         if repo.has_bins(product):
             repo.set_current(product, current_releases(storage, repo, product))
@@ -168,7 +190,11 @@ def _published(storage: Storage, repo: Repository, product: str, ver: Version) -
     if rel is None:
         raise UserError(f"{product} {ver} is not published in {storage.describe()}",
                         hint="publish it first ('abflip publish'), or check the product and version")
-    data = storage.get(target_key(rel))
+    try:
+        data = storage.get(target_key(rel), Limits().manifest_max_bytes)
+    except FileRefused as e:
+        raise RepositoryError(f"the release manifest of {product} {ver}: its object {target_key(rel)} {e.strerror}") \
+            from None
     if data is None:
         raise StorageError(f"the release manifest of {product} {ver} is listed but its object is missing")
     Release.from_bytes(data)  # a pointer must never name a manifest that does not parse
@@ -218,6 +244,10 @@ def withdraw(storage: Storage, keys: KeyConfig, *, product: str, version: str, c
     def make(repo: Repository, old: Channel | None) -> Channel:
         if old is None:
             raise UserError(f"{product} has no channel {channel!r}", hint="check the product and channel")
+        if not old.is_withdrawn(ver) and ver not in published_versions(repo, product):
+            raise UserError(f"{product} {ver} was never published in {storage.describe()} (or gc removed it): there "
+                            "is nothing to withdraw", hint="check the version ('abflip channel show'); nothing was "
+                                                           "changed")
         withdrawn = old.withdrawn if old.is_withdrawn(ver) else (*old.withdrawn, str(ver))
         if len(withdrawn) > MAX_WITHDRAWN:
             raise UserError(f"channel {channel} already lists {MAX_WITHDRAWN} withdrawn versions",
@@ -230,3 +260,42 @@ def withdraw(storage: Storage, keys: KeyConfig, *, product: str, version: str, c
         return replace(old, withdrawn=withdrawn)
 
     return _update(storage, keys, product, channel, make, now)
+
+
+def channel_states(storage: Storage, product: str | None = None) -> list[dict]:
+    """Every channel (of ``product``, or of every product) as its newest signed pointer says:
+    version, rollout (``None``: every device), withdrawn versions, and whether devices see it
+    yet (``visible``: the snapshot names the product role that lists it). What ``abflip channel
+    show/list`` print; read-only, no keys."""
+    repo, _ = load_tagged(storage)
+    held = repo.unavailable_products()
+    products = sorted({p.split("/", 1)[0] for p in repo.target_files if "/channels/" in p} | set(held)
+                      | {n for n in repo.delegated if n not in repo.bins})
+    if product is not None:
+        check_name("product", product)
+        products = [p for p in products if p == product]
+        if not products:
+            raise UserError(f"the repository has no product {product!r}",
+                            hint="'abflip channel list --repo …' lists every product's channels")
+    meta = repo.snapshot.signed.meta
+    rows: list[dict] = []
+    for p in products:
+        if p in held:
+            rows.append({"product": p, "channel": None, "problem": f"its metadata cannot be loaded: {held[p]}"})
+            continue
+        role = repo.delegated.get(p)
+        visible = role is None or meta.get(f"{p}.json") is not None and meta[f"{p}.json"].version == role.signed.version
+        for path in sorted(t for t in repo.target_files if t.startswith(f"{p}/channels/") and t.endswith(".json")):
+            name = path[len(f"{p}/channels/"):-len(".json")]
+            row: dict = {"product": p, "channel": name, "visible": visible}
+            try:
+                ptr = current_pointer(storage, repo, p, name)
+            except (UserError, RepositoryError, StorageError) as e:
+                rows.append({**row, "problem": e.message})
+                continue
+            assert ptr is not None
+            rollout = ptr.rollout or Rollout(100)
+            rows.append({**row, "version": str(ptr.version), "release": ptr.release, "phased": ptr.rollout is not None,
+                         "percent": rollout.percent, "paused": rollout.paused, "seed": rollout.seed,
+                         "withdrawn": list(ptr.withdrawn)})
+    return rows

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import zstandard
 
+from metadata.bounded import read_file
 from metadata.delta import Delta, DeltaFile, DeltaRef, Frame, Op, Source, chunks_digest
 from metadata.manifest import Image, Release
 
@@ -298,8 +299,8 @@ def read_delta_sources(dirs: list[Path], *, product: str, version, limits=None) 
         d = Path(d)
         path = d / "release.json"
         try:
-            rel = Release.from_bytes(path.read_bytes(), limits)
-        except OSError as e:
+            rel = Release.from_bytes(read_file(path, limits.manifest_max_bytes), limits)
+        except OSError as e:  # also FileRefused: a FIFO, a directory, a huge file
             raise BuildError(f"--delta-from {d}: cannot read {path}: {e.strerror or e}",
                              hint="pass the directory 'abflip release create' wrote for the earlier release") from None
         except ManifestError as e:

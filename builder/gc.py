@@ -13,6 +13,9 @@ points at (whatever its age). Everything else:
    (``N.targets.json``, ``N.snapshot.json``, delegated ``N.<role>.json`` and bins): a device that
    read the timestamp just before step 1 can still fetch what it names. Root versions are
    never deleted: devices walk the root chain from the root they ship with.
+4. what interrupted writes left behind more than ``abandoned_after`` seconds ago (a day by
+   default: never a write still running) is removed: S3 multipart uploads a failing publisher
+   could not abort, ``.tmp-*`` staging files of a killed publish (:meth:`Storage.abandoned`).
 
 Nothing the current snapshot or any channel references is deleted: the set of live objects
 is recomputed from the metadata written in step 1. Objects under a release that is still
@@ -33,7 +36,8 @@ from datetime import datetime
 
 from metadata.errors import UserError
 from metadata.keys import KeyConfig
-from metadata.manifest import Channel, ManifestError
+from metadata.bounded import FileRefused
+from metadata.manifest import Channel, Limits, ManifestError
 from metadata.repository import Repository
 from metadata.version import Version
 
@@ -60,6 +64,11 @@ class GcResult:
     timestamp_version: int | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: left alone
     keys_checked: bool = False  # a dry run: the keys given can sign what the real run would
+    abandoned: list[str] = field(default_factory=list)  # incomplete uploads, staging files (step 4)
+
+
+#: An interrupted write's leftovers are removed once this old (seconds): no publish runs a day.
+ABANDONED_AFTER = 24 * 3600
 
 
 def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str, str]]
@@ -68,6 +77,9 @@ def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str,
     releases: dict[str, set[str]] = {}
     pinned: dict[str, set[str]] = {}
     frozen: set[str] = set()  # products with a channel pointer gc cannot read: remove nothing
+    for product, why in repo.unavailable_products().items():  # kept at their last version: left alone
+        skipped.append({"path": f"{product}/", "reason": f"its metadata cannot be loaded ({why}); nothing of "
+                                                         f"{product} is removed"})
     for path, t in sorted(repo.target_files.items()):
         if m := _RELEASE.match(path):
             try:
@@ -77,11 +89,14 @@ def _plan(storage: Storage, repo: Repository, keep: int, skipped: list[dict[str,
                 continue
             releases.setdefault(m["product"], set()).add(m["version"])
         elif m := _CHANNEL.match(path):
-            data = storage.get(target_key(t))
             reason = None
+            try:
+                data = storage.get(target_key(t), Limits().channel_max_bytes)
+            except FileRefused as e:
+                data, reason = b"", f"its object {target_key(t)} {e.strerror}"
             if data is None:
                 reason = f"its object {target_key(t)} is missing"
-            else:
+            elif reason is None:
                 try:
                     pinned.setdefault(m["product"], set()).add(str(Channel.from_bytes(data).version))
                 except ManifestError as e:
@@ -110,11 +125,12 @@ def _dead_objects(storage: Storage, repo: Repository, removed: dict[str, list[st
     run passes them; after the commit they are gone already)."""
     targets = {p: t for p, t in repo.target_files.items() if p not in removed_paths}
     live = {target_key(t) for t in targets.values()}
+    held = {f"targets/{p}/" for p in repo.unavailable_products()}  # what they list is unknown here: all stays
     listed_releases = {(m["product"], m["version"]) for p in targets if (m := _RELEASE.match(p))}
     current_pointers = {p for p in targets if _CHANNEL.match(p)}
     dead = []
     for key in storage.list("targets/"):
-        if key in live or not (m := _STORED.match(key)):
+        if key in live or not (m := _STORED.match(key)) or any(key.startswith(h) for h in held):
             continue
         path = (m["dir"] or "") + m["name"]
         if (r := _RELEASE.match(path)) and (r["product"], r["version"]) not in listed_releases \
@@ -146,7 +162,7 @@ def _check_keys(repo: Repository, keys: KeyConfig, paths: list[str]) -> None:
 
 
 def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_run: bool = False,
-                    now: datetime | None = None) -> GcResult:
+                    now: datetime | None = None, abandoned_after: float = ABANDONED_AFTER) -> GcResult:
     """Remove old releases (see the module); ``dry_run``: say what would go, and with ``keys``
     check them as the real run would."""
     if keep < 1:
@@ -164,6 +180,7 @@ def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_
             result.keys_checked = keys is not None
             result.deleted_objects = _dead_objects(storage, repo, removed, frozenset(paths))
             result.timestamp_version = repo.timestamp.signed.version
+            result.abandoned = storage.abandoned(abandoned_after)
             return result
         if paths:
             if keys is None:
@@ -184,4 +201,5 @@ def collect_garbage(storage: Storage, keys: KeyConfig | None, *, keep: int, dry_
     result.deleted_objects = _dead_objects(storage, repo, removed)
     for key in result.deleted_objects:
         storage.delete(key)
+    result.abandoned = storage.abandoned(abandoned_after, remove=True)
     return result

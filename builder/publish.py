@@ -31,32 +31,44 @@ point at now, so the metadata a device downloads per update does not grow with t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from tuf.api.metadata import TargetFile
 
-from metadata.errors import UserError
+from metadata.errors import RepositoryError, UserError
 from metadata.keys import KeyConfig
-from metadata.manifest import Channel, ManifestError, Release, channel_target_path, check_name
-from metadata.repository import Repository, SignedFile
+from metadata.bounded import FileRefused, read_file
+from metadata.manifest import Limits, ManifestError, Release, Rollout, channel_target_path, check_name
+from metadata.repository import MAX_METADATA_BYTES, Repository, SignedFile
 
 from .errors import AlreadyExists, BuildError, StorageError
 from .storage import Storage
 
-__all__ = ["publish_release", "write_signed", "headers_for", "PublishResult", "target_key", "load_tagged", "commit",
-           "settle_timestamp"]
+__all__ = ["publish_release", "write_signed", "headers_for", "fresh_for", "PublishResult", "target_key", "load_tagged",
+           "commit", "settle_timestamp", "MetadataOf", "MAX_AGE", "IMMUTABLE"]
 
+#: Targets (hash-prefixed) and versioned metadata never change under their names: cached for a year.
 IMMUTABLE = "public, max-age=31536000, immutable"
+#: Seconds a cache (CDN, proxy) may keep what changes under its name: ``timestamp.json``, and a "not
+#: found" (devices probe ``N+1.root.json`` at every check). A device sees a timestamp at most this
+#: old, on top of its own check interval; the origin sees about one request per object per this many
+#: seconds per cache, whatever the fleet's size (docs/producer.md, "A cache in front").
+MAX_AGE = 300
 RETRIES = 20
 
 
-def headers_for(key: str) -> tuple[str, str]:
-    """(Content-Type, Cache-Control) of an object, by its class (DESIGN.md "what is served")."""
+def fresh_for(seconds: int = MAX_AGE) -> str:
+    """Cache-Control of an answer that may change: kept ``seconds``, never served stale after."""
+    return f"public, max-age={seconds}, must-revalidate"
+
+
+def headers_for(key: str, *, max_age: int = MAX_AGE) -> tuple[str, str]:
+    """(Content-Type, Cache-Control) of an object, by its class (DESIGN.md "what is served");
+    ``max_age``: seconds a cache may keep ``timestamp.json``."""
     if key.endswith("timestamp.json"):
-        return "application/json", "no-store"
+        return "application/json", fresh_for(max_age)
     if key.endswith(".json"):
         return "application/json", IMMUTABLE
     if key.endswith(".zst"):
@@ -78,26 +90,47 @@ class PublishResult:
     timestamp_version: int
     uploaded: tuple[str, ...]
     visible: bool = True  # False: signed into the product's role; devices see it once 'abflip repo snapshot' ran
+    rollout: dict | None = None  # the channel's rollout the pointer carries (kept from the channel, or --rollout)
 
 
-def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: str | None = None) -> None:
+def write_signed(storage: Storage, files: list[SignedFile], *, timestamp_tag: str | None = None,
+                 new: bool = False) -> None:
     """Write signed metadata in order; versioned files create-only; ``timestamp.json``
-    compare-and-swapped against ``timestamp_tag`` when given (raises AlreadyExists if it moved)."""
+    compare-and-swapped against ``timestamp_tag`` when given (raises AlreadyExists if it moved),
+    created only if there is none when ``new`` (a new repository). What abflip's commands write is
+    conditional every time, so a bucket policy can refuse any other write (docs/keys.md)."""
     for f in files:
         ctype, cache = headers_for(f.name)
-        kw = {"if_match": timestamp_tag} if (f.name == "timestamp.json" and timestamp_tag) else {}
-        storage.put(f"metadata/{f.name}", f.data, content_type=ctype, cache_control=cache, create_only=f.create_only,
-                    **kw)
+        swap = f.name == "timestamp.json" and timestamp_tag is not None
+        storage.put(f"metadata/{f.name}", f.data, content_type=ctype, cache_control=cache,
+                    create_only=f.create_only or new, **({"if_match": timestamp_tag} if swap else {}))
 
 
-def _reader(storage: Storage) -> Callable[[str], bytes | None]:
-    return lambda name: storage.get(f"metadata/{name}")
+class MetadataOf:
+    """A storage backend's ``metadata/`` as :meth:`Repository.load` reads it: listed (versions are
+    found by listing, never by probing), every file read bounded (``Storage.get(key, limit)``)."""
+
+    def __init__(self, storage: Storage, **known: bytes | None) -> None:
+        self.storage, self.known = storage, known  # known: file name -> bytes already read
+
+    def read(self, name: str, limit: int) -> bytes | None:
+        if name in self.known:
+            return self.known[name]
+        return self.storage.get(f"metadata/{name}", limit)
+
+    def names(self) -> list[str]:
+        return self.storage.names("metadata/")
 
 
-def load_tagged(storage: Storage) -> tuple[Repository, str | None]:
+def load_tagged(storage: Storage, *, now: datetime | None = None) -> tuple[Repository, str | None]:
     """Load the repository and the tag of the ``timestamp.json`` it was built from."""
-    ts, tag = storage.get_tagged("metadata/timestamp.json")
-    return Repository.load(lambda n: ts if n == "timestamp.json" else storage.get(f"metadata/{n}")), tag
+    try:
+        ts, tag = storage.get_tagged("metadata/timestamp.json", MAX_METADATA_BYTES["timestamp"])
+    except FileRefused as e:
+        raise RepositoryError(f"timestamp.json {e.strerror}",
+                              hint="only the online signer writes timestamp.json (docs/keys.md): put back its last "
+                                   "one (a backup, or a mirror's or device's copy)") from None
+    return Repository.load(MetadataOf(storage, **{"timestamp.json": ts}), now=now), tag
 
 
 def holds_online_keys(repo: Repository, keys: KeyConfig) -> bool:
@@ -135,11 +168,14 @@ def commit(storage: Storage, keys: KeyConfig, repo: Repository, tag: str | None,
 
 
 def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, channel: str,
-                    now: datetime | None = None) -> PublishResult:
+                    now: datetime | None = None, rollout: Rollout | None = None) -> PublishResult:
+    """Upload a release and point ``channel`` at it. The channel's phased rollout and pause carry
+    over to the new release (``rollout``: set another; docs/release-control.md)."""
     check_name("channel", channel)
     release_dir = Path(release_dir)
+    limits = Limits()
     try:
-        release = Release.from_bytes((release_dir / "release.json").read_bytes())
+        release = Release.from_bytes(read_file(release_dir / "release.json", limits.manifest_max_bytes), limits)
     except (FileNotFoundError, NotADirectoryError):
         raise BuildError(f"{release_dir} holds no release.json" + ("" if release_dir.is_dir() or not release_dir.exists()
                                                                     else " (it is a file, not a release directory)"),
@@ -169,11 +205,14 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
                              hint="re-create the release with 'abflip release create'; nothing was published")
     uploaded: list[str] = []
     for attempt in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
+        repo.require(release.product)  # its roles loaded whole: a publish never builds on a role kept as it was
         current = repo.target_files
         from .channels import current_releases, next_pointer  # withdrawn versions carry over (docs/release-control.md)
 
-        pointer = next_pointer(storage, repo, release.product, channel, release.version, release.target_path)
+        ptr = next_pointer(storage, repo, release.product, channel, release.version, release.target_path,
+                           rollout=rollout)
+        pointer = ptr.to_bytes()
         pointer_target = TargetFile.from_data(channel_target_path(release.product, channel), pointer, ["sha256"])
         online = holds_online_keys(repo, keys)
         for path, t in targets.items():
@@ -185,7 +224,8 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
         if ((repo.is_current or not online) and all(p in current for p in targets) and old_ptr is not None
                 and old_ptr.hashes == pointer_target.hashes):
             return PublishResult(release.product, str(release.version), channel, False,
-                                 repo.timestamp.signed.version, tuple(uploaded), visible=repo.is_current)
+                                 repo.timestamp.signed.version, tuple(uploaded), visible=repo.is_current,
+                                 rollout=ptr.rollout.to_json() if ptr.rollout else None)
         # Before the first byte is uploaded: these keys can sign every role this publish re-signs.
         roles = {repo.role_for_path(p) for p in (*targets, pointer_target.path)}
         for role in [*sorted(roles), *(("snapshot", "timestamp") if online else ())]:
@@ -201,8 +241,7 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
                 uploaded.append(key)
             repo.add_target(t)
         key = target_key(pointer_target)
-        if not storage.exists(key):
-            storage.put(key, pointer, content_type="application/json", cache_control=IMMUTABLE)
+        if put_new(storage, key, pointer):
             uploaded.append(key)
         repo.add_target(pointer_target)
         if repo.has_bins(release.product):
@@ -212,16 +251,28 @@ def publish_release(release_dir: Path, storage: Storage, keys: KeyConfig, *, cha
             time.sleep(min(0.05 * (attempt + 1), 1.0))  # another publisher won; re-read and retry
             continue
         return PublishResult(release.product, str(release.version), channel, True,
-                             repo.timestamp.signed.version, tuple(uploaded), visible=online)
+                             repo.timestamp.signed.version, tuple(uploaded), visible=online,
+                             rollout=ptr.rollout.to_json() if ptr.rollout else None)
     raise StorageError(f"gave up publishing after {RETRIES} conflicting concurrent publishes",
                        hint="retry; the repository is consistent")
+
+
+def put_new(storage: Storage, key: str, data: bytes) -> bool:
+    """Upload a small hash-prefixed target (a channel pointer) create-only; False if it is there."""
+    if storage.exists(key):
+        return False
+    try:
+        storage.put(key, data, content_type="application/json", cache_control=IMMUTABLE, create_only=True)
+    except AlreadyExists:
+        return False  # another publisher's: the same bytes (the name is their hash)
+    return True
 
 
 def settle_timestamp(storage: Storage, keys: KeyConfig, now: datetime | None) -> None:
     """Make ``timestamp.json`` name the newest snapshot (a concurrent publisher's timestamp may
     name an older one than ours); compare-and-swap, so versions only go up."""
     for _ in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
         if repo.timestamp.signed.snapshot_meta.version == repo.snapshot.signed.version:
             return
         try:

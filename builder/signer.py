@@ -45,6 +45,7 @@ class SignerResult:
     newly_included: dict[str, int] = field(default_factory=dict)  # roles whose version moved with this run
     skipped: tuple[str, ...] = ()  # candidate metadata refused, and why
     timestamp_version: int = 0
+    kept: dict[str, str] = field(default_factory=dict)  # product -> why it stays at the version the snapshot names
 
 
 def sign_online(storage: Storage, keys: KeyConfig, *, now: datetime | None = None,
@@ -52,7 +53,7 @@ def sign_online(storage: Storage, keys: KeyConfig, *, now: datetime | None = Non
     """Snapshot every role's newest checked metadata and sign a timestamp for it when anything
     is new, when the snapshot or timestamp is within half its period of expiry, or ``force``."""
     for attempt in range(RETRIES):
-        repo, tag = load_tagged(storage)
+        repo, tag = load_tagged(storage, now=now)
         for r in ("snapshot", "timestamp"):
             if (problem := repo.signing_problem(r, keys)) is not None:
                 raise UserError(problem, hint=f"the online signer's keys directory ({keys.dir}) must hold the "
@@ -62,7 +63,8 @@ def sign_online(storage: Storage, keys: KeyConfig, *, now: datetime | None = Non
         included = {name[:-5]: m.version for name, m in repo.snapshot.signed.meta.items()}
         moved = {r: v for r, v in included.items() if before.get(r) != v}
         if not files:
-            return SignerResult((), included, {}, tuple(repo.skipped), repo.timestamp.signed.version)
+            return SignerResult((), included, {}, tuple(repo.skipped), repo.timestamp.signed.version,
+                                repo.unavailable_products())
         try:
             write_signed(storage, [f for f in files if f.name != "timestamp.json"])
         except AlreadyExists:
@@ -74,6 +76,6 @@ def sign_online(storage: Storage, keys: KeyConfig, *, now: datetime | None = Non
             pass
         settle_timestamp(storage, keys, now)
         return SignerResult(tuple(f.name for f in files), included, moved, tuple(repo.skipped),
-                            repo.timestamp.signed.version)
+                            repo.timestamp.signed.version, repo.unavailable_products())
     raise StorageError(f"gave up signing a snapshot after {RETRIES} conflicting concurrent signers",
                        hint="retry; the repository is consistent")

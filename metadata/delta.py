@@ -32,6 +32,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .bounded import loads_json
 from .errors import RepositoryError, UserError
 from .manifest import Chunk, Image, Limits, target_problem
 from .version import Version
@@ -254,8 +255,8 @@ class Delta:
         _need(len(data) <= dlimits.manifest_max_bytes,
               f"the delta manifest is {len(data)} bytes, more than {dlimits.manifest_max_bytes}")
         try:
-            d = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+            d = loads_json(data)
+        except ValueError as e:  # also TooDeep, UnicodeDecodeError
             raise _fail(f"the delta manifest is not valid JSON: {e}") from None
         d = _obj(d, "delta manifest")
         _need(d.get("schema") == DELTA_SCHEMA, f"schema {d.get('schema')!r} is not {DELTA_SCHEMA!r}")

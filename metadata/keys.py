@@ -18,12 +18,14 @@ from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner, Key, Signer
 
+from .bounded import loads_json, read_file
 from .errors import UserError
 
 __all__ = ["KeyConfig", "RoleKeys", "generate_file_key", "load_signer", "signer_from", "public_key_from",
            "DEFAULT_EXPIRY_DAYS", "TOP_ROLES", "ONLINE_ROLES"]
 
 KEYS_SCHEMA = "abflip-keys/1"
+KEYS_MAX_BYTES = 1 << 20  # keys.json lists URIs and keyids, never key material
 TOP_ROLES = ("root", "targets", "snapshot", "timestamp")
 ONLINE_ROLES = ("snapshot", "timestamp")  # re-signed by a schedule ('abflip repo refresh'); the others are offline
 # TUF's customary periods: offline roles long, online roles short and re-signed by a schedule.
@@ -131,7 +133,7 @@ class KeyConfig:
     def load(cls, keys_dir: Path) -> KeyConfig:
         path = Path(keys_dir) / "keys.json"
         try:
-            raw = json.loads(path.read_text())
+            raw = loads_json(read_file(path, KEYS_MAX_BYTES))
         except FileNotFoundError:
             raise UserError(f"no key configuration at {path}", hint="run 'abflip repo init' first or pass --keys") from None
         except (OSError, ValueError) as e:

@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
+from .bounded import loads_json
 from .errors import RepositoryError, UserError
 from .version import Version
 
@@ -276,8 +277,8 @@ def _version(d: dict) -> Version:
 def _load_json(data: bytes, max_bytes: int, what: str) -> dict:
     _need(len(data) <= max_bytes, f"{what} is {len(data)} bytes, more than the limit {max_bytes}")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+        obj = loads_json(data)
+    except ValueError as e:  # also TooDeep, UnicodeDecodeError
         raise ManifestError(f"{what} is not valid JSON: {e}") from None
     return _obj(obj, what)
 

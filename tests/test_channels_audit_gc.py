@@ -1,5 +1,5 @@
 """Channel promotion, repository audit (repo verify) and garbage collection (repo gc),
-on a local repository and on S3 (moto_server over HTTP)."""
+on a local repository and on S3 (moto_server and SeaweedFS over HTTP)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,17 @@ from metadata.errors import UserError
 from metadata.manifest import Release
 from metadata.repository import Repository
 
-from s3server import DUMMY_ENV, S3World, backend, moto  # noqa: F401  (fixtures)
+from s3server import DUMMY_ENV, MotoServer, S3World, backend, dummy_credentials, moto, seaweedfs  # noqa: F401  (fixtures)
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 
 
 def _location(backend) -> str:
     return backend.s3_url if hasattr(backend, "s3_url") else str(backend.repo)
+
+
+def _endpoint(backend) -> str | None:
+    return backend.server.endpoint if isinstance(backend, S3World) else None
 
 
 def _objects(backend) -> list[str]:
@@ -78,7 +82,7 @@ def test_cli_channel_promote(world):
 def test_audit_reads_every_channel(backend):
     backend.publish("1.0.0")
     backend.publish("2.0.0", channel="beta")
-    report = audit(_location(backend), deep=True, endpoint_url=getattr(backend, "moto", None) and backend.moto.endpoint)
+    report = audit(_location(backend), deep=True, endpoint_url=_endpoint(backend))
     assert report["ok"], report["problems"]
     rows = {c["channel"]: c for c in report["channels"]}
     assert rows["stable"]["version"] == "1.0.0" and rows["beta"]["version"] == "2.0.0"
@@ -119,9 +123,9 @@ def test_cli_repo_verify_over_http_and_s3(backend):
     backend.publish("1.0.0")
     r = subprocess.run([*ABFLIP, "repo", "verify", backend.url], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "demo-os/stable: 1.0.0  ok" in r.stdout and "timestamp" in r.stdout
+    assert "demo-os/stable: 1.0.0  every device  ok" in r.stdout and "timestamp" in r.stdout
     if hasattr(backend, "s3_url"):
-        r = subprocess.run([*ABFLIP, "repo", "verify", backend.s3_url, "--endpoint-url", backend.moto.endpoint, "--json"],
+        r = subprocess.run([*ABFLIP, "repo", "verify", backend.s3_url, "--endpoint-url", backend.server.endpoint, "--json"],
                            capture_output=True, text=True, timeout=120, env=dict(os.environ, **DUMMY_ENV))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["ok"] is True
@@ -148,11 +152,54 @@ def test_gc_keeps_what_channels_reference_and_devices_still_install(backend):
     repo = Repository.load(lambda n: backend.storage.get(f"metadata/{n}"))
     for t in repo.target_files.values():  # nothing the metadata references is gone
         assert backend.storage.exists(target_key(t)), t.path
-    assert audit(_location(backend), endpoint_url=getattr(backend, "moto", None) and backend.moto.endpoint)["ok"]
+    assert audit(_location(backend), endpoint_url=_endpoint(backend))["ok"]
     _, dev = backend.device("after-gc") if hasattr(backend, "s3_url") else _device(backend, "stable")
     assert dev.install().version == "3.0.0"
     again = collect_garbage(backend.storage, backend.keys, keep=1)
     assert not again.removed_targets
+
+
+def test_gc_removes_what_interrupted_uploads_left_once_a_day_old(backend):
+    """A publish killed mid-upload leaves an incomplete multipart upload (S3: when the endpoint
+    went away and boto3 could not abort it) or a .tmp- staging file (a directory). Invisible to
+    devices; gc removes it once older than abandoned_after (a day), never a younger one (a
+    publish may be running), and never anything outside the repository's prefix."""
+    import time
+
+    backend.publish("1.0.0")
+    if isinstance(backend, S3World):
+        client, bucket = backend.storage.client, backend.storage.bucket
+        inside = client.create_multipart_upload(Bucket=bucket, Key="repo/targets/demo-os/releases/9/x.rootfs.img.zst")
+        client.upload_part(Bucket=bucket, Key="repo/targets/demo-os/releases/9/x.rootfs.img.zst", PartNumber=1,
+                           UploadId=inside["UploadId"], Body=b"p" * 1024)
+        client.create_multipart_upload(Bucket=bucket, Key="elsewhere/big.bin")
+
+        def left() -> set[str]:
+            return {u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+    else:
+        stale = backend.repo / "targets" / ".tmp-killed"
+        stale.write_bytes(b"half")
+        os.utime(stale, (time.time() - 2 * 86400,) * 2)
+        (backend.repo / "metadata" / ".tmp-running").write_bytes(b"young")
+
+        def left() -> set[str]:
+            return {str(p.relative_to(backend.repo)) for p in backend.repo.rglob(".tmp-*")}
+    before = left()
+    if not isinstance(getattr(backend, "server", None), MotoServer):  # moto dates every upload 2010-11-10
+        young = collect_garbage(backend.storage, backend.keys, keep=1)
+        expected = {"targets/.tmp-killed"} if not isinstance(backend, S3World) else set()
+        assert set(young.abandoned) == expected and left() == before - expected
+    if isinstance(backend, S3World):
+        plan = collect_garbage(backend.storage, None, keep=1, dry_run=True, abandoned_after=0)
+        assert [a.split(" ")[0] for a in plan.abandoned] == ["targets/demo-os/releases/9/x.rootfs.img.zst"]
+        assert left() == before  # a dry run aborts nothing
+        done = collect_garbage(backend.storage, backend.keys, keep=1, abandoned_after=0)
+        assert done.abandoned == plan.abandoned
+        assert left() == {"elsewhere/big.bin"}
+    else:
+        collect_garbage(backend.storage, backend.keys, keep=1)
+        assert left() == {"metadata/.tmp-running"}
+    assert audit(_location(backend), endpoint_url=_endpoint(backend))["ok"]
 
 
 def test_cli_repo_gc_dry_run_and_run(world):

@@ -136,13 +136,13 @@ def test_config_that_is_not_a_config_file(tmp_path):
     latin = tmp_path / "latin1.toml"
     latin.write_bytes((BASE + 'channel = "b\xeata"\n').encode("latin-1").replace(b"[device]\n", b"[device]\n", 1))
     assert_user_error(abflip("status", config=latin), f"configuration {latin} is not UTF-8")
-    assert_user_error(abflip("status", config="/dev/zero"), "/dev/zero is not a regular file")
+    assert_user_error(abflip("status", config="/dev/zero"), "/dev/zero is a character device, not a regular file")
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)
-    assert_user_error(abflip("status", config=fifo), "is not a regular file")
+    assert_user_error(abflip("status", config=fifo), "is a FIFO, not a regular file")
     big = tmp_path / "big.toml"
     big.write_text(BASE + "# " + "x" * (2 << 20) + "\n")
-    assert_user_error(abflip("status", config=big), "larger than 1 MiB")
+    assert_user_error(abflip("status", config=big), f"is {big.stat().st_size} bytes, more than the limit 1048576")
 
 
 def test_relative_config_path_gives_absolute_paths(tmp_path):

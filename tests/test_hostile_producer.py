@@ -443,5 +443,5 @@ def test_verify_reports_a_malformed_channel_pointer_without_crashing(world):
     r = _cli("repo", "verify", str(world.repo))
     assert r.returncode == 3, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
-    assert "demo-os/stable: 1.0.0  ok" in r.stdout
+    assert "demo-os/stable: 1.0.0  every device  ok" in r.stdout
     assert "demo-os/beta: None  FAIL: channel pointer is invalid" in r.stdout or "FAIL" in r.stdout

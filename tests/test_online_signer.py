@@ -1,7 +1,7 @@
 """Split signing (issue 13 part 1): product CIs hold only their delegated key; the repository's
 online signer holds snapshot and timestamp and checks each product's new metadata against its
 delegation before it includes it. Attack stories over real HTTP, on a local repository and on
-the moto S3 server."""
+the moto and SeaweedFS S3 servers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from metadata.keys import KeyConfig, generate_file_key, load_signer
 from metadata.repository import DEFAULT_BIN_BITS, Repository
 from metadata.staging import clear_staged, commit_staged, stage_delegation
 
-from s3server import backend, moto  # noqa: F401  (fixtures)
+from s3server import backend, dummy_credentials, moto, seaweedfs  # noqa: F401  (fixtures)
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 EVIL = "evil-os"

@@ -21,10 +21,10 @@ import zstandard
 from abflip.httpserver import RepoHandler, Server
 from applier.fetch import HttpFetcher
 from applier.slots import SlotDevice
-from applier.stream import ChunkError, read_ahead, verify_chunk, write_image
+from applier.stream import ChunkError, decompress_chunk, read_ahead, verify_chunk, write_image
 from builder.release import create_release
 from metadata import zstdlib
-from metadata.errors import DeviceError, TransportError, UserError
+from metadata.errors import DeviceError, RepositoryError, TransportError, UserError
 from metadata.manifest import Chunk, Compression, Image, ManifestError, Release
 
 CHUNK, PIECE = 256 << 10, 64 << 10
@@ -385,13 +385,43 @@ def test_a_bad_frame_is_refused_before_it_is_committed(tmp_path, case):
     _no_stage_left()
 
 
-@pytest.mark.parametrize("after", ["zeros", "frame"])
+AFTER = {
+    "zeros": b"\0" * 100,
+    "frame": zstandard.ZstdCompressor().compress(b"more"),
+    "empty frame": zstandard.ZstdCompressor(write_content_size=True).compress(b""),  # decodes to nothing
+    "skippable frame": (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"junk",  # RFC 8878 3.1.2
+}
+
+
+@pytest.mark.parametrize("after", AFTER)
 def test_bytes_after_the_frame_are_refused(tmp_path, after):
-    """Signed bytes after a chunk's frame, garbage or a second frame: refused by both decoders."""
+    """Signed bytes after a chunk's frame, garbage or another frame (one that decodes to nothing
+    included, which python-zstandard's reader would stop before without a word): refused by both
+    decoders, the same way, in the pipeline and in decompress_chunk (the delta path, verify --deep)."""
     out = os.urandom(CHUNK // 4) * 4
     frame = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(out)
-    second = frame + (b"\0" * 100 if after == "zeros" else zstandard.ZstdCompressor().compress(b"more"))
-    image, data = _frames(second, out)
-    with pytest.raises(ChunkError, match="chunk 1 (does not decompress|decompresses to other bytes)"):
+    image, data = _frames(frame + AFTER[after], out)
+    message = f"chunk 1 has {len(AFTER[after])} bytes after the end of its zstd frame"
+    with pytest.raises(ChunkError, match=message):
         _stream(tmp_path, image, data)
     _no_stage_left()
+    chunk = image.chunks[1]
+    with pytest.raises(ChunkError, match=message):
+        decompress_chunk(1, chunk, data[chunk.offset:chunk.offset + chunk.length], None)
+
+
+def test_an_image_sha256_that_its_chunks_do_not_make_is_refused(tmp_path):
+    """Every chunk matches the chunk table, but the signed image sha256 is another: the manifest is
+    inconsistent (a repository error) whether the image is written whole or resumed after its last
+    chunk, so no slot is ever recorded good under a hash it does not have."""
+    import dataclasses
+
+    out = os.urandom(CHUNK // 4) * 4
+    good, data = _frames(zstandard.ZstdCompressor(level=3, write_content_size=True).compress(out), out)
+    image = dataclasses.replace(good, sha256="0" * 64)
+    for chunks_done in (0, 1, 2):
+        with SlotDevice("b", _slot(tmp_path, image.size), write=True) as dev:
+            with pytest.raises(RepositoryError, match="the written image's sha256 does not match the manifest"):
+                write_image(image, dev, lambda s, e: [data[s:e]], chunks_done=chunks_done)
+    with SlotDevice("b", _slot(tmp_path, good.size), write=True) as dev:
+        write_image(good, dev, lambda s, e: [data[s:e]], chunks_done=1)  # the same bytes under their own hash

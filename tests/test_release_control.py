@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from metadata.manifest import Channel, ManifestError, Rollout
 from metadata.version import Version
 
 from helpers import assert_untouched
+from s3server import backend, dummy_credentials, moto, seaweedfs  # noqa: F401  (fixtures)
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 FLEET = [hashlib.sha256(f"device-{i}".encode()).hexdigest()[:32] for i in range(2000)]
@@ -130,7 +132,7 @@ def test_the_producer_refuses_what_the_device_would(percent, seed, message):
     (b"", "is malformed"),
     (b"0" * 32 + b"\n", "all zeros"),
     (b"a" * 129, "is malformed"),
-    (b"a" * 5000, "larger than 4096 bytes"),
+    (b"a" * 5000, "is 5000 bytes, more than the limit 4096"),
     (b"\xff\xfe", "not ASCII"),
     (b"abc\ndef\n", "is malformed"),
     (b"abc def", "is malformed"),
@@ -146,21 +148,25 @@ def test_a_bad_device_id_file_keeps_the_device_out_of_partial_rollouts(tmp_path,
 
 def test_device_id_file_of_the_wrong_kind(tmp_path):
     os.mkfifo(tmp_path / "fifo")
-    assert "not a regular file" in read_device_id(tmp_path / "fifo")[1]  # never blocks on a FIFO
+    assert "is a FIFO, not a regular file" in read_device_id(tmp_path / "fifo")[1]  # never blocks on a FIFO
     assert "cannot read" in read_device_id(tmp_path / "missing")[1]
-    assert read_device_id(tmp_path)[1]  # a directory
+    assert "is a directory, not a regular file" in read_device_id(tmp_path)[1]
+    assert "is a character device" in read_device_id(Path("/dev/zero"))[1]
     (tmp_path / "machine-id").write_text("4c4c4544004d3510804bb4c04f4d3732\n")
     assert read_device_id(tmp_path / "machine-id") == ("4c4c4544004d3510804bb4c04f4d3732", None)
     assert device_id_problem("4c4c4544004d3510804bb4c04f4d3732") is None
 
 
 def test_device_id_file_config_key_is_validated(world):
+    """The key must be a path; whatever the file is, it only keeps the device out of partial
+    rollouts (tests/test_hostile_files.py runs every command with a FIFO there)."""
     sim, _ = world.device()
     text = sim.config_path.read_text()
     (sim.root / "iddir").mkdir()
     sim.config_path.write_text(text.replace("[device]\n", '[device]\nid_file = "iddir"\n'))
-    with pytest.raises(UserError, match=r"device\.id_file.*is a directory, not a file"):
-        Config.load(sim.config_path)
+    config = Config.load(sim.config_path)
+    assert config.id_file == sim.root / "iddir"
+    assert "is a directory, not a regular file" in read_device_id(config.id_file)[1]
     sim.config_path.write_text(text.replace("[device]\n", "[device]\nid_file = 7\n"))
     with pytest.raises(UserError, match=r"device\.id_file"):
         Config.load(sim.config_path)
@@ -325,3 +331,119 @@ def test_channel_cli_rollout_pause_withdraw_and_a_bad_percentage(world):
     assert p.returncode == 0 and "points at 1.0.0; withdrawn: 2.0.0" in p.stdout, p.stderr
     p = cli("rollout", PRODUCT, "--channel", "nope", "--percent", "10")
     assert p.returncode == 2 and "has no channel 'nope'" in p.stderr
+
+
+# -- rollouts that no publish can widen (issue 21 part 3) ----------------------------------------
+def test_a_publish_keeps_the_channels_rollout_and_pause(world):
+    world.publish("1.0.0")
+    world.publish("2.0.0", channel="beta")
+    promote(world.storage, world.keys, product=PRODUCT, version="2.0.0", channel="stable", rollout=Rollout(10))
+    r = world.publish("3.0.0")  # to stable, at 10 %: not to the whole fleet
+    assert r.changed and r.rollout == {"percent": 10, "paused": False}
+    ptr = Channel.from_bytes(_stored_pointer(world).read_bytes())
+    assert (str(ptr.version), ptr.rollout) == ("3.0.0", Rollout(10))  # no seed: 3.0.0 draws its own cohort
+    _, outs = _ids(0, 1, 10, seed="3.0.0")
+    sim, dev = _device(world, "out", outs[0])
+    chk = dev.check()
+    assert chk["version"] == "3.0.0" and not chk["available"] and chk["rollout"]["percent"] == 10
+    assert dev.run(reboot=False)["download"] is None
+    assert_untouched(sim, dev)
+    set_rollout(world.storage, world.keys, product=PRODUCT, channel="stable", paused=True)
+    set_rollout(world.storage, world.keys, product=PRODUCT, channel="stable", percent=30)
+    promote(world.storage, world.keys, product=PRODUCT, version="3.0.0", channel="stable",
+            rollout=make_rollout(30, paused=True, seed="canary"))
+    assert world.publish("3.0.0").changed is False  # re-publishing changes nothing, rollout included
+    with pytest.raises(UserError, match="rollout.percent=101"):
+        make_rollout(101)
+    # an explicit --rollout is the only way a publish widens: 100 % to every device
+    p = subprocess.run([*ABFLIP, "publish", str(world.built["2.0.0"]), "--to", str(world.repo), "--keys",
+                        str(world.keys.dir), "--channel", "beta", "--rollout", "100", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["rollout"] == {"percent": 100, "paused": False}
+
+
+def _paused(world, percent: int) -> None:
+    """1.0.0 published; 2.0.0 on beta and, at ``percent`` with the seed canary, paused on stable."""
+    world.publish("1.0.0")
+    world.publish("2.0.0", channel="beta")
+    promote(world.storage, world.keys, product=PRODUCT, version="2.0.0", channel="stable",
+            rollout=make_rollout(percent, seed="canary"))
+    set_rollout(world.storage, world.keys, product=PRODUCT, channel="stable", paused=True)
+
+
+def test_a_paused_channel_stays_paused_for_the_next_release(world):
+    _paused(world, 50)
+    world.publish("3.0.0")
+    ptr = Channel.from_bytes(_stored_pointer(world).read_bytes())
+    assert ptr.rollout == Rollout(50, paused=True, seed="canary")  # a fixed seed stays: the same cohort first
+    ins, _ = _ids(1, 0, 50, seed="canary")
+    sim, dev = _device(world, "in", ins[0])
+    chk = dev.check()
+    assert not chk["available"] and "paused at 50 %" in chk["reason"]
+
+
+def test_withdraw_refuses_a_version_that_was_never_published(world):
+    world.publish("1.0.0")
+    world.publish("2.0.0")
+    before = _stored_pointer(world).read_bytes()
+    for version in ("9.9.9", "2.0.1"):
+        with pytest.raises(UserError, match=f"{PRODUCT} {version} was never published"):
+            withdraw(world.storage, world.keys, product=PRODUCT, version=version, channel="stable")
+    assert _stored_pointer(world).read_bytes() == before
+    p = subprocess.run([*ABFLIP, "channel", "withdraw", PRODUCT, "7.0.0", "--channel", "stable", "--repo",
+                        str(world.repo), "--keys", str(world.keys.dir)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith(f"error (user): {PRODUCT} 7.0.0 was never published"), p.stderr
+    r = withdraw(world.storage, world.keys, product=PRODUCT, version="1.0.0+rebuild", channel="stable")
+    assert r.withdrawn == ("1.0.0+rebuild",)  # published: build metadata does not make another version
+    assert withdraw(world.storage, world.keys, product=PRODUCT, version="1.0.0", channel="stable").changed is False
+
+
+def test_channel_show_and_list_say_what_each_channel_offers(world):
+    _paused(world, 10)
+    withdraw(world.storage, world.keys, product=PRODUCT, version="1.0.0", channel="stable")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*ABFLIP, "channel", *args, "--repo", str(world.repo)], capture_output=True, text=True,
+                              timeout=120)
+
+    p = cli("list", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = {c["channel"]: c for c in json.loads(p.stdout)["channels"]}
+    assert rows["stable"] == {"product": PRODUCT, "channel": "stable", "version": "2.0.0", "visible": True,
+                              "release": f"{PRODUCT}/releases/2.0.0/release.json", "phased": True, "percent": 10,
+                              "paused": True, "seed": "canary", "withdrawn": ["1.0.0"]}
+    assert rows["beta"]["phased"] is False and rows["beta"]["percent"] == 100 and rows["beta"]["withdrawn"] == []
+    p = cli("list")
+    assert f"{PRODUCT}/stable  2.0.0  rollout 10 % (paused; seed canary)  withdrawn 1.0.0" in p.stdout.splitlines()
+    assert f"{PRODUCT}/beta  2.0.0  every device" in p.stdout.splitlines()
+    p = cli("show", PRODUCT, "--channel", "stable")
+    assert p.returncode == 0 and "  rollout    10 % (paused; seed canary)" in p.stdout and "withdrawn  1.0.0" in p.stdout
+    p = cli("show", PRODUCT, "--channel", "nope")
+    assert p.returncode == 2 and "has no channel 'nope'" in p.stderr
+    p = cli("show", "other-os")
+    assert p.returncode == 2 and "has no product 'other-os'" in p.stderr
+    # repo verify prints the rollout state too
+    p = subprocess.run([*ABFLIP, "repo", "verify", str(world.repo)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"  {PRODUCT}/stable: 2.0.0  rollout 10 % paused seed canary; withdrawn 1.0.0  ok" in p.stdout.splitlines()
+    p = subprocess.run([*ABFLIP, "repo", "verify", str(world.repo), "--json"], capture_output=True, text=True,
+                       timeout=120)
+    stable = next(c for c in json.loads(p.stdout)["channels"] if c["channel"] == "stable")
+    assert stable["rollout"] == {"percent": 10, "paused": True, "seed": "canary"} and stable["withdrawn"] == ["1.0.0"]
+
+
+def test_publish_keeps_the_rollout_and_withdraw_refuses_the_unpublished_on_either_backend(backend):
+    """The part-3 refusals on a folder repository and on moto's S3 server; read back with channel_states."""
+    from builder.channels import channel_states
+
+    backend.publish("1.0.0")
+    backend.publish("2.0.0", channel="beta")
+    promote(backend.storage, backend.keys, product=PRODUCT, version="2.0.0", channel="stable", rollout=Rollout(5))
+    set_rollout(backend.storage, backend.keys, product=PRODUCT, channel="stable", paused=True)
+    assert backend.publish("3.0.0").rollout == {"percent": 5, "paused": True}
+    with pytest.raises(UserError, match=f"{PRODUCT} 4.0.0 was never published"):
+        withdraw(backend.storage, backend.keys, product=PRODUCT, version="4.0.0", channel="stable")
+    rows = {c["channel"]: c for c in channel_states(backend.storage, PRODUCT)}
+    assert (rows["stable"]["version"], rows["stable"]["percent"], rows["stable"]["paused"]) == ("3.0.0", 5, True)
+    assert rows["stable"]["withdrawn"] == [] and rows["beta"]["phased"] is False

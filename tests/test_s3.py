@@ -1,5 +1,6 @@
-"""Publishing to S3: a real S3 server (moto_server on 127.0.0.1) over HTTP, devices fetching
-the bucket's public objects over HTTP. Publishing stories run against both backends."""
+"""Publishing to S3: real S3 servers (moto_server and SeaweedFS on 127.0.0.1) over HTTP, devices
+fetching the bucket's public objects over HTTP. Publishing stories run against a directory and
+both stores; the S3-only ones against both stores."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import pytest
 
 from abflip.demo import PRODUCT
 from builder.errors import AlreadyExists, StorageAccessError, StorageError
-from builder.publish import headers_for, publish_release
+from builder.publish import fresh_for, headers_for, publish_release
 from builder.storage.s3 import S3Storage
 from metadata.errors import UserError
 from metadata.keys import KeyConfig
 from metadata.repository import Repository
 
-from s3server import DUMMY_ENV, MotoServer, S3World, backend, moto  # noqa: F401  (fixtures)
+from seaweedfs import SeaweedFS
+from s3server import DUMMY_ENV, MotoServer, S3World, backend, dummy_credentials, moto, s3, seaweedfs  # noqa: F401
 
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 
@@ -60,26 +62,74 @@ def test_create_only_and_compare_and_swap_on_either_backend(backend):
                if_match=new_tag)
 
 
-def test_s3_objects_carry_headers(moto, tmp_path, built):
-    w = S3World(tmp_path, built, moto)
+def race(n: int, write) -> list[int]:
+    """Run ``write(i)`` in ``n`` threads released at once; the indices whose write won."""
+    import threading
+
+    won: list[int] = []
+    start = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            write(i)
+            won.append(i)
+        except AlreadyExists:
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
+def test_conditional_writes_have_one_winner_under_concurrency(s3):
+    """Eight publishers at once, five rounds: one create-only write of a key wins, one
+    compare-and-swap from the same tag wins; every loser gets AlreadyExists (as publish expects)."""
+    st = S3Storage.from_url(f"s3://{s3.new_bucket()}/r", endpoint_url=s3.endpoint, region="us-east-1",
+                            max_concurrency=8)
+    kw = {"content_type": "application/json", "cache_control": "no-store"}
+    for round_ in range(5):
+        key = f"metadata/{round_}.snapshot.json"
+        won = race(8, lambda i: st.put(key, f"create {i}".encode(), create_only=True, **kw))
+        assert len(won) == 1, won
+        assert st.get(key) == f"create {won[0]}".encode()
+        _, tag = st.get_tagged(key)
+        won = race(8, lambda i: st.put(key, f"swap {i}".encode(), if_match=tag, **kw))
+        assert len(won) == 1, won
+        assert st.get(key) == f"swap {won[0]}".encode()
+
+
+def test_s3_objects_carry_headers(s3, tmp_path, built):
+    w = S3World(tmp_path, built, s3)
     w.publish("1.0.0")
     keys = w.storage.list("")
     assert any(k.startswith("targets/demo-os/releases/1.0.0/") and k.endswith(".rootfs.img.zst") for k in keys)
     for key in keys:
         h = w.storage.head(key)
-        assert (h["content_type"], h["cache_control"]) == headers_for(key), key
+        ctype, cache = headers_for(key)
+        assert h["cache_control"] == cache, key
+        if ctype == "application/octet-stream" and isinstance(s3, SeaweedFS):
+            # SeaweedFS takes octet-stream for "unknown" and guesses from the name (initrd.img:
+            # application/x-raw-disk-image); devices never read Content-Type (docs/producer.md)
+            assert h["content_type"] in (ctype, "application/x-raw-disk-image"), key
+        else:
+            assert h["content_type"] == ctype, key
         assert not h["content_encoding"]
-    assert w.storage.head("metadata/timestamp.json")["cache_control"] == "no-store"
+    assert w.storage.head("metadata/timestamp.json")["cache_control"] == fresh_for()
     # and over plain HTTP, as a device or CDN sees them
     import urllib.request
 
     with urllib.request.urlopen(f"{w.url}/metadata/timestamp.json") as r:
-        assert r.headers["Cache-Control"] == "no-store"
+        assert r.headers["Cache-Control"] == fresh_for()
+        assert r.headers["ETag"] and r.headers["Last-Modified"]  # what a cache revalidates with
 
 
-def test_multipart_upload_of_a_large_file(moto, tmp_path):
-    bucket = moto.new_bucket()
-    st = S3Storage.from_url(f"s3://{bucket}/p", endpoint_url=moto.endpoint, region="us-east-1",
+def test_multipart_upload_of_a_large_file(s3, tmp_path):
+    bucket = s3.new_bucket()
+    st = S3Storage.from_url(f"s3://{bucket}/p", endpoint_url=s3.endpoint, region="us-east-1",
                             part_size=5 << 20, max_concurrency=4)
     big = tmp_path / "big.zst"
     big.write_bytes(os.urandom(11 << 20) + b"end")
@@ -94,14 +144,14 @@ def test_multipart_upload_of_a_large_file(moto, tmp_path):
     assert st.get("targets/x/big.zst") == big.read_bytes()
 
 
-def test_missing_bucket_is_a_user_error(moto, tmp_path, built):
-    st = S3Storage.from_url("s3://no-such-bucket-abflip/repo", endpoint_url=moto.endpoint, region="us-east-1")
+def test_missing_bucket_is_a_user_error(s3, tmp_path, built):
+    st = S3Storage.from_url("s3://no-such-bucket-abflip/repo", endpoint_url=s3.endpoint, region="us-east-1")
     with pytest.raises(StorageAccessError, match="does not exist") as e:
         st.get("metadata/1.root.json")
     assert "create the bucket" in e.value.hint
     r = subprocess.run([*ABFLIP, "repo", "init", "--keys", str(tmp_path / "k"), "--to", "s3://no-such-bucket-abflip/r"],
                        capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, **DUMMY_ENV, AWS_ENDPOINT_URL_S3=moto.endpoint))
+                       env=dict(os.environ, **DUMMY_ENV, AWS_ENDPOINT_URL_S3=s3.endpoint))
     assert r.returncode == 2 and r.stderr.startswith("error (user): ") and "does not exist" in r.stderr, r.stderr
 
 
@@ -117,18 +167,41 @@ def test_access_denied_is_a_user_error(tmp_path):
         server.stop()
 
 
+def test_seaweedfs_refuses_unknown_credentials_and_anonymous_writes(seaweedfs, monkeypatch):
+    """SeaweedFS with identities (tests/seaweedfs.py): a key it does not know is access denied; an
+    anonymous reader (a device, a CDN) reads but can neither write nor delete."""
+    import urllib.error
+    import urllib.request
+
+    bucket = seaweedfs.new_bucket()
+    seaweedfs.client().put_object(Bucket=bucket, Key="metadata/timestamp.json", Body=b"{}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-known-key")
+    st = S3Storage.from_url(f"s3://{bucket}/", endpoint_url=seaweedfs.endpoint, region="us-east-1")
+    with pytest.raises(StorageAccessError, match="access denied") as e:  # a user error (exit 2)
+        st.put("metadata/x.json", b"{}", content_type="application/json", cache_control="no-store")
+    assert "credentials" in e.value.hint
+    url = f"{seaweedfs.endpoint}/{bucket}/metadata/timestamp.json"
+    with urllib.request.urlopen(url) as r:
+        assert r.read() == b"{}"
+    for method in ("PUT", "DELETE"):
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(urllib.request.Request(url, data=b"[]" if method == "PUT" else None, method=method))
+        assert http.value.code == 403, method
+    assert seaweedfs.client().get_object(Bucket=bucket, Key="metadata/timestamp.json")["Body"].read() == b"{}"
+
+
 def test_unknown_profile_is_a_user_error():
     with pytest.raises(UserError, match="profile"):
         S3Storage.from_url("s3://b/p", profile="abflip-no-such-profile")
 
 
-def test_interrupted_upload_leaves_previous_state(moto, tmp_path, built):
+def test_interrupted_upload_leaves_previous_state(s3, tmp_path, built):
     """The image upload dies mid-way (the connection's callback raises after the first part):
     nothing new is visible, the device still sees 1.0.0; a retry completes the publish."""
-    w = S3World(tmp_path, built, moto)
+    w = S3World(tmp_path, built, s3)
     w.publish("1.0.0")
     before = w.storage.get("metadata/timestamp.json")
-    st = S3Storage.from_url(w.s3_url, endpoint_url=moto.endpoint, region="us-east-1", part_size=5 << 20)
+    st = S3Storage.from_url(w.s3_url, endpoint_url=s3.endpoint, region="us-east-1", part_size=5 << 20)
 
     class Cut(Exception):
         pass
@@ -177,15 +250,16 @@ def test_failure_before_timestamp_leaves_previous_state(backend):
     assert dev.install().version == "2.0.0"
 
 
-def test_cli_publish_to_s3_and_concurrent_publishers(moto, tmp_path, built):
+def test_cli_publish_to_s3_and_concurrent_publishers(s3, tmp_path, built):
     """repo init and two concurrent `abflip publish` processes (different versions and channels)
     against one bucket; both land, and devices on each channel see their release."""
-    bucket = moto.new_bucket()
+    server = s3
+    bucket = server.new_bucket()
     url = f"s3://{bucket}/repo"
     env = dict(os.environ, **DUMMY_ENV)
-    s3 = ["--endpoint-url", moto.endpoint, "--region", "us-east-1"]
+    s3 = ["--endpoint-url", server.endpoint, "--region", "us-east-1"]
     r = subprocess.run([*ABFLIP, "repo", "init", "--keys", str(tmp_path / "keys"), "--to", url],
-                       capture_output=True, text=True, timeout=60, env=dict(env, AWS_ENDPOINT_URL_S3=moto.endpoint))
+                       capture_output=True, text=True, timeout=60, env=dict(env, AWS_ENDPOINT_URL_S3=server.endpoint))
     assert r.returncode == 0, r.stderr
     first = subprocess.run([*ABFLIP, "publish", str(built["1.0.0"]), "--to", url, "--keys", str(tmp_path / "keys"),
                             *s3, "--json"], capture_output=True, text=True, timeout=120, env=env)
@@ -198,14 +272,14 @@ def test_cli_publish_to_s3_and_concurrent_publishers(moto, tmp_path, built):
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         assert json.loads(out)["changed"] is True
-    st = S3Storage.from_url(url, endpoint_url=moto.endpoint, region="us-east-1")
+    st = S3Storage.from_url(url, endpoint_url=server.endpoint, region="us-east-1")
     repo = _load(st)
     assert repo.is_current
     assert {"demo-os/channels/stable.json", "demo-os/channels/beta.json", "demo-os/releases/2.0.0/release.json",
             "demo-os/releases/3.0.0/release.json"} <= set(repo.target_files)
     from s3server import make_device
 
-    http = f"{moto.endpoint}/{bucket}/repo"
+    http = f"{server.endpoint}/{bucket}/repo"
     root = st.get("metadata/1.root.json")
     _, stable = make_device(tmp_path / "stable-dev", http, root, built)
     _, beta = make_device(tmp_path / "beta-dev", http, root, built, channel="beta")
@@ -271,18 +345,18 @@ def test_ci_release_script_publishes_to_s3(moto, tmp_path, built):
     r = subprocess.run(["bash", str(script), str(tmp_path / "rootfs.tar.zst"), "5.0.0"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "demo-os/stable: 5.0.0  ok" in r.stdout
+    assert "demo-os/stable: 5.0.0  every device  ok" in r.stdout
     root = S3Storage.from_url(url, endpoint_url=moto.endpoint).get("metadata/1.root.json")
     _, dev = make_device(tmp_path / "dev", f"{moto.endpoint}/{bucket}/edge", root, built)
     assert dev.install().version == "5.0.0"
 
 
-def test_interrupted_multipart_upload_is_aborted(moto, tmp_path, built):
+def test_interrupted_multipart_upload_is_aborted(s3, tmp_path, built):
     """A 20 MiB image goes up in 8 MiB parts; the transfer dies after the first part. boto3
     aborts the multipart upload: no object, no dangling parts, the timestamp is untouched."""
     from builder.release import create_release
 
-    w = S3World(tmp_path, built, moto)
+    w = S3World(tmp_path, built, s3)
     w.publish("1.0.0")
     before = w.storage.get("metadata/timestamp.json")
     img = tmp_path / "big.img"

@@ -86,6 +86,44 @@ def test_dotfiles_are_never_served(served, path):
         assert raw_get(srv.url, path)[0] == 404
 
 
+# -- what a cache in front needs (issue 24) --------------------------------------------------------
+def test_cache_headers_are_what_a_cdn_needs(served):
+    """timestamp.json and 404s (the N+1.root.json probe) kept MAX_AGE seconds and never served stale;
+    the rest immutable; a validator to revalidate with, answered 304 while the file is the same and
+    200 once it was replaced."""
+    import urllib.error
+    import urllib.request
+
+    from builder.publish import IMMUTABLE, MAX_AGE
+
+    (served / "targets").mkdir()
+    (served / "targets" / "ab12.rootfs.img.zst").write_bytes(b"z" * 100)
+    with Server(served) as srv:
+        def get(path: str, **headers: str):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(srv.url + path, headers=headers)) as r:
+                    return r.status, r.headers, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, b""
+
+        status, h, body = get("/metadata/timestamp.json")
+        assert status == 200 and body == b"{}"
+        assert h["Cache-Control"] == f"public, max-age={MAX_AGE}, must-revalidate"
+        assert h["ETag"] and h["Last-Modified"]
+        status, h404, _ = get("/metadata/2.root.json")
+        assert status == 404 and h404["Cache-Control"] == f"public, max-age={MAX_AGE}, must-revalidate"
+        status, hz, _ = get("/targets/ab12.rootfs.img.zst")
+        assert (hz["Cache-Control"], hz["Content-Type"], hz["Content-Encoding"]) == (IMMUTABLE, "application/zstd", None)
+        assert get("/metadata/timestamp.json", **{"If-None-Match": h["ETag"]})[0] == 304
+        assert get("/metadata/timestamp.json", **{"If-None-Match": f'"other", W/{h["ETag"]}'})[0] == 304
+        assert get("/metadata/timestamp.json", **{"If-None-Match": '"other"'})[0] == 200
+        time.sleep(0.01)
+        (served / "metadata" / "new").write_text('{"v": 2}')
+        (served / "metadata" / "new").replace(served / "metadata" / "timestamp.json")
+        status, h2, body = get("/metadata/timestamp.json", **{"If-None-Match": h["ETag"]})
+        assert (status, body) == (200, b'{"v": 2}') and h2["ETag"] != h["ETag"]
+
+
 # -- connections --------------------------------------------------------------------------------
 def test_connections_beyond_the_bound_get_503_and_the_server_recovers(served):
     with Server(served, max_connections=2, timeout=30) as srv:

@@ -75,6 +75,9 @@ def repo_gc(
                  for product, v in sorted(r["kept"].items())]
         lines.append(f"{verb} {len(r['removed_targets'])} target(s) and {len(r['deleted_objects'])} object(s)")
         lines += [f"  {k}" for k in r["deleted_objects"]] if r["dry_run"] else []
+        if r.get("abandoned"):
+            lines.append(f"{verb} {len(r['abandoned'])} abandoned upload(s) of interrupted publishes")
+            lines += [f"  {k}" for k in r["abandoned"]] if r["dry_run"] else []
         lines += [f"skipped {s['path']}: {s['reason']}" for s in r.get("skipped", [])]
         if r["dry_run"]:
             lines.append("the keys can sign what the real run re-signs" if r["keys_checked"]

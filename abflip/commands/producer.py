@@ -159,19 +159,24 @@ def publish(
     to: str = typer.Option(..., "--to", help="repository: a directory or s3://bucket/prefix"),
     keys: Path = typer.Option(..., help="keys directory (keys.json)"),
     channel: str = typer.Option("stable", help="channel to point at this release"),
+    rollout: Optional[int] = typer.Option(None, "--rollout", help="offer it to this percentage (0..100) of the "
+                                                                  "product's devices (default: the channel's rollout "
+                                                                  "and pause carry over to the new release)"),
     endpoint_url: Optional[str] = ENDPOINT_OPT,
     region: Optional[str] = REGION_OPT,
     profile: Optional[str] = PROFILE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Upload a release and sign it into the repository (targets, snapshot, timestamp last)."""
+    from builder.channels import make_rollout
     from builder.publish import publish_release
     from metadata.keys import KeyConfig
 
     run(lambda: publish_release(release_dir, storage_for(to, endpoint_url, region, profile), KeyConfig.load(keys),
-                                channel=channel).__dict__, as_json,
+                                channel=channel, rollout=make_rollout(rollout)).__dict__, as_json,
         lambda r: (f"published {r['product']} {r['version']} to channel {r['channel']} (timestamp v{r['timestamp_version']})"
                    if r["changed"] else f"{r['product']} {r['version']} is already published on {r['channel']}: nothing to do")
+        + (f"; rollout {_rollout_text(r['rollout'])}" if r.get("rollout") else "")
         + ("" if r.get("visible", True) else _NOT_YET))
 
 
@@ -179,11 +184,17 @@ _NOT_YET = ("\nsigned into the product's role only: devices see it after the rep
             "('abflip repo snapshot', docs/release-control.md)")
 
 
+def _rollout_text(ro: dict) -> str:
+    """``10 % (paused; seed canary)``"""
+    extra = [*(["paused"] if ro.get("paused") else []), *([f"seed {ro['seed']}"] if ro.get("seed") else [])]
+    return f"{ro['percent']} %" + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def _channel_text(r: dict) -> str:
     ro = r.get("rollout")
     text = f"channel {r['channel']} of {r['product']} points at {r['version']}"
     if ro:
-        text += f", rollout {ro['percent']} %" + (" (paused)" if ro["paused"] else "")
+        text += f", rollout {_rollout_text(ro)}"
     if r.get("withdrawn"):
         text += f"; withdrawn: {', '.join(r['withdrawn'])}"
     text += "" if r["changed"] else " (unchanged)"
@@ -283,6 +294,70 @@ def channel_withdraw(
                  as_json, repo, keys, endpoint_url, region, profile)
 
 
+def _state_line(c: dict) -> str:
+    """``demo-os/stable  2.0.0  rollout 10 % (paused)  withdrawn 1.9.0``: one channel of 'channel list'."""
+    if c.get("channel") is None or "problem" in c:
+        return f"{c['product']}/{c.get('channel') or '*'}  FAIL: {c['problem']}"
+    text = f"{c['product']}/{c['channel']}  {c['version']}  "
+    text += f"rollout {_rollout_text(c)}" if c["phased"] else "every device"
+    text += f"  withdrawn {', '.join(c['withdrawn'])}" if c["withdrawn"] else ""
+    return text + ("" if c["visible"] else "  (not visible yet: the online signer has not run)")
+
+
+def _channel_states(repo: str, product: Optional[str], channel: Optional[str], endpoint_url, region,
+                    profile) -> dict:
+    from builder.channels import channel_states
+    from metadata.errors import UserError
+
+    rows = channel_states(storage_for(repo, endpoint_url, region, profile), product)
+    if channel is not None:
+        rows = [c for c in rows if c.get("channel") == channel]
+        if not rows:
+            raise UserError(f"{product} has no channel {channel!r}", hint=f"'abflip channel show {product}' lists them")
+    return {"channels": rows}
+
+
+@channel_app.command("list")
+def channel_list(
+    product: Optional[str] = typer.Argument(None, help="one product (default: every product)"),
+    repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Every channel, one line each: version, rollout, withdrawn versions (read-only, no keys)."""
+    run(lambda: _channel_states(repo, product, None, endpoint_url, region, profile), as_json,
+        lambda r: "\n".join(_state_line(c) for c in r["channels"]) or "no channels")
+
+
+@channel_app.command("show")
+def channel_show(
+    product: str = typer.Argument(...),
+    channel: Optional[str] = typer.Option(None, "--channel", help="one channel (default: every channel of the product)"),
+    repo: str = typer.Option(..., "--repo", help="repository: a directory or s3://bucket/prefix"),
+    endpoint_url: Optional[str] = ENDPOINT_OPT,
+    region: Optional[str] = REGION_OPT,
+    profile: Optional[str] = PROFILE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """A product's channels in full: version, release, rollout percent, paused, seed, withdrawn versions."""
+    def text(r: dict) -> str:
+        out = []
+        for c in r["channels"]:
+            if c.get("channel") is None or "problem" in c:
+                out.append(_state_line(c))
+                continue
+            out += [f"{c['product']}/{c['channel']}", f"  version    {c['version']} ({c['release']})",
+                    f"  rollout    {_rollout_text(c) if c['phased'] else '100 % (no phased rollout)'}",
+                    f"  seed       {c['seed'] or '(the release version: each release draws its own cohort)'}",
+                    f"  withdrawn  {', '.join(c['withdrawn']) or '-'}",
+                    f"  visible    {'yes' if c['visible'] else 'not yet: the online signer has not run'}"]
+        return "\n".join(out) or f"{product} has no channels"
+
+    run(lambda: _channel_states(repo, product, channel, endpoint_url, region, profile), as_json, text)
+
+
 @app.command("serve")
 def serve_cmd(
     directory: Path = typer.Argument(..., help="the repository directory (holding metadata/ and targets/)"),
@@ -292,9 +367,9 @@ def serve_cmd(
     timeout: float = typer.Option(60.0, help="seconds a client may stay silent (or not read) before it is dropped"),
     quiet: bool = typer.Option(False, "--quiet", help="no request log on stderr"),
 ) -> None:
-    """Serve a repository directory over HTTP (with Range) for local trials, logging each request
-    on stderr (Common Log Format). Dotfiles and anything whose real path leaves the directory are
-    never served."""
+    """Serve a repository directory over HTTP (with Range, and the cache headers a cache in front
+    needs) for local trials, logging each request on stderr (Common Log Format). Dotfiles and
+    anything whose real path leaves the directory are never served."""
     from ..httpserver import serve
 
     def log(line: str) -> None:

@@ -66,8 +66,9 @@ def _reader(location: str, s3: S3):
             except OSError as e:
                 raise TransportError(f"{base + name}: {e}") from None
         return read
-    storage = _storage(location, s3)
-    return lambda name: storage.get(f"metadata/{name}")
+    from builder.publish import MetadataOf
+
+    return MetadataOf(_storage(location, s3))
 
 
 def _sign_and_write(location: str, s3: S3, keys, make) -> list:
@@ -165,7 +166,7 @@ def repo_init(
         with _undo_new_keys(keys):
             files = init_repository(keys, roles=specs, expiry_days=days)
             try:
-                write_signed(storage, files)
+                write_signed(storage, files, new=True)
             except AlreadyExists:
                 raise UserError(f"{to} already holds a repository (another 'repo init' wrote it first)",
                                 hint="nothing was created; pass another --to") from None
@@ -394,13 +395,14 @@ def repo_snapshot(
     def go() -> dict:
         r = sign_online(_storage(repo, (endpoint_url, region, profile)), KeyConfig.load(keys), force=force)
         return {"signed": list(r.signed), "included": r.included, "newly_included": r.newly_included,
-                "skipped": list(r.skipped), "timestamp_version": r.timestamp_version}
+                "skipped": list(r.skipped), "timestamp_version": r.timestamp_version, "kept": r.kept}
 
     def text(r: dict) -> str:
         lines = [f"signed {', '.join(r['signed'])} (timestamp v{r['timestamp_version']})" if r["signed"]
                  else "nothing new or due"]
         lines += [f"included {role} v{v}" for role, v in sorted(r["newly_included"].items())]
         lines += [f"refused {s}" for s in r["skipped"]]
+        lines += [f"kept {product} at the version the snapshot names: {why}" for product, why in sorted(r["kept"].items())]
         return "\n".join(lines)
 
     run(go, as_json, text)

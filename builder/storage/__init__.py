@@ -7,6 +7,15 @@ Every backend keeps the same semantics:
 - other puts replace the object atomically (readers see the old or the new bytes);
   ``put(..., if_match=tag)`` replaces it only if it is still what ``get_tagged`` returned
   with ``tag`` (compare-and-swap), else raises ``AlreadyExists``.
+- ``get(key, limit)`` reads one object bounded: one that is larger than ``limit`` (known before
+  its bytes are read), not a regular file, or otherwise not to be had raises
+  :class:`~metadata.bounded.FileRefused`, and the caller judges that object alone (a product's
+  junk file costs that product, issue 21); without a limit such an object is a ``StorageError``.
+- ``names(prefix)`` lists every name directly under ``prefix``, whatever it is: the loader finds
+  versions by listing them, never by probing (docs/release-control.md).
+- ``abandoned(older_than)`` lists what interrupted writes left behind, invisible to every reader
+  (an S3 multipart upload a failing client could not abort, a directory's ``.tmp-*`` file), and
+  with ``remove=True`` removes it; ``repo gc`` does so after a day.
 """
 
 from __future__ import annotations
@@ -19,9 +28,9 @@ __all__ = ["Storage", "open_storage"]
 
 
 class Storage(Protocol):
-    def get(self, key: str) -> bytes | None: ...
+    def get(self, key: str, limit: int | None = None) -> bytes | None: ...
 
-    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]: ...
+    def get_tagged(self, key: str, limit: int | None = None) -> tuple[bytes | None, str | None]: ...
 
     def stream(self, key: str, piece: int = ...) -> Iterator[bytes] | None: ...
 
@@ -34,7 +43,11 @@ class Storage(Protocol):
 
     def list(self, prefix: str) -> list[str]: ...
 
+    def names(self, prefix: str) -> list[str]: ...
+
     def delete(self, key: str) -> None: ...
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]: ...
 
     def describe(self) -> str: ...
 

@@ -15,14 +15,18 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from metadata.bounded import FileRefused, open_regular, read_file
 
 from ..errors import AlreadyExists, StorageError
 
 __all__ = ["LocalStorage"]
 
 _log = logging.getLogger(__name__)  # `abflip --verbose`: every write and delete
+GET_MAX = 1 << 30  # get() holds an object in memory: metadata, pointers, manifests (images are streamed)
 
 
 class LocalStorage:
@@ -37,22 +41,30 @@ class LocalStorage:
             raise StorageError(f"refusing object key {key!r}")
         return self.root / key
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, limit: int | None = None) -> bytes | None:
+        """The object's bytes, None if absent. A FIFO, directory or device where a file should be
+        never blocks nor is read (:func:`metadata.bounded.read_file`). With ``limit``: an object
+        that cannot be had (not a regular file, larger than ``limit``, unreadable) raises
+        :class:`~metadata.bounded.FileRefused`, so the caller can judge that one object alone."""
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
+            return read_file(path, GET_MAX if limit is None else limit)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
-            raise StorageError(f"cannot read {self._path(key)}: {e}") from None
+            if limit is not None:
+                raise e if isinstance(e, FileRefused) else FileRefused(e.errno, f"cannot be read ({e.strerror})",
+                                                                       str(path)) from None
+            raise StorageError(f"cannot read {path}: {e.strerror or e}") from None
 
     def stream(self, key: str, piece: int = 8 << 20) -> Iterator[bytes] | None:
         """The object's bytes in pieces (bounded memory), None if absent."""
         try:
-            f = open(self._path(key), "rb")
+            f = open_regular(self._path(key))
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise StorageError(f"cannot read {self._path(key)}: {e}") from None
+            raise StorageError(f"cannot read {self._path(key)}: {e.strerror or e}") from None
 
         def pieces() -> Iterator[bytes]:
             with f:
@@ -60,9 +72,9 @@ class LocalStorage:
                     yield b
         return pieces()
 
-    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+    def get_tagged(self, key: str, limit: int | None = None) -> tuple[bytes | None, str | None]:
         """The bytes and a tag (their sha256) for a later ``put(if_match=tag)``."""
-        data = self.get(key)
+        data = self.get(key, limit)
         return data, (hashlib.sha256(data).hexdigest() if data is not None else None)
 
     def exists(self, key: str) -> bool:
@@ -148,6 +160,16 @@ class LocalStorage:
                     out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
         return sorted(out)
 
+    def names(self, prefix: str) -> list[str]:
+        """Every name directly under ``prefix`` (a directory), whatever it is (files, directories,
+        FIFOs; not dotfiles): what version discovery must step over."""
+        try:
+            return sorted(n for n in os.listdir(self._path(prefix)) if not n.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise StorageError(f"cannot list {self._path(prefix)}: {e.strerror or e}") from None
+
     def delete(self, key: str) -> None:
         _log.debug("deleting %s", self._path(key))
         try:
@@ -156,3 +178,22 @@ class LocalStorage:
             pass
         except OSError as e:
             raise StorageError(f"cannot delete {self._path(key)}: {e}") from None
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]:
+        """Staging files (``.tmp-*``) of writes killed before their rename, older than ``older_than`` s."""
+        found = []
+        limit = time.time() - older_than
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    if not name.startswith(".tmp-") or os.lstat(path).st_mtime > limit:
+                        continue
+                    if remove:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise StorageError(f"cannot remove {path}: {e}") from None
+                found.append(os.path.relpath(path, self.root))
+        return sorted(found)

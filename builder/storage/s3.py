@@ -8,8 +8,14 @@ Semantics kept (see :mod:`builder.storage`):
   the key exists, which becomes :class:`~builder.errors.AlreadyExists`, so two publishers
   cannot both create ``5.snapshot.json``;
 - ``put(if_match=etag)`` is a compare-and-swap (``If-Match``) for ``timestamp.json``;
+- a conditional write is always one ``PutObject``, never a multipart upload: stores that honour
+  conditions on a single put may not on a multipart completion (SeaweedFS 4.48 checks those
+  outside its per-object lock: several of six concurrent create-only completions won, tested);
+  the files written conditionally are small metadata;
 - large files go up as concurrent multipart uploads (boto3 ``TransferConfig``); an upload
-  that fails is aborted by boto3 and leaves no object behind, so nothing references it;
+  that fails is aborted by boto3 and leaves no object behind, so nothing references it; one it
+  could not abort (the endpoint went away: tested with a SeaweedFS gateway restarted) stays an
+  incomplete upload, invisible, until :meth:`S3Storage.abandoned` (``repo gc``) aborts it;
 - every object carries the Content-Type and Cache-Control of :func:`builder.publish.headers_for`.
 
 Every failure of the service is re-rooted by blame, with what to do: the command line or the
@@ -21,6 +27,7 @@ the storage itself (:class:`~builder.errors.StorageError`, exit 5).
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +37,8 @@ import boto3
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
+
+from metadata.bounded import FileRefused
 
 from ..errors import AlreadyExists, StorageAccessError, StorageError, StorageUnreachable
 
@@ -42,6 +51,11 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAc
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "503"}
+# What a GET of one object may answer that is that object's doing (a customer-provided encryption key,
+# a state the reader cannot read), not the bucket's or the credentials' (403, 404 and 5xx are those).
+_OBJECT_REFUSED = {400, 405, 409, 416}
+_AGAIN = ("then run the command again: devices see nothing of a publish before its last write, and a re-run "
+          "re-uses what was uploaded (docs/producer.md)")
 
 
 class S3Storage:
@@ -99,8 +113,11 @@ class S3Storage:
                                               "publishing needs s3:GetObject, s3:PutObject, s3:ListBucket, "
                                               "s3:DeleteObject") from None
             if code in _TRANSIENT or (isinstance(status, int) and status >= 500):
-                raise StorageUnreachable(f"{what} {where}: the S3 service failed ({code or status})",
-                                         hint="retry later; nothing was changed by this step") from None
+                # boto3 retried it already (standard mode, 5 attempts)
+                tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+                raise StorageUnreachable(f"{what} {where}: the S3 service failed (HTTP {status} {code}, {tries} "
+                                         "attempts)", hint=f"the service or a server behind it failed (restarting, "
+                                                           f"overloaded, a storage node lost); {_AGAIN}") from None
             raise StorageError(f"{what} {where} failed: {code} {e}") from None
         except botocore.exceptions.NoCredentialsError:
             raise StorageAccessError(f"{what} {where}: no AWS credentials found",
@@ -108,7 +125,8 @@ class S3Storage:
                                           "role") from None
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
                 botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError) as e:
-            raise StorageUnreachable(f"{what} {where}: cannot reach the S3 endpoint: {e}") from None
+            raise StorageUnreachable(f"{what} {where}: cannot reach the S3 endpoint: {e}",
+                                     hint=f"check --endpoint-url / --region and the network; {_AGAIN}") from None
         except botocore.exceptions.NoRegionError:
             raise StorageAccessError(f"{what} {where}: no AWS region configured",
                                      hint="pass --region (or set AWS_REGION / ABFLIP_REGION)") from None
@@ -120,16 +138,34 @@ class S3Storage:
         return str(e.response.get("Error", {}).get("Code", ""))
 
     # -- reading ---------------------------------------------------------------------------
-    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
-        """The object's bytes and ETag (for a later ``put(if_match=...)``); ``(None, None)`` if absent."""
+    def get_tagged(self, key: str, limit: int | None = None) -> tuple[bytes | None, str | None]:
+        """The object's bytes and ETag (for a later ``put(if_match=...)``); ``(None, None)`` if absent.
+
+        With ``limit``: an object larger than ``limit`` (by its ``Content-Length``, before its body
+        is read; and at most ``limit + 1`` bytes of the body are read, whatever the header said) or
+        that the service will not give this reader (say, stored with a customer-provided key)
+        raises :class:`~metadata.bounded.FileRefused`, so the caller can judge that object alone."""
+        where = f"s3://{self.bucket}/{self._key(key)}"
         with self._errors("reading", key):
             try:
                 r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             except botocore.exceptions.ClientError as e:
-                if self._code(e) in _MISSING_KEY:
+                code, status = self._code(e), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in _MISSING_KEY:
                     return None, None
+                if limit is not None and status in _OBJECT_REFUSED:  # this object only: not the bucket, not access
+                    raise FileRefused(errno.EACCES, f"cannot be read ({code})", where) from None
                 raise
-            return r["Body"].read(), r["ETag"]
+            body = r["Body"]
+            try:
+                if limit is not None and r["ContentLength"] > limit:
+                    raise FileRefused(errno.EFBIG, f"is {r['ContentLength']} bytes, more than the limit {limit}", where)
+                data = body.read() if limit is None else body.read(limit + 1)
+            finally:
+                body.close()
+            if limit is not None and len(data) > limit:
+                raise FileRefused(errno.EFBIG, f"is more than the limit of {limit} bytes", where)
+            return data, r["ETag"]
 
     def stream(self, key: str, piece: int = 8 * MiB) -> Iterator[bytes] | None:
         """The object's bytes in pieces (bounded memory), None if absent."""
@@ -146,8 +182,8 @@ class S3Storage:
                 yield from r["Body"].iter_chunks(piece)
         return pieces()
 
-    def get(self, key: str) -> bytes | None:
-        return self.get_tagged(key)[0]
+    def get(self, key: str, limit: int | None = None) -> bytes | None:
+        return self.get_tagged(key, limit)[0]
 
     def exists(self, key: str) -> bool:
         with self._errors("checking", key):
@@ -179,6 +215,17 @@ class S3Storage:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 out.extend(o["Key"][strip:] for o in page.get("Contents", []))
         return sorted(out)
+
+    def names(self, prefix: str) -> list[str]:
+        """Every name directly under ``prefix`` (objects, and "directories": common prefixes)."""
+        base = self._key(prefix.rstrip("/")) + "/" if prefix.strip("/") else (self.prefix + "/" if self.prefix else "")
+        out = []
+        with self._errors("listing", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base,
+                                                                              Delimiter="/"):
+                out.extend(o["Key"][len(base):] for o in page.get("Contents", []))
+                out.extend(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+        return sorted(n for n in out if n)
 
     # -- writing ---------------------------------------------------------------------------
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream", cache_control: str = "",
@@ -217,3 +264,26 @@ class S3Storage:
     def delete(self, key: str) -> None:
         with self._errors("deleting", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def abandoned(self, older_than: float, *, remove: bool = False) -> list[str]:
+        """Incomplete multipart uploads under the prefix started more than ``older_than`` s ago
+        (``<key> (upload started <when>)``); ``remove``: abort them."""
+        import datetime as dt
+
+        limit = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        found = []
+        with self._errors("listing incomplete uploads of", ""):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+            uploads = [u for page in pages for u in page.get("Uploads", []) if u["Initiated"] <= limit]
+        for u in uploads:
+            if remove:
+                with self._errors("aborting the upload of", u["Key"][strip:]):
+                    try:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    except botocore.exceptions.ClientError as e:
+                        if self._code(e) not in ("NoSuchUpload", "404"):  # finished or aborted meanwhile
+                            raise
+            found.append(f"{u['Key'][strip:]} (upload started {u['Initiated']:%Y-%m-%d %H:%M} UTC)")
+        return sorted(found)
