@@ -57,7 +57,7 @@ from .download_record import RECORD
 from .hooks import hook_env, run_hooks
 from .lifecycle import Event, Phase, move, phase_of, require, settled
 from .offer import Offer, Offered
-from .policy import StageDiscarded, same_version
+from .policy import StageDiscarded
 from .session import Session
 from .slots import SlotDevice, other_slot, slot_hash_ok
 from .state import SlotState, State, Target
@@ -258,7 +258,7 @@ def _check_esp(session: Session) -> None:
 def _staged_release(session: Session, t: Target) -> Release:
     path = staged_dir(session) / "release.json"
     try:
-        raw = read_file(path, dev.limits.manifest_max_bytes)
+        raw = read_file(path, session.limits.manifest_max_bytes)
     except OSError:  # also FileRefused
         raw = b""
     if hashlib.sha256(raw).hexdigest() != t.manifest_sha256:

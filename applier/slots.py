@@ -23,7 +23,6 @@ import functools
 import math
 import mmap
 import os
-import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path

@@ -203,16 +203,12 @@ def test_an_unreadable_state_file_says_run_as_root(world, monkeypatch):
     below it, a library caller is told the same, never that the file is invalid."""
     world.publish("1.0.0")
     sim, dev = agent(world)
-    import builtins
+    import applier.state
 
-    real_open = builtins.open
+    def deny(path, limit):
+        raise PermissionError(13, "Permission denied", str(path))
 
-    def deny(path, *a, **kw):
-        if str(path).endswith("state.json"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *a, **kw)
-
-    monkeypatch.setattr(builtins, "open", deny)
+    monkeypatch.setattr(applier.state, "read_file", deny)
     from metadata.errors import DeviceError
 
     with pytest.raises(DeviceError, match="permission denied") as e:

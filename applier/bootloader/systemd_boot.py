@@ -19,7 +19,6 @@ Writes are atomic (temp, fsync, rename, fsync dir) and followed by an ESP sync.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path

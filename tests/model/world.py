@@ -263,8 +263,8 @@ def digest(snap: Snapshot, releases: Releases) -> Digest:
     record = b""
     state = None
     for rel, data in snap:
-        if rel.startswith(("state/offer", "state/tuf", "state/lock")):
-            continue
+        if rel.startswith(("state/offer", "state/tuf", "state/lock", "state/history.jsonl")):
+            continue  # caches, the lock, and the history: a log no verb reads
         if rel == "state/state.json":
             try:
                 state = json.loads(data)
