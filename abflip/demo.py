@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from applier.agent import Device
-from applier.factory import provision
 from builder.image import build_image
 from builder.publish import publish_release, write_signed
 from builder.release import create_release
@@ -128,7 +127,7 @@ def _run(work: Path, out: Callable[[str], None]) -> dict:
         with open(work / "rootfs-1.0.0.erofs", "rb") as src, open(dev.slot_path("a"), "r+b") as slot:
             shutil.copyfileobj(src, slot, 1 << 20)  # the factory flashes 1.0.0 into slot a ...
         device = Device(dev.config)
-        first = provision(device, releases["1.0.0"].dir)  # ... and `abflip provision` records it
+        first = device.provision(releases["1.0.0"].dir)  # ... and `abflip provision` records it
         dev.boot()
         out(f"device: 1.0.0 flashed into slot a and provisioned (entry {first['entry']}, floor {first['floor']}); "
             f"the repository is served at {server.url}")

@@ -13,7 +13,7 @@ boot counting), as seen on real OVMF firmware (DESIGN.md):
   lowercased, as seen on OVMF) and ``LoaderBootCountPath`` (``\loader\entries\<name after
   the rename>``, only for counted entries).
 
-It deliberately parses entries itself rather than use :mod:`applier.boot`, so a test that
+It deliberately parses entries itself rather than use :mod:`applier.bootloader.systemd_boot`, so a test that
 boots the model checks the applier's output against an independent reading.
 """
 

@@ -294,7 +294,7 @@ class Via:
         return (json.dumps(out, sort_keys=True) + "\n").encode()
 
 
-def plan_for(dev, client, release: Release, state, booted: str) -> Via:
+def plan_for(session, client, release: Release, state, booted: str) -> Via:
     """The delta to use for ``release`` on this device, if any (never raises for a bad delta)."""
     s = state.slots[booted]
     ref = choose(release, s.sha256, s.size)
@@ -304,18 +304,18 @@ def plan_for(dev, client, release: Release, state, booted: str) -> Via:
         why = ("no delta from the booted image" if s.sha256 else
                "the booted slot's image sha256 is not recorded (provision the device), so no delta applies")
         return Via(None, why)
-    dev._emit(phase="delta", source=ref.source.version)
-    p, why = plan(client, release, ref, budget=dev.config.memory_budget, limits=dev.limits)
+    session.emit(phase="delta", source=ref.source.version)
+    p, why = plan(client, release, ref, budget=session.config.memory_budget, limits=session.limits)
     return Via(p, None if p is not None else f"the delta from {ref.source.version} is not used: {why}")
 
 
-def write_planned(dev, via: Via, release: Release, slot_dev: SlotDevice, booted: str, url: str, start: int,
-                  on_chunk: Callable[[int, int], None]) -> int:
+def write_planned(session, fetcher, via: Via, release: Release, slot_dev: SlotDevice, booted: str, url: str,
+                  start: int, on_chunk: Callable[[int, int], None]) -> int:
     """Write the target slot through ``via.plan``, the booted slot opened read-only as the source."""
     from .stream import write_image
 
-    cfg = dev.config
-    full = lambda s, e: dev.fetcher.open_range(url, s, e)  # noqa: E731
+    cfg = session.config
+    full = lambda s, e: fetcher.open_range(url, s, e)  # noqa: E731
     assert via.plan is not None
     try:
         source = SlotDevice(booted, cfg.slots[booted].device, write=False)
@@ -325,6 +325,6 @@ def write_planned(dev, via: Via, release: Release, slot_dev: SlotDevice, booted:
     data_url = via.plan.data_url
     with source:
         via.stats = write_delta(release.image, via.plan.delta, slot_dev, source,
-                                lambda s, e: dev.fetcher.open_range(data_url, s, e), full, chunks_done=start,
+                                lambda s, e: fetcher.open_range(data_url, s, e), full, chunks_done=start,
                                 retries=cfg.retries, on_chunk=on_chunk)
     return via.stats.downloaded

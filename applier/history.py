@@ -49,7 +49,7 @@ def snapshot(state_dir: Path) -> dict | None:
             "target": None if t is None else {"version": t.version, "slot": t.slot, "chunks_done": t.chunks_done,
                                               "chunks_total": t.chunks_total},
             "slots": {k: {"status": v.status, "version": v.version} for k, v in st.slots.items()},
-            "rollback": st.rollback}
+            "rollback": st.rollback.__dict__ if st.rollback else None}
 
 
 @contextlib.contextmanager

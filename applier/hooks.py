@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 from metadata.errors import DeviceError
 
 if TYPE_CHECKING:
+    from .config import Config
     from .state import State, Target
 
 __all__ = ["HOOK_KINDS", "HookError", "HookResult", "check_hooks", "hook_env", "list_hooks", "run_hooks"]
@@ -166,12 +167,12 @@ def _user(uid: int) -> str:
 
 
 # -- running ---------------------------------------------------------------------------------
-def hook_env(dev, state: State, booted: str, t: Target | None) -> dict[str, str]:
-    """The ``ABFLIP_*`` values the agent passes to its hooks (``dev``: an :class:`applier.agent.Device`)."""
-    env = {"ABFLIP_BOOTED_SLOT": booted, "ABFLIP_STATE": state.state, "ABFLIP_CONFIG": str(dev.config.path)}
+def hook_env(config: Config, state: State, booted: str, t: Target | None) -> dict[str, str]:
+    """The ``ABFLIP_*`` values the agent passes to its hooks."""
+    env = {"ABFLIP_BOOTED_SLOT": booted, "ABFLIP_STATE": state.state, "ABFLIP_CONFIG": str(config.path)}
     if t is not None:
         env.update(ABFLIP_VERSION=t.version, ABFLIP_SLOT=t.slot,
-                   ABFLIP_SLOT_DEVICE=str(dev.config.slots[t.slot].device))
+                   ABFLIP_SLOT_DEVICE=str(config.slots[t.slot].device))
     return env
 
 

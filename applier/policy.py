@@ -43,7 +43,9 @@ def floor_of(committed_floor: str | None, booted_version: str | None) -> Version
 
 
 def check_release(release: Release, channel: Channel, *, product: str, hardware_id: str, floor: Version | None,
-                  failed_versions: list[str], allow_downgrade: bool = False, retry_failed: bool = False) -> None:
+                  failed_versions: list[str], allow_downgrade: bool = False, retry_failed: bool = False,
+                  running: str | None = None) -> None:
+    """``floor``: :func:`floor_of` the committed floor and the ``running`` (booted) version."""
     if release.product != product or channel.product != product:
         raise PolicyError(f"the channel offers product {release.product!r}, this device runs {product!r}")
     if release.version != channel.version:
@@ -53,11 +55,25 @@ def check_release(release: Release, channel: Channel, *, product: str, hardware_
                           f"it supports {', '.join(release.compatible)}", hint="nothing was changed; check the device's "
                           "channel and hardware_id")
     if not allow_downgrade and floor is not None and release.version <= floor:
-        raise PolicyError(f"{release.version} is not newer than {floor}, the version this device runs or committed",
+        raise PolicyError(f"{release.version} is not newer than {floor}, {_floor_words(floor, running)}",
                           hint="nothing to do; pass --allow-downgrade to install an older or equal version")
     if not retry_failed and any(same_version(str(release.version), v) for v in failed_versions):
-        raise PolicyError(f"{release.version} failed to boot on this device before and is not retried by itself",
+        raise PolicyError(f"{release.version} was rolled back on this device before (a failed boot or health check, "
+                          "or `abflip rollback`) and is not retried by itself",
                           hint="publish a fixed version, or pass --retry-failed")
+
+
+def _floor_words(floor: Version, running: str | None) -> str:
+    """What the floor is, truly: the running version, or a higher one committed before."""
+    try:
+        run = Version.parse(running) if running else None
+    except UserError:
+        run = None
+    if run is not None and run >= floor:
+        return "the version this device runs"
+    if run is None:
+        return "the version this device committed"
+    return f"the highest version this device committed (it runs {running} since a rollback; the floor stays)"
 
 
 def check_offered(channel: Channel, release: Release, decision) -> None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from metadata.bounded import FileRefused, loads_json, read_file
@@ -23,11 +24,31 @@ from metadata.version import Version
 from .atomic import write_atomic
 from .rollout import device_id_problem
 
-__all__ = ["read_device_id", "save_record", "load_record", "RECORD", "ID_MAX_BYTES"]
+__all__ = ["ControlRecord", "read_device_id", "save_record", "load_record", "RECORD", "ID_MAX_BYTES"]
 
 RECORD = "release-control.json"
 ID_MAX_BYTES = 4096
 RECORD_MAX_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class ControlRecord:
+    """What the last verified channel pointer said: its channel and version, the versions it
+    withdrew, and this device's rollout decision (:meth:`applier.rollout.Decision.to_json`)."""
+
+    channel: str
+    version: str
+    withdrawn: tuple[str, ...]
+    rollout: dict | None
+
+    def to_json(self) -> dict:
+        return {"channel": self.channel, "version": self.version, "withdrawn": list(self.withdrawn),
+                "rollout": self.rollout}
+
+    def is_withdrawn(self, version: str) -> bool:
+        from .policy import same_version
+
+        return any(same_version(version, w) for w in self.withdrawn)
 
 
 def read_device_id(path: Path) -> tuple[str | None, str | None]:
@@ -48,10 +69,10 @@ def read_device_id(path: Path) -> tuple[str | None, str | None]:
     return text, None
 
 
-def save_record(state_dir: Path, record: dict) -> None:
+def save_record(state_dir: Path, record: ControlRecord) -> None:
     """Best effort: a check that cannot write it still answers. A record that is already there
     is not written again (an idle check, every timer tick, then syncs nothing)."""
-    data = (json.dumps(record, sort_keys=True) + "\n").encode()
+    data = (json.dumps(record.to_json(), sort_keys=True) + "\n").encode()
     try:
         if read_file(state_dir / RECORD, len(data)) == data:
             return
@@ -65,7 +86,7 @@ def save_record(state_dir: Path, record: dict) -> None:
         pass
 
 
-def load_record(state_dir: Path) -> dict | None:
+def load_record(state_dir: Path) -> ControlRecord | None:
     try:
         d = loads_json(read_file(state_dir / RECORD, RECORD_MAX_BYTES))
     except (OSError, ValueError):  # also FileRefused, TooDeep, UnicodeDecodeError
@@ -80,4 +101,4 @@ def load_record(state_dir: Path) -> dict | None:
         return None
     if d.get("rollout") is not None and not isinstance(d.get("rollout"), dict):
         return None
-    return {k: d.get(k) for k in ("channel", "version", "withdrawn", "rollout")}
+    return ControlRecord(d["channel"], d["version"], tuple(d["withdrawn"]), d.get("rollout"))

@@ -1,9 +1,8 @@
-"""The two root slots: which one is booted, and raw access to the inactive one.
+"""The two root slots: raw access to the inactive one, and what a slot's device is.
 
-The booted slot comes from the boot loader's word (``LoaderBootCountPath`` /
-``LoaderEntrySelected`` naming an abflip entry) or else the kernel command line
-(``abflip.slot=`` or ``root=PARTLABEL=``). When neither tells, we refuse to write
-anything (invariant 1: never write the booted slot).
+Which slot is booted is the boot loader's word (:meth:`applier.bootloader.Bootloader.booted`);
+when neither the loader nor the kernel command line tells, nothing is written (invariant 1:
+never write the booted slot).
 
 Invariant 1 holds whatever the configuration says: :class:`SlotDevice` refuses to open a
 slot for writing when its device overlaps the booted slot's device (:func:`overlaps`: the
@@ -24,53 +23,19 @@ import functools
 import math
 import mmap
 import os
-import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from metadata.errors import DeviceError
 
-from .config import Config
-from .context import Context
 
 WRITE_PIECE = 256 << 10
 VERIFY_PIECE = 4 << 20
 
 SYSFS = Path("/sys")
 
-__all__ = ["SlotDevice", "booted_slot", "device_identity", "other_slot", "overlaps", "slot_from_entry_name",
-           "slot_hash_ok"]
-
-_ENTRY_SLOT = re.compile(r"abflip-.+-([ab])(?:\+\d+(?:-\d+)?)?\.conf$")
-
-
-def slot_from_entry_name(name: str) -> str | None:
-    m = _ENTRY_SLOT.search(name.replace("\\", "/").rsplit("/", 1)[-1])
-    return m.group(1) if m else None
-
-
-def booted_slot(config: Config, ctx: Context) -> str:
-    for var in ("LoaderBootCountPath", "LoaderEntrySelected"):
-        value = ctx.loader_var(var)
-        if value and (slot := slot_from_entry_name(value)):
-            return slot
-    cmdline = ctx.read_cmdline()
-    if cmdline:
-        args = cmdline.split()
-        for arg in args:
-            if arg.startswith("abflip.slot=") and arg.split("=", 1)[1] in config.slots:
-                return arg.split("=", 1)[1]
-        for arg in args:
-            if arg.startswith("root=PARTLABEL="):
-                label = arg.split("=", 2)[2]
-                for name, s in config.slots.items():
-                    if s.partlabel == label:
-                        return name
-    raise DeviceError("cannot tell which slot is booted (no abflip loader entry, no abflip.slot= or "
-                      "root=PARTLABEL=<slot label> on the kernel command line)",
-                      hint="boot through an abflip entry, or add abflip.slot=a to the kernel command line")
-
+__all__ = ["SlotDevice", "device_identity", "other_slot", "overlaps", "slot_hash_ok"]
 
 def other_slot(slot: str) -> str:
     return {"a": "b", "b": "a"}[slot]
@@ -362,16 +327,16 @@ def _sync_file_range():
     return fn
 
 
-def slot_hash_ok(dev, slot: str, sha: str, size: int) -> bool:
-    """The first ``size`` bytes of ``slot`` hash to ``sha`` (read-only; ``dev``: an
-    :class:`applier.agent.Device`, which is told the progress)."""
+def slot_hash_ok(session, slot: str, sha: str, size: int) -> bool:
+    """The first ``size`` bytes of ``slot`` hash to ``sha`` (read-only; ``session``: an
+    :class:`applier.session.Session`, which is told the progress)."""
     import hashlib  # here: status and boot-check import this module, only rollback and apply hash a slot
 
     h = hashlib.sha256()
-    with SlotDevice(slot, dev.config.slots[slot].device, write=False) as sd:
+    with SlotDevice(slot, session.config.slots[slot].device, write=False) as sd:
         if sd.capacity < size:
             return False
         for off in range(0, size, VERIFY_PIECE):
             h.update(sd.pread(off, min(VERIFY_PIECE, size - off)))
-            dev._emit(phase="verify", slot=slot, bytes=min(size, off + VERIFY_PIECE), total_bytes=size)
+            session.emit(phase="verify", slot=slot, bytes=min(size, off + VERIFY_PIECE), total_bytes=size)
     return h.hexdigest() == sha

@@ -26,7 +26,8 @@ from metadata.version import Version
 
 from .atomic import write_atomic
 
-__all__ = ["STATES", "SlotState", "State", "StateInvalid", "Target", "load_state", "quarantine_state", "save_state"]
+__all__ = ["STATES", "RollbackRequest", "SlotState", "State", "StateInvalid", "Target", "load_state",
+           "quarantine_state", "save_state"]
 
 SCHEMA = 1
 STATES = ("idle", "downloading", "staged", "pending", "trial", "committed", "rolled-back")
@@ -60,6 +61,17 @@ class Target:
 
 
 @dataclass
+class RollbackRequest:
+    """A requested rollback waiting for its reboot: the booted entry (of ``from_slot``) is marked
+    bad, so ``to_slot`` boots next."""
+
+    from_slot: str
+    from_version: str | None
+    to_slot: str
+    to_version: str | None
+
+
+@dataclass
 class State:
     state: str = "idle"
     floor: str | None = None
@@ -69,8 +81,7 @@ class State:
     last_error: dict | None = None
     updated: str | None = None
     recovered: bool = False  # rebuilt from the boot loader (the file was missing or invalid)
-    # A requested rollback waiting for its reboot: {"from_slot", "from_version", "to_slot", "to_version"}.
-    rollback: dict | None = None
+    rollback: RollbackRequest | None = None  # a requested rollback waiting for its reboot
     invalid: str | None = None  # why the file on disk failed validation (None: it did not, or there was none)
 
     def to_json(self) -> dict:
@@ -106,6 +117,8 @@ class State:
             for k in ("from_version", "to_version"):
                 if rollback.get(k) is not None:
                     _version(rollback[k], f"rollback.{k}")
+            rollback = RollbackRequest(rollback["from_slot"], rollback.get("from_version"), rollback["to_slot"],
+                                       rollback.get("to_version"))
         last_error = d.get("last_error")
         _need(last_error is None or (isinstance(last_error, dict)
                                      and all(isinstance(v, str) for v in last_error.values())), "last_error is malformed")
@@ -191,14 +204,39 @@ def load_state(state_dir: Path) -> State | None:
         return None
     except FileRefused as e:
         return State(invalid=f"{path} {e.strerror}")
+    except PermissionError:
+        raise DeviceError(f"cannot read the state file {path}: permission denied",
+                          hint="run abflip as root (the state directory belongs to the device agent)") from None
     except OSError as e:
         return State(invalid=f"cannot read {path}: {e.strerror or e}")
     try:
-        return State.from_json(loads_json(raw))
-    except StateInvalid as e:
-        return State(invalid=f"{path}: {e}")
+        d = loads_json(raw)
     except ValueError as e:  # also TooDeep, UnicodeDecodeError
         return State(invalid=f"{path} is not valid JSON ({e})")
+    try:
+        return State.from_json(d)
+    except StateInvalid as e:
+        return _salvage(d, State(invalid=f"{path}: {e}"))
+
+
+def _salvage(d: object, state: State) -> State:
+    """What an invalid file still says and validates on its own: the floor and the failed
+    versions. A rebuild keeps them (they only ever hold the device back, never let it take more)."""
+    if not isinstance(d, dict):
+        return state
+    try:
+        if d.get("floor") is not None:
+            state.floor = _version(d["floor"], "floor")
+    except StateInvalid:
+        pass
+    failed = d.get("failed_versions")
+    if isinstance(failed, list):
+        for v in failed[:MAX_FAILED]:
+            try:
+                state.failed_versions.append(_version(v, "failed_versions[]"))
+            except StateInvalid:
+                pass
+    return state
 
 
 def save_state(state_dir: Path, state: State) -> None:

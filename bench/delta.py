@@ -160,7 +160,6 @@ def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, 
     """``abflip install`` as a process on a fresh simulated device; its result, time and RSS."""
     from abflip.sim import SimDevice
     from applier.agent import Device
-    from applier.factory import provision
 
     shutil.rmtree(run, ignore_errors=True)
     img, rel_dir = factory
@@ -169,7 +168,7 @@ def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, 
     if delta:
         with open(img, "rb") as s, open(sim.slot_path("a"), "r+b") as d:
             shutil.copyfileobj(s, d, 1 << 20)
-        provision(Device(sim.config), rel_dir)
+        Device(sim.config).provision(rel_dir)
         sim.boot()
     else:
         sim.provision(img, slot="a", version="1.0.0", product="bench-os")

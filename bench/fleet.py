@@ -7,7 +7,7 @@
 (``ci/nginx-cdn.conf``, as docs/producer.md recommends) in front of the origin (``abflip serve``'s
 handler over a repository directory, in this process, counting what it serves). A device here has
 its own id (``device.id_file``), its own state directory with its own TUF metadata, and no slots:
-each check is the applier's own code (``Device._offer``: the TUF refresh, the channel pointer and
+each check is the applier's own code (``applier.offer.Offer.fetch``: the TUF refresh, the channel pointer and
 the release manifest, verified and cached; ``applier.rollout.decide``; ``applier.policy``), and an
 update fetches the image the way ``abflip download`` does (one ranged GET from the first byte, each
 chunk verified against the signed manifest as it arrives) but writes nothing. The workers share a
@@ -219,7 +219,9 @@ def _worker(first: int, count: int, spec: dict, out: multiprocessing.Queue, star
 
     def check(dev: Device, current: Version, tally: Tally) -> Version:
         fetcher.reset()
-        client, channel, release, _ = dev._offer()  # the applier's own: TUF refresh, pointer, manifest
+        offer = dev.offer(dev.session())
+        offered = offer.fetch()  # the applier's own: TUF refresh, pointer, manifest
+        client, channel, release = offer.client, offered.channel, offered.release
         ident, why = read_device_id(dev.config.id_file)
         decision = decide(channel.rollout, product=release.product, version=str(release.version), device_id=ident,
                           device_id_error=why)

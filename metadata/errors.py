@@ -21,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "Error",
+    "InternalError",
     "RepositoryError",
     "TransportError",
     "DeviceError",
@@ -37,6 +38,9 @@ class Error(Exception):
     exit_code = 1
     blame = "internal"
     default_hint = ""
+    #: recorded as the device's ``last_error``; a refusal of an interactive verb in the wrong
+    #: phase (``apply`` with nothing staged) is not (:func:`applier.lifecycle.require`)
+    recorded = True
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -51,6 +55,12 @@ class Error(Exception):
 
     def to_json(self) -> dict[str, str]:
         return {"blame": self.blame, "type": type(self).__name__, "message": self.message, "hint": self.hint}
+
+
+class InternalError(Error):
+    """A bug: abflip reached a state its own rules say cannot happen (never the user's fault)."""
+
+    default_hint = "this is a bug in abflip; nothing further was changed. Please report it with this message"
 
 
 class UserError(Error):

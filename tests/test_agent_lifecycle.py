@@ -119,7 +119,7 @@ def test_health_check_failure_rolls_back_by_itself(world):
     assert not (sim.esp / "abflip" / "2.0.0-b").exists()
     assert dev.check()["available"] is False  # not retried by itself
     r = dev.run()
-    assert r["download"] is None and "failed to boot" in r["check"]["reason"]
+    assert r["download"] is None and "rolled back on this device before" in r["check"]["reason"]
 
 
 def test_hanging_health_check_is_a_failure(world):

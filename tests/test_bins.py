@@ -367,7 +367,7 @@ def test_a_device_on_a_missing_channel_is_told_the_channels_of_a_product_with_bi
     world.publish("1.0.0", channel="stable")
     world.publish("2.0.0", channel="edge")
     sim, dev = world.device()
-    client = dev._client()
+    client = dev.offer(dev.session())._client()
     client.refresh()
     assert client.channels(PRODUCT) == ["edge", "stable"]
     assert client.channels("no-such-product") == []

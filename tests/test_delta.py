@@ -25,7 +25,6 @@ from abflip.demo import HARDWARE, PRODUCT
 from abflip.httpserver import RepoHandler, Server
 from abflip.sim import SimDevice
 from applier.agent import Device
-from applier.factory import provision
 from builder.errors import BuildError
 from builder.image import build_image
 from builder.release import create_release
@@ -94,7 +93,7 @@ def provisioned(w: World, name: str = "dev", *, flash: str = "1.0.0") -> tuple[S
     with open(w.built[f"{flash}.img"], "rb") as src, open(sim.slot_path("a"), "r+b") as dst:
         shutil.copyfileobj(src, dst)
     dev = Device(sim.config)
-    provision(dev, w.built[flash])
+    dev.provision(w.built[flash])
     sim.boot()
     return sim, Device(sim.config)
 

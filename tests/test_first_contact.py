@@ -189,7 +189,8 @@ def test_channels_of_a_delegated_product_over_http(world):
     world.publish("2.0.0", channel="edge")
     assert "demo-os/channels/edge.json" in load().delegated[PRODUCT].signed.targets
     sim = device_with(world, "deleg")
-    client = Device(sim.config)._client()
+    dev = Device(sim.config)
+    client = dev.offer(dev.session())._client()
     client.refresh()
     assert client.channels(PRODUCT) == ["edge", "stable"]
     assert client.channels("other-os") == []

@@ -19,7 +19,7 @@ from test_agent_lifecycle import agent
 
 import metadata.manifest as manifest_mod
 from abflip.demo import HARDWARE, PRODUCT
-from applier import boot
+from applier.bootloader import systemd_boot as boot
 from applier.state import load_state
 from builder.release import create_release
 from metadata.errors import DeviceError, PolicyError, RepositoryError
@@ -168,7 +168,7 @@ def test_a_rebuild_of_a_failed_version_is_the_same_version(world):
     assert "2.0.0" in dev.boot_check()["failed_versions"]
     publish_as(world, "2.0.0+rebuild")
     assert dev.check()["available"] is False
-    with pytest.raises(PolicyError, match="failed to boot on this device before"):
+    with pytest.raises(PolicyError, match="was rolled back on this device before"):
         dev.download()
     assert_untouched(sim, dev)
 
@@ -353,7 +353,7 @@ def test_a_bless_that_keeps_failing_keeps_the_trial(world):
 
 def test_state_save_failing_after_the_bless_says_what_happened(world, monkeypatch):
     sim, dev = on_trial(world)
-    import applier.agent as agent_mod
+    import applier.session as agent_mod
 
     real = agent_mod.save_state
     calls = []
@@ -414,7 +414,7 @@ def test_two_agents_at_once_the_second_is_refused(world):
     world.publish("1.0.0")
     sim, dev = agent(world)
     world.publish("2.0.0")
-    with dev.locked():
+    with dev.session().locked():
         p = cli(sim, "download")
     assert p.returncode == 5 and "another abflip command is running" in p.stderr
     assert_untouched(sim, dev)

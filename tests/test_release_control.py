@@ -264,7 +264,7 @@ def test_a_withdrawn_release_is_discarded_when_staged_and_reported_when_running(
     with pytest.raises(StageDiscarded, match="2.0.0 was withdrawn from channel stable: the staged 2.0.0 was discarded"):
         staged.apply(now=True)
     st = staged.status()
-    assert st["target"] is None and st["state"] == "committed" and st["slots"]["b"]["status"] == "unknown"
+    assert st["target"] is None and st["state"] == "idle" and st["slots"]["b"]["status"] == "unknown"
     assert "withdrawn" in st["last_error"]["message"]
     assert_untouched(staged_sim, staged)
     assert not (staged_sim.state_dir / "staged").exists()

@@ -240,7 +240,7 @@ def test_rollback_of_timestamp_is_refused(world):
 
 
 def _refresh_only(dev):
-    dev._client().refresh()
+    dev.offer(dev.session())._client().refresh()
     raise PolicyError("refreshed")
 
 

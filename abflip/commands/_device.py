@@ -83,8 +83,12 @@ def render_status(s: dict) -> str:
     asks (where am I, what is on the slots, what is coming, what went wrong)."""
     booted = (f"slot {s['booted_slot']} ({s['booted_version'] or 'unknown version'}, "
               f"entry {s['booted_entry'] or 'unknown'})" if s["booted_slot"] else "unknown slot (every write is refused)")
-    lines = [_line("state", s["state"] + (" (rebuilt from the boot entries)" if s.get("state_recovered") else "")),
-             _line("booted", booted), _line("floor", s["floor"] or "none")]
+    lines = [s["message"]] if s.get("message") else []  # what a verb just did (boot-check, mark-good, rollback)
+    lines += [_line("state", s["state"] + (" (rebuilt from the boot entries)" if s.get("state_recovered") else "")
+                    + (" (rollback requested)" if s.get("phase") == "rollback-requested" else "")),
+              _line("booted", booted), _line("floor", s["floor"] or "none")]
+    if s.get("next"):
+        lines.append(_line("next", s["next"]))
     if s["booted_slot"] and not s["booted_version"]:
         lines.append("         (not provisioned: `abflip provision RELEASE` records the image in the booted slot)")
     if "hardware_id" in s:
@@ -135,10 +139,11 @@ def render_status(s: dict) -> str:
 
 
 def render_check(r: dict) -> str:
+    nxt = f"\nnext:    {r['next']}" if r.get("next") else ""
     if r["available"]:
         return (f"{r['version']} is available (running {r['current'] or 'an unknown version'})"
-                + ("; it is staged" if r["staged"] else "") + "\n" + window_line(r["next_window"]))
-    return f"no update: {r['reason']}"
+                + ("; it is staged" if r["staged"] else "") + nxt + "\n" + window_line(r["next_window"]))
+    return f"no update: {r['reason']}" + nxt
 
 
 def status(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:

@@ -119,11 +119,7 @@ def mark_good(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
 @app.command("rollback")
 def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Boot the other (verified) slot next, or withdraw a pending update."""
-    run(lambda: open_device(config).rollback(), as_json,
-        lambda s: {"cancelled-pending": "the pending update was withdrawn; the booted slot stays",
-                   "rollback-on-reboot": f"slot {s['rollback']['to_slot'] if s.get('rollback') else '?'} boots next; reboot to roll back",
-                   "already-requested": "a rollback is already requested; reboot"}.get(s.get("action"), "")
-        + "\n" + render_status(s))
+    run(lambda: open_device(config).rollback(), as_json, render_status)  # its ``message`` says what it did
 
 
 def _render_history(events: list[dict]) -> str:
@@ -157,7 +153,7 @@ def history(config: Path = CONFIG_OPT,
 @app.command("reset-state")
 def reset_state(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Rebuild the state file from the boot entries (an invalid file is kept as state.json.invalid)."""
-    run(lambda: open_device(config).reset_state(), as_json, lambda s: "state rebuilt from the boot entries\n" + render_status(s))
+    run(lambda: open_device(config).reset_state(), as_json, render_status)  # its ``message`` says what it did
 
 
 def _render_provision(r: dict) -> str:
@@ -179,7 +175,5 @@ def provision(release: Path = typer.Argument(..., help="the release of the image
               config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """A device's first day: verify the factory image in the booted slot against its release, write its
     boot files and a blessed entry, and record it (slot good, version floor) in the state."""
-    from applier.factory import provision as provision_slot
-
-    _streaming((lambda p: provision_slot(open_device(config, p), release, slot=slot, force=force), _render_provision,
+    _streaming((lambda p: open_device(config, p).provision(release, slot=slot, force=force), _render_provision,
                 None), as_json)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 _REPO = Path(__file__).resolve().parents[2]
-if str(_REPO) not in sys.path:  # vm.py uses applier.esp_fat from this checkout
+if str(_REPO) not in sys.path:  # vm.py uses applier.bootloader.esp_fat from this checkout
     sys.path.insert(0, str(_REPO))
 
 from . import vm  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from applier.esp_fat import EspError, FatImageEsp
+from applier.bootloader.esp_fat import EspError, FatImageEsp
 
 from . import vm
 from .conftest import OsImages

@@ -23,7 +23,7 @@ Lines the guest prints (one per event, space-separated `key=value`, values never
 `entry` is `countpath` when systemd-boot set it (the entry had a boot counter), else `selected`. EFI variable values
 are the UTF-16LE string after the 4-byte attribute header, with backslashes as the firmware wrote them.
 
-Nothing here mounts anything on the host: the ESP is written with mtools (`applier.esp_fat.FatImageEsp`), the root
+Nothing here mounts anything on the host: the ESP is written with mtools (`applier.bootloader.esp_fat.FatImageEsp`), the root
 images with plain file writes at partition offsets. Host tools: qemu-system-x86, ovmf, systemd-boot-efi,
 busybox-static, mtools, fdisk, dosfstools, erofs-utils (see `APT_PACKAGES`).
 """
@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from applier.esp_fat import FatImageEsp
+from applier.bootloader.esp_fat import FatImageEsp
 
 log = logging.getLogger(__name__)
 

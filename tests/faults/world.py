@@ -257,9 +257,8 @@ def make_snapshots(rel: Releases, base_url: str, out: Path) -> dict[str, Path]:
                            hardware_id=HARDWARE, slot_size=SLOT_SIZE, retries=1, timeout=5.0)
     shutil.copyfile(rel.image("1.0.0"), sim.slot_path("a"))
     os.truncate(sim.slot_path("a"), SLOT_SIZE)
-    from applier.factory import provision
 
-    provision(device(delta), rel.base / "release-1.0.0")
+    device(delta).provision(rel.base / "release-1.0.0")
     sim.boot()
     snaps["idle-delta"] = delta
 

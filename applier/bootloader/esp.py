@@ -1,7 +1,7 @@
 """The EFI System Partition, behind a handful of verbs.
 
 The applier touches the ESP only through :class:`Esp`. :class:`DirectoryEsp` is a mounted
-ESP (or a directory in tests); ``applier.esp_fat.FatImageEsp`` works on an unmounted FAT
+ESP (or a directory in tests); ``applier.bootloader.esp_fat.FatImageEsp`` works on an unmounted FAT
 image through mtools. Paths are relative to the ESP root, '/'-separated.
 """
 
@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from .atomic import copy_atomic, fsync_dir, write_atomic
+from ..atomic import copy_atomic, fsync_dir, write_atomic
 
 __all__ = ["Esp", "DirectoryEsp"]
 

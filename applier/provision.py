@@ -7,15 +7,18 @@ the device look as if abflip had installed and blessed that release itself:
 
 1. Checks, before any write (a refusal changes nothing): the release is this device's
    product and hardware; the slot is the booted one (or, when the loader does not say, the one
-   named with ``--slot``); the device has no state with a good booted slot already (unless
-   ``force``); the slot's first ``image.size`` bytes hash to the manifest's ``image.sha256``;
-   every boot file in the release directory matches the manifest's sha256 and length; the ESP
-   has room for them.
+   named with ``--slot``); the booted slot is not on trial and no rollback waits for its reboot
+   (provisioning would bless an image nobody judged); the device has no state with a good
+   booted slot already (unless ``force``); the slot's first ``image.size`` bytes hash to the
+   manifest's ``image.sha256``; every boot file in the release directory matches the
+   manifest's sha256 and length; the ESP has room for them.
 2. Writes, in this order (docs/invariants.md: nothing names a file before it is complete):
    boot files to ``/abflip/<version>-<slot>/`` (streamed, temp + rename, synced); the blessed
    entry ``abflip-<version>-<slot>.conf`` (atomic, synced); then the other entries of that
-   slot are removed; last the state file: slot good with version, sha256 and size, floor =
-   version, state ``idle``. A crash between two writes leaves either no entry (unreferenced
+   slot are removed, and the other slot's *counting* entries (an update in flight, which
+   ``--force`` discards); last the state file: slot good with version, sha256 and size, floor =
+   version (``--force`` may lower it: the one verb that does), state ``idle``; the other slot
+   keeps its record if it was verified good, else it is ``unknown``. A crash between two writes leaves either no entry (unreferenced
    boot files, pruned later) or a blessed entry with no state file, which the next command
    rebuilds from the loader into the same slot and version (sha256 unknown): a re-run of
    ``provision`` (with ``--force``) records the rest.
@@ -34,12 +37,12 @@ from metadata.bounded import FileRefused, open_regular, read_file
 from metadata.errors import DeviceError, PolicyError, UserError
 from metadata.manifest import ManifestError, Release
 
-from . import boot, history
-from .boot import Entry
-from .install import ESP_MARGIN
-from .lifecycle import other
-from .slots import SlotDevice, booted_slot, slot_hash_ok
-from .state import SlotState, State, load_state, save_state
+from . import history
+from .install import ESP_MARGIN, boot_spec
+from .lifecycle import Event, move, other, phase_of, require
+from .session import Session
+from .slots import SlotDevice, slot_hash_ok
+from .state import SlotState, State, load_state
 
 __all__ = ["provision", "read_release"]
 
@@ -83,9 +86,9 @@ def _file_sha256(path: Path) -> tuple[str, int] | None:
     return h.hexdigest(), n
 
 
-def _choose_slot(dev, slot: str | None) -> str:
+def _choose_slot(session: Session, slot: str | None) -> str:
     try:
-        booted = booted_slot(dev.config, dev.ctx)
+        booted = session.boot.booted_slot()
     except DeviceError as e:
         if slot is None:
             raise DeviceError(f"{e.message}; cannot tell which slot holds the factory image",
@@ -97,79 +100,82 @@ def _choose_slot(dev, slot: str | None) -> str:
     return booted
 
 
-def provision(dev, source: Path, *, slot: str | None = None, force: bool = False) -> dict:
+def provision(session: Session, source: Path, *, slot: str | None = None, force: bool = False) -> dict:
     """Record ``source``'s release as the image in the booted slot (see the module docstring)."""
     if slot is not None and slot not in ("a", "b"):
         raise UserError(f"--slot {slot!r}: expected a or b", hint="--slot a or --slot b (the slot holding the image)")
-    cfg = dev.config
-    release, rel_dir = read_release(source, dev.limits)
+    cfg, boot = session.config, session.boot
+    release, rel_dir = read_release(source, session.limits)
     version = str(release.version)
     if release.product != cfg.product:
         raise UserError(f"the release is {release.product} {version}; this device runs {cfg.product} "
                         f"(device.product in {cfg.path})", hint="pass this product's release; nothing was changed")
-    hwid = dev.hardware_id
+    hwid = session.hardware_id
     if hwid not in release.compatible:
         raise UserError(f"{release.product} {version} is for {', '.join(release.compatible)}, not this device's "
                         f"hardware {hwid}", hint="pass the release built for this hardware; nothing was changed")
-    with dev.locked(), history.recording(cfg.state_dir, "provision"):
-        slot = _choose_slot(dev, slot)
+    with session.locked(), history.recording(cfg.state_dir, "provision"):
+        slot = _choose_slot(session, slot)
         raw = load_state(cfg.state_dir)
+        try:
+            current = session.load(mutating=False).state
+        except DeviceError:
+            current = None  # the loader does not say which slot booted (--slot named it)
+        if current is not None:
+            require(current, Event.PROVISION, slot)  # never on trial, never while a rollback waits
         if raw is not None and not raw.invalid and raw.slots[slot].status == "good" and not force:
             have = raw.slots[slot].version or "an unknown version"
             raise PolicyError(f"this device is provisioned already: slot {slot} holds {have} (good, floor "
                               f"{raw.floor or 'none'})", hint="nothing was changed; pass --force to record the "
                               "release again (a re-flashed slot)")
-        _check_slot(dev, slot, release)
+        _check_slot(session, slot, release)
         files = _boot_files(release, rel_dir)
         need = sum(n for _, n in files.values()) + ESP_MARGIN
-        try:
-            free = dev.esp.free_bytes()
-        except OSError as e:
-            raise DeviceError(f"cannot read the ESP's free space: {e}", hint="check that the ESP is mounted") from None
+        free = boot.free_bytes()
         if free < need:
             raise DeviceError(f"the ESP has {free} bytes free; {version}'s boot files need {need}",
                               hint="free space on the ESP; nothing was changed")
-        text = boot.entry_text(product=release.product, version=version, slot=slot,
-                               partlabel=cfg.slots[slot].partlabel, options=release.boot.options,
-                               has_initrd=release.boot.initrd is not None, uki=release.boot.uki is not None)
-        entry = Entry(Entry.new(version, slot, 1).blessed_name, version, slot, None, 0)
+        spec = boot_spec(session, release, version, slot)
+        boot.check_spec(spec)  # every field checked before the first write
         # 1. Boot files (nothing references them yet).
-        dev._emit(phase="boot-files", version=version, slot=slot)
-        bdir = boot.boot_dir(version, slot)
+        session.emit(phase="boot-files", version=version, slot=slot)
+        bdir = boot.install_files(version, slot, {name: path for name, (path, _) in files.items()})
+        # 2. The blessed entry; then no other entry of this slot may remain (another version),
+        #    and nothing may count tries on the other slot (an update in flight is discarded).
+        entry = boot.add_default(spec)
         try:
-            for name, (path, _) in files.items():
-                dev.esp.copy_in(f"{bdir}/{name}", path)
-            dev.esp.sync()
-        except OSError as e:
-            raise DeviceError(f"writing boot files to the ESP failed: {e}",
-                              hint="check the ESP is mounted and writable; no entry was written") from None
-        # 2. The blessed entry; then no other entry of this slot may remain (another version).
-        boot.write_entry(dev.esp, entry, text)
-        removed = [e.name for e in boot.list_entries(dev.esp) if e.slot == slot and e.name != entry.name]
-        for name in removed:
-            try:
-                dev.esp.remove(f"{boot.ENTRIES_DIR}/{name}")
-            except OSError as e:
-                raise DeviceError(f"removing the stale entry {name} failed: {e}",
-                                  hint=f"the entry {entry.name} is written; remove {name} by hand") from None
-        if removed:
-            dev.esp.sync()
-        # 3. The state: this slot good, the floor at its version.
-        state = State(state="idle", floor=version)
+            removed = boot.remove_slot(slot, keep=entry.name)
+        except DeviceError as e:
+            raise DeviceError(f"{e.message}; the entry {entry.name} is written",
+                              hint=f"remove the other entries of slot {slot} by hand, or run provision --force again"
+                              ) from None
+        o = other(slot)
+        try:
+            removed += boot.remove_slot(o, counting_only=True)
+        except DeviceError as e:
+            raise DeviceError(f"{e.message}; the entry {entry.name} is written, but the update in flight on slot {o} "
+                              "may still be tried at the next boot", hint="run provision --force again") from None
+        # 3. The state: this slot good, the floor at its version; nothing in flight.
+        state = current if current is not None else State()
+        keep_other = phase_of(state).value in ("idle", "committed", "rolled-back") and state.slots[o].status == "good"
+        state.floor, state.target, state.last_error = version, None, None
         state.slots[slot] = SlotState(version, release.image.sha256, "good", release.image.size)
-        state.slots[other(slot)] = SlotState()
-        save_state(cfg.state_dir, state)
+        if not keep_other:
+            state.slots[o] = SlotState()
+        move(state, Event.PROVISION)  # any phase but a trial or a waiting rollback -> idle
+        session.save(state)
         try:
-            boot.prune_boot_files(dev.esp)
+            boot.prune_files()
         except DeviceError:
             pass  # hygiene only
     return {"schema": 1, "product": release.product, "version": version, "slot": slot, "entry": entry.name,
-            "boot_dir": f"/{bdir}", "image_size": release.image.size, "sha256": release.image.sha256,
-            "floor": version, "removed_entries": removed, "forced": bool(force and raw is not None)}
+            "boot_dir": f"/{bdir}", "image_size": release.image.size,
+            "sha256": release.image.sha256, "floor": version, "removed_entries": removed,
+            "forced": bool(force and raw is not None)}
 
 
-def _check_slot(dev, slot: str, release: Release) -> None:
-    device = dev.config.slots[slot].device
+def _check_slot(session: Session, slot: str, release: Release) -> None:
+    device = session.config.slots[slot].device
     size = release.image.size
     try:
         with SlotDevice(slot, device, write=False) as sd:
@@ -181,7 +187,7 @@ def _check_slot(dev, slot: str, release: Release) -> None:
         raise DeviceError(f"slot {slot} ({device}) holds {capacity} bytes; {release.product} {release.version}'s "
                           f"image is {size}", hint="this is not the slot the image was written to; nothing was changed")
     try:
-        ok = slot_hash_ok(dev, slot, release.image.sha256, size)
+        ok = slot_hash_ok(session, slot, release.image.sha256, size)
     except OSError as e:
         raise DeviceError(f"reading slot {slot} ({device}) failed: {e.strerror or e}") from None
     if not ok:
