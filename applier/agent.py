@@ -528,10 +528,10 @@ class Device:
 
         return self.guarded(lambda: mark_good(self, health=health))
 
-    def boot_check(self) -> dict:
+    def boot_check(self, *, bless: bool = True) -> dict:
         from .mark import boot_check
 
-        return self.guarded(lambda: boot_check(self))
+        return self.guarded(lambda: boot_check(self, bless=bless))
 
     def rollback(self) -> dict:
         from .mark import rollback

@@ -75,6 +75,14 @@ def _bless(dev, entry: boot.Entry) -> boot.Entry:
     raise AssertionError("unreachable")
 
 
+def _judge(dev, state, slot: str) -> None:
+    """The trial's health: the root is the slot the entry named, and the health-check hooks pass
+    (a failure raises a :class:`HookError`)."""
+    _confirm_root(dev, slot)
+    run_hooks(dev.config.hooks_dir, "health-check", env=hook_env(dev, state, slot, state.target),
+              timeout=dev.config.hook_timeout)
+
+
 def mark_good(dev, *, health: bool = True) -> dict:
     """Run the health-check hooks (on a trial boot), then bless the booted entry; commit a
     trial update. Idempotent."""
@@ -82,9 +90,7 @@ def mark_good(dev, *, health: bool = True) -> dict:
     t = state.target
     trial = state.state == "trial" and t is not None and t.slot == slot
     if trial and health:
-        _confirm_root(dev, slot)
-        run_hooks(dev.config.hooks_dir, "health-check", env=hook_env(dev, state, slot, t),
-                  timeout=dev.config.hook_timeout)
+        _judge(dev, state, slot)
     entry = dev.booted_entry(slot)
     if entry is not None and entry.counting and not (state.rollback and state.rollback.get("from_slot") == slot):
         entry = _bless(dev, entry)  # the commit point
@@ -108,13 +114,18 @@ def mark_good(dev, *, health: bool = True) -> dict:
     return dev.status()
 
 
-def boot_check(dev) -> dict:
+def boot_check(dev, *, bless: bool = True) -> dict:
     """What the health unit runs on every boot (before boot-complete.target).
 
     Never fails on the state file: an invalid one is kept as ``state.json.invalid`` and the
     state is rebuilt from the boot loader. Then: on the trial boot of a new slot, run the
     ``health-check`` hooks and bless it (-> committed), or, if they fail, request the rollback
     (state first), mark its entry bad (tries used up), run the reboot command and raise.
+
+    ``bless=False`` only judges: a trial that passes stays a trial, to be blessed once the whole
+    boot is complete (``abflip-bless.service`` runs ``mark-good --no-health`` after
+    ``boot-complete.target``, so a unit of the new system that fails or hangs keeps it unblessed);
+    a trial that fails is rolled back as above.
     """
     sd = dev.config.state_dir
     raw = load_state(sd)
@@ -126,6 +137,9 @@ def boot_check(dev) -> dict:
     dev._save(state)
     if state.state == "trial" and state.target is not None and state.target.slot == slot:
         try:
+            if not bless:
+                _judge(dev, state, slot)
+                return dev.status()
             return mark_good(dev)
         except HookError as e:
             _health_failed(dev, slot, e)

@@ -79,8 +79,8 @@ def check(config: Path = DEFAULT_CONFIG, allow_downgrade: bool = False, retry_fa
                   as_json, render_check)
 
 
-def boot_check(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:
-    return report(lambda: open_device(config).boot_check(), as_json, render_status)
+def boot_check(config: Path = DEFAULT_CONFIG, no_bless: bool = False, as_json: bool = False) -> int:
+    return report(lambda: open_device(config).boot_check(bless=not no_bless), as_json, render_status)
 
 
 # -- the commands that stream an image (printed by _output.stream_events)
