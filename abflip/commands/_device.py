@@ -10,12 +10,16 @@ the image streaming and delta code, or the producer side. tests/test_startup.py 
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._output import report
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from applier.agent import Device, ProgressFn
 
 __all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "download_call", "install_call",
@@ -28,7 +32,35 @@ def open_device(config: Path, progress: ProgressFn | None = None) -> Device:
     from applier.agent import Device
     from applier.config import Config
 
-    return Device(Config.load(config), progress=progress)
+    cfg = Config.load(config)
+    return Device(cfg, progress=progress, reboot=reboot_at_exit(cfg.reboot_command) if cfg.reboot_command else None)
+
+
+def reboot_at_exit(argv: tuple[str, ...]) -> Callable[[], None]:
+    """The reboot a command asks for (``run`` once it applied, ``boot-check`` once a trial failed), run when the
+    command has printed its result or error and is exiting, not from inside it: under systemd the reboot stops the
+    command's own unit at once, which killed it before it reported (the journal of a failed trial did not say why
+    it was rolled back, and abflip.service failed on every update it installed). A reboot command that fails is
+    reported then, with exit status 5 (the update stays pending and applies at the next reboot)."""
+    import atexit
+
+    def now() -> None:
+        from applier.agent import _run_command
+        from metadata.errors import Error
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            _run_command(argv)
+        except Error as e:
+            print(e.diagnostics(), file=sys.stderr, flush=True)
+            os._exit(e.exit_code)
+
+    def request() -> None:
+        atexit.unregister(now)  # once, however often it is asked
+        atexit.register(now)
+
+    return request
 
 
 def window_line(w: dict | None) -> str:

@@ -133,6 +133,12 @@ def _cache_entry(cache: Path, name: str) -> Iterator[tuple[Path, bool]]:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        # the cache keeps the two newest entries of each layer (an image layer is ~1.5 GB)
+        kind = name.rsplit("-", 1)[0]
+        others = sorted((p for p in cache.glob(f"{kind}-*") if p != final and (p / ".complete").is_file()),
+                        key=lambda p: (p / ".complete").stat().st_mtime)
+        for old in others[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _run(cmd: list, *, timeout: float = 1800, **kw) -> subprocess.CompletedProcess:
@@ -188,7 +194,7 @@ def _installed_versions() -> str:
 
 def build_wheels(cache: Path) -> Path:
     """abflip and its dependencies as wheels for the image (the dependencies at the versions installed here)."""
-    src = [REPO_ROOT / n for n in ("abflip", "applier", "builder", "metadata", "pyproject.toml", "README.md")]
+    src = [REPO_ROOT / n for n in ("abflip", "applier", "builder", "metadata", "pyproject.toml")]
     key = inputs_key(*src, _installed_versions())
     with _cache_entry(cache, f"wheels-{key}") as (d, ready):
         if not ready:
@@ -200,6 +206,8 @@ def build_wheels(cache: Path) -> Path:
                 tree.mkdir()
                 for p in src:
                     (shutil.copytree if p.is_dir() else shutil.copy2)(p, tree / p.name)
+                # the package's long description only: not an input of the image (a README edit rebuilds nothing)
+                (tree / "README.md").write_text("abflip: atomic A/B OS image updates (see the project's README).\n")
                 _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-build-isolation", "--only-binary=:all:",
                       "--no-binary=abflip", "--constraint", constraints, "--wheel-dir", d, tree], timeout=900)
     return cache / f"wheels-{key}"
@@ -530,6 +538,21 @@ class Guest:
             raise AssertionError(f"guest command {command!r} exited {rc}:\n{out}")
         return rc, out
 
+    def send(self, command: str) -> None:
+        """Start `command` in the guest's shell without waiting for it (`systemctl reboot`: the shell goes with it)."""
+        self._connect()
+        assert self._shell is not None
+        self._shell.sendall(f"( {command} ) >/dev/null 2>&1 &\n".encode())
+
+    def abflip(self, args: str, *, timeout: float = 300) -> tuple[int, str]:
+        """`abflip <args>` in the guest; retried while the timer's own pass holds the device lock."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out = self.sh(f"/usr/local/bin/abflip {args}", timeout=timeout, check=False)
+            if "another abflip command is running" not in out or time.monotonic() > deadline:
+                return rc, out
+            time.sleep(2)
+
     def status(self) -> dict:
         return json.loads(self.sh("/usr/local/bin/abflip status --json")[1])
 
@@ -554,6 +577,8 @@ class Guest:
 
     def _close(self) -> None:
         self._reader.join(timeout=10)
+        with self._cond, open(self.serial_log.with_suffix(".times"), "w") as out:  # host seconds since power-on
+            out.writelines(f"{t:8.1f} {line}\n" for t, line in self.lines)
         if self._shell is not None:
             self._shell.close()
             self._shell = None
