@@ -170,6 +170,8 @@ def test_systemd_units_verify(tmp_path):
                  "ExecStart=/usr/local/bin/abflip mark-good --no-health"):
         assert line in bless, line
     assert "ExecStart=/usr/local/bin/abflip run" in (REPO / "systemd" / "abflip.service").read_text()
+    # Persistent= made a boot slower than OnBootSec= skip every pass (tests/e2e/test_device_os.py, scenario 2)
+    assert "\nPersistent=" not in (REPO / "systemd" / "abflip.timer").read_text()
     # and the check has teeth: a unit with a missing binary fails
     (tmp_path / "broken.service").write_text("[Service]\nExecStart=/nonexistent/abflip run\n")
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "broken.service")],

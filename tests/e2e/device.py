@@ -448,6 +448,10 @@ class Guest:
         i, m = self.wait_line(r"ABFLIP-STATUS (\{.*\})\s*$", after=after, timeout=timeout)
         return i, json.loads(m.group(1))
 
+    def wait_boot(self, *, after: int, timeout: float) -> int:
+        """The index of the next boot's first line (systemd's greeting) after line `after`."""
+        return self.wait_line(r"Welcome to ", after=after, timeout=timeout)[0]
+
     def boots(self) -> int:
         """Boots so far (systemd greets each one on ttyS0: "Welcome to Debian GNU/Linux 12 (bookworm)!")."""
         with self._cond:
