@@ -162,7 +162,8 @@ def _unattended_update(device: d.Device) -> None:
     lines = now.splitlines()
     pos = {n: next(k for k, line in enumerate(lines) if n in line) for n in order}
     assert pos[order[0]] < pos[order[1]] < pos[order[2]] < pos[order[3]], now
-    print("\nscenario 1, the v2 boot: " + g.sh("systemd-analyze")[1].splitlines()[0])
+    g.sh("while systemctl list-jobs --no-legend | grep -q .; do sleep 1; done", timeout=BOOT_S)  # bootup finished
+    print("\nscenario 1, the v2 boot: " + g.sh("systemd-analyze", check=False)[1].strip().splitlines()[0])
     final = g.status()
     assert [e["file"] for e in final["entries"]] == ["abflip-1.0.0-a.conf", "abflip-2.0.0-b.conf"], final
     assert final["state"] == "committed" and final["last_error"] is None, final
