@@ -26,7 +26,7 @@ import sys
 _VERSION_FLAGS = {"--allow-downgrade": "allow_downgrade", "--retry-failed": "retry_failed"}
 _FAST_FLAGS = {
     "status": {},
-    "boot-check": {},
+    "boot-check": {"--no-bless": "no_bless"},
     "check": _VERSION_FLAGS,
     # the streaming commands, unless a terminal wants typer's progress bar (see _run_fast)
     "download": _VERSION_FLAGS,

@@ -174,11 +174,11 @@ class Device:
         s = self.session()
         return run(s, self.offer(s), allow_downgrade=allow_downgrade, retry_failed=retry_failed, reboot=reboot)
 
-    def boot_check(self) -> dict:
+    def boot_check(self, *, bless: bool = True) -> dict:
         from .mark import boot_check
 
         s = self.session()
-        return s.guarded(lambda: boot_check(s), "boot-check")
+        return s.guarded(lambda: boot_check(s, bless=bless), "boot-check")
 
     def mark_good(self, *, health: bool = True) -> dict:
         from .mark import mark_good

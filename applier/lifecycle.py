@@ -125,7 +125,8 @@ RULES: tuple[Rule, ...] = (
     _r(E.BOOT_TRIAL, ALL, {P.TRIAL}, "the loader booted a counting entry",
        "(systemd-boot counted the try down)", "the other slot is the fallback and is not written"),
     _r(E.BLESS, {P.TRIAL}, {P.COMMITTED},
-       "the root is the named slot; health-check hooks pass; the trial's version is not withdrawn",
+       "judged healthy: the root is the named slot, the trial's version is not withdrawn, health-check hooks pass "
+       "(in this call, or by `boot-check --no-bless` before boot-complete.target: `mark-good --no-health`)",
        "bless the entry (rename, sync): the commit point; state `committed`, floor raised",
        "the booted entry is blessed; entries of other versions pruned"),
     _r(E.MARK_GOOD, {P.TRIAL}, {P.COMMITTED}, "on trial: it is the `bless` (health-check hooks first)",

@@ -97,6 +97,16 @@ def _bless(session: Session, entry: Entry) -> Entry:
     raise AssertionError("unreachable")
 
 
+def _judge(session: Session, state, slot: str) -> None:
+    """The trial's health: the root is the slot the entry named, its version was not withdrawn
+    before this boot, and the health-check hooks pass (a failure raises a :class:`HookError`)."""
+    t = state.target
+    _confirm_root(session, slot)
+    _confirm_not_withdrawn(session, t.version)
+    run_hooks(session.config.hooks_dir, "health-check", env=hook_env(session.config, state, slot, t),
+              timeout=session.config.hook_timeout)
+
+
 def mark_good(session: Session, *, health: bool = True) -> dict:
     """Run the health-check hooks (on a trial boot), then bless the booted entry; commit a
     trial update. Idempotent."""
@@ -106,10 +116,7 @@ def mark_good(session: Session, *, health: bool = True) -> dict:
     phase = require(state, Event.MARK_GOOD, slot)
     trial = phase == Phase.TRIAL and t is not None and t.slot == slot
     if trial and health:
-        _confirm_root(session, slot)
-        _confirm_not_withdrawn(session, t.version)
-        run_hooks(session.config.hooks_dir, "health-check", env=hook_env(session.config, state, slot, t),
-                  timeout=session.config.hook_timeout)
+        _judge(session, state, slot)
     entry = session.boot.booted_entry(slot)
     blessed = entry is not None and entry.counting
     if blessed:
@@ -143,7 +150,7 @@ def mark_good(session: Session, *, health: bool = True) -> dict:
     return {**status(session), "action": action, "message": message}
 
 
-def boot_check(session: Session) -> dict:
+def boot_check(session: Session, *, bless: bool = True) -> dict:
     """What the health unit runs on every boot (before boot-complete.target).
 
     Never fails on the state file: an invalid one is kept as ``state.json.invalid`` and the
@@ -151,6 +158,11 @@ def boot_check(session: Session) -> dict:
     ``health-check`` hooks and bless it (-> committed), or, if they fail (or the version was
     withdrawn before this boot), request the rollback (state first), mark its entry bad (tries
     used up), run the reboot command and raise.
+
+    ``bless=False`` only judges: a trial that passes stays a trial, to be blessed once the whole
+    boot is complete (``abflip-bless.service`` runs ``mark-good --no-health`` after
+    ``boot-complete.target``, so a unit of the new system that fails or hangs keeps it unblessed);
+    a trial that fails is rolled back as above.
     """
     sd = session.config.state_dir
     raw = load_state(sd)
@@ -163,6 +175,11 @@ def boot_check(session: Session) -> dict:
     session.save(state)
     if phase_of(state) == Phase.TRIAL and state.target is not None and state.target.slot == slot:
         try:
+            if not bless:
+                _judge(session, state, slot)
+                return {**status(session), "action": "judged",
+                        "message": f"{state.target.version} in slot {slot} passed its health checks: it is blessed "
+                                   "once the boot is complete (abflip-bless.service)"}
             return mark_good(session)
         except HookError as e:
             _health_failed(session, slot, e)

@@ -4,7 +4,7 @@
 #
 #   /opt/abflip/                  a virtual environment holding abflip and its dependencies
 #   /usr/local/bin/abflip         a link to /opt/abflip/bin/abflip (the path the systemd units run)
-#   /etc/systemd/system/abflip.service, abflip.timer, abflip-health.service   enabled
+#   /etc/systemd/system/abflip.service, abflip.timer, abflip-health.service, abflip-bless.service   enabled
 #
 #   ci/image-install.sh WHEELS [ROOT]
 #
@@ -30,8 +30,8 @@ install -d "$root/usr/local/bin"
 ln -sfn ../../../opt/abflip/bin/abflip "$root/usr/local/bin/abflip"   # relative: right inside and outside a chroot
 install -d "$root/etc/systemd/system" "$root/etc/abflip/hooks"
 install -m 0644 "$here/systemd/abflip.service" "$here/systemd/abflip.timer" "$here/systemd/abflip-health.service" \
-    "$root/etc/systemd/system/"
+    "$here/systemd/abflip-bless.service" "$root/etc/systemd/system/"
 if command -v systemctl >/dev/null; then
-  systemctl --root="${root:-/}" --quiet enable abflip.timer abflip-health.service
+  systemctl --root="${root:-/}" --quiet enable abflip.timer abflip-health.service abflip-bless.service
 fi
 "$root/usr/local/bin/abflip" --version

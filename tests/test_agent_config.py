@@ -147,7 +147,7 @@ def test_rate_limiter_sleeps_to_keep_the_rate():
     assert now[0] - t0 == pytest.approx(1.0, rel=0.01)
 
 
-UNITS = ("abflip.service", "abflip.timer", "abflip-health.service")
+UNITS = ("abflip.service", "abflip.timer", "abflip-health.service", "abflip-bless.service")
 
 
 def test_systemd_units_verify(tmp_path):
@@ -163,8 +163,17 @@ def test_systemd_units_verify(tmp_path):
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
     health = (REPO / "systemd" / "abflip-health.service").read_text()
     assert "Before=boot-complete.target" in health and "RequiredBy=boot-complete.target" in health
-    assert "ExecStart=/usr/local/bin/abflip boot-check" in health
+    assert "ExecStart=/usr/local/bin/abflip boot-check --no-bless" in health
+    assert "\nRemainAfterExit" not in health  # a health hook's escaped child dies with the run (tests/e2e)
+    # the bless waits for the whole boot, and goes before systemd-bless-boot (which then finds it done)
+    bless = (REPO / "systemd" / "abflip-bless.service").read_text()
+    for line in ("Requires=boot-complete.target", "After=boot-complete.target abflip-health.service",
+                 "Before=systemd-bless-boot.service shutdown.target",
+                 "ExecStart=/usr/local/bin/abflip mark-good --no-health"):
+        assert line in bless, line
     assert "ExecStart=/usr/local/bin/abflip run" in (REPO / "systemd" / "abflip.service").read_text()
+    # Persistent= made a boot slower than OnBootSec= skip every pass (tests/e2e/test_device_os.py, scenario 2)
+    assert "\nPersistent=" not in (REPO / "systemd" / "abflip.timer").read_text()
     # and the check has teeth: a unit with a missing binary fails
     (tmp_path / "broken.service").write_text("[Service]\nExecStart=/nonexistent/abflip run\n")
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "broken.service")],

@@ -122,6 +122,39 @@ def test_health_check_failure_rolls_back_by_itself(world):
     assert r["download"] is None and "rolled back on this device before" in r["check"]["reason"]
 
 
+def test_units_judge_before_boot_complete_and_bless_after(world):
+    """What the units run on a trial boot (systemd/): abflip-health.service `boot-check --no-bless`
+    before boot-complete.target only judges, so a trial that passes is not blessed until the boot is
+    complete; abflip-bless.service `mark-good --no-health` after it blesses and commits without running
+    the hooks again. A trial that fails its health check is rolled back by the judging unit itself."""
+    world.publish("1.0.0")
+    sim, dev = agent(world)
+    log = sim.root / "health.log"
+    sim.add_hook("health-check", "10-app", f'echo "$ABFLIP_VERSION" >> {log}')
+    world.publish("2.0.0")
+    dev.install()
+    assert sim.boot().slot == "b"
+    st = dev.boot_check(bless=False)
+    assert st["state"] == "trial" and st["booted_entry"] == "abflip-2.0.0-b+2-1.conf", st  # judged, not blessed
+    assert log.read_text() == "2.0.0\n" and dev.reboots == []
+    assert dev.run()["skipped"]  # still a trial: the timer does not touch the fallback slot
+    st = dev.mark_good(health=False)  # boot-complete.target reached
+    assert st["state"] == "committed" and st["floor"] == "2.0.0" and st["booted_entry"] == "abflip-2.0.0-b.conf"
+    assert log.read_text() == "2.0.0\n"  # the hooks ran once
+    assert dev.boot_check(bless=False)["state"] == "committed"  # later boots: nothing to judge
+
+    world.publish("3.0.0")
+    sim.add_hook("health-check", "20-fail", "echo broken; exit 1")
+    dev.install()
+    assert sim.boot().slot == "a"
+    with pytest.raises(HookError, match="20-fail failed.*broken"):
+        dev.boot_check(bless=False)
+    assert dev.reboots == [1] and "abflip-3.0.0-a+0-1.conf" in sim.entries()
+    assert sim.boot().slot == "b"
+    st = dev.boot_check(bless=False)
+    assert st["state"] == "rolled-back" and st["failed_versions"] == ["3.0.0"] and st["floor"] == "2.0.0"
+
+
 def test_hanging_health_check_is_a_failure(world):
     world.publish("1.0.0")
     sim, dev = agent(world, hook_timeout=0.5)

@@ -130,7 +130,7 @@ def test_device_image_install_layout(tmp_path):
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import abflip; print(abflip.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     assert where.startswith(str(venv)), where  # the image's copy, not this checkout
-    for unit in ("abflip.service", "abflip-health.service"):
+    for unit in ("abflip.service", "abflip-health.service", "abflip-bless.service"):
         text = (root / "etc" / "systemd" / "system" / unit).read_text()
         exe = re.search(r"^ExecStart=(\S+)", text, re.M)[1]
         assert exe == "/usr/local/bin/abflip" and (root / exe.lstrip("/")) == link
@@ -138,6 +138,7 @@ def test_device_image_install_layout(tmp_path):
     if shutil.which("systemctl"):
         assert (root / "etc/systemd/system/timers.target.wants/abflip.timer").is_symlink()
         assert (root / "etc/systemd/system/boot-complete.target.requires/abflip-health.service").is_symlink()
+        assert (root / "etc/systemd/system/multi-user.target.wants/abflip-bless.service").is_symlink()
 
 
 def test_demo_runs_and_prints_no_python_none(tmp_path):

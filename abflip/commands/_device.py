@@ -10,6 +10,8 @@ the image streaming and delta code, or the producer side. tests/test_startup.py 
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +37,7 @@ def open_device(config: Path, progress: ProgressFn | None = None, *, need: str =
 
     cfg = Config.load(config)
     require_access(cfg, need)
-    return Device(cfg, progress=progress)
+    return Device(cfg, progress=progress, reboot=reboot_at_exit(cfg.reboot_command) if cfg.reboot_command else None)
 
 
 def require_access(cfg, need: str) -> None:
@@ -62,6 +64,33 @@ def require_access(cfg, need: str) -> None:
             how = "written" if mode & os.W_OK else "read"
             raise UserError(f"{path} cannot be {how} by this user (uid {os.geteuid()}): abflip's device commands "
                             "run as root", hint="run it as root (sudo abflip ...); nothing was changed")
+
+
+def reboot_at_exit(argv: tuple[str, ...]) -> Callable[[], None]:
+    """The reboot a command asks for (``run`` once it applied, ``boot-check`` once a trial failed), run when the
+    command has printed its result or error and is exiting, not from inside it: under systemd the reboot stops the
+    command's own unit at once, which killed it before it reported (the journal of a failed trial did not say why
+    it was rolled back, and abflip.service failed on every update it installed). A reboot command that fails is
+    reported then, with exit status 5 (the update stays pending and applies at the next reboot)."""
+    import atexit
+
+    def now() -> None:
+        from applier.agent import _run_command
+        from metadata.errors import Error
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            _run_command(argv)
+        except Error as e:
+            print(e.diagnostics(), file=sys.stderr, flush=True)
+            os._exit(e.exit_code)
+
+    def request() -> None:
+        atexit.unregister(now)  # once, however often it is asked
+        atexit.register(now)
+
+    return request
 
 
 def window_line(w: dict | None) -> str:
@@ -157,8 +186,8 @@ def check(config: Path = DEFAULT_CONFIG, allow_downgrade: bool = False, retry_fa
                   as_json, render_check)
 
 
-def boot_check(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:
-    return report(lambda: open_device(config).boot_check(), as_json, render_status)
+def boot_check(config: Path = DEFAULT_CONFIG, no_bless: bool = False, as_json: bool = False) -> int:
+    return report(lambda: open_device(config).boot_check(bless=not no_bless), as_json, render_status)
 
 
 # -- the commands that stream an image (printed by _output.stream_events)

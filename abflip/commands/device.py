@@ -105,15 +105,22 @@ def install(config: Path = CONFIG_OPT, allow_downgrade: bool = DOWNGRADE_OPT, re
 
 
 @app.command("boot-check")
-def boot_check(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
+def boot_check(config: Path = CONFIG_OPT,
+               no_bless: bool = typer.Option(False, "--no-bless", help="judge only: a trial that passes its health "
+                                             "checks stays a trial (abflip-bless.service blesses it after "
+                                             "boot-complete.target); one that fails is still rolled back"),
+               as_json: bool = JSON_OPT) -> None:
     """On boot (abflip-health.service): record what booted; on a trial boot run health hooks, then bless or roll back."""
-    _exit(plain.boot_check(config, as_json))
+    _exit(plain.boot_check(config, no_bless, as_json))
 
 
 @app.command("mark-good")
-def mark_good(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
+def mark_good(config: Path = CONFIG_OPT,
+              no_health: bool = typer.Option(False, "--no-health", help="bless without running the health-check "
+                                             "hooks (abflip-bless.service: they ran before boot-complete.target)"),
+              as_json: bool = JSON_OPT) -> None:
     """Run the health-check hooks, bless the booted entry (drop its tries counter) and commit a trial update."""
-    run(lambda: open_device(config).mark_good(), as_json, render_status)
+    run(lambda: open_device(config).mark_good(health=not no_health), as_json, render_status)
 
 
 @app.command("rollback")

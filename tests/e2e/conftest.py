@@ -22,6 +22,7 @@ from . import vm  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: boots real OVMF firmware and systemd-boot under QEMU (slow)")
+    config.addinivalue_line("markers", "throttled: the reference device's repository serves images slowly")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

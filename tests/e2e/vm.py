@@ -520,10 +520,12 @@ def build_disk(
     *,
     esp_mib: int = 64,
     root_mib: int = 16,
+    data_mib: int = 0,
     systemd_boot: str | os.PathLike[str] = SYSTEMD_BOOT_EFI,
     loader_conf: str = "timeout 0\nconsole-mode keep\neditor no\n",
 ) -> DiskLayout:
-    """Create a sparse GPT disk: 1 = ESP (FAT32, `esp_mib`), 2 = `root-a`, 3 = `root-b` (`root_mib` each).
+    """Create a sparse GPT disk: 1 = ESP (FAT32, `esp_mib`), 2 = `root-a`, 3 = `root-b` (`root_mib` each), and with
+    `data_mib` 4 = `data` (left empty: the caller writes a filesystem image into it).
 
     The ESP gets systemd-boot as the removable-media loader `/EFI/BOOT/BOOTX64.EFI` (so a fresh OVMF varstore boots
     it with no Boot#### setup), `/loader/loader.conf` (`timeout 0`, no `default`: systemd-boot picks by its own
@@ -532,7 +534,7 @@ def build_disk(
     if esp_mib < 33:
         raise ValueError("FAT32 needs at least 33 MiB at 512-byte clusters")
     disk = Path(path)
-    total = MiB + (esp_mib + 2 * root_mib) * MiB + MiB  # 1 MiB alignment/primary GPT, backup GPT at the end
+    total = MiB + (esp_mib + 2 * root_mib + data_mib) * MiB + MiB  # 1 MiB alignment/primary GPT, backup GPT at the end
     with open(disk, "wb") as f:
         f.truncate(total)
     script = (
@@ -541,6 +543,7 @@ def build_disk(
         f'start=2048, size={esp_mib}MiB, type={ESP_TYPE}, name="esp"\n'
         f'size={root_mib}MiB, type={LINUX_TYPE}, name="root-a"\n'
         f'size={root_mib}MiB, type={LINUX_TYPE}, name="root-b"\n'
+        + (f'size={data_mib}MiB, type={LINUX_TYPE}, name="data"\n' if data_mib else "")
     )
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", disk], input=script.encode())
     table = json.loads(_run(["sfdisk", "--json", disk]).stdout)["partitiontable"]

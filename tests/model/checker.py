@@ -437,7 +437,7 @@ class Checker:
 
 READ_ONLY = ("check", "status")
 #: The verbs a power cut is tried inside (install's --retry-failed/--allow-downgrade write as install does).
-CUT_VERBS = ("download", "apply", "install", "run", "boot-check", "mark-good", "rollback", "provision",
+CUT_VERBS = ("download", "apply", "install", "run", "boot-check", "units", "mark-good", "rollback", "provision",
              "provision-force", "reset-state")
 
 
@@ -466,6 +466,9 @@ VERBS: dict[str, Callable] = {
     "install-downgrade": _install(allow_downgrade=True),
     "run": lambda dev, rel: dev.run(),
     "boot-check": lambda dev, rel: dev.boot_check(),
+    # the reference device's units: abflip-health (judge) before boot-complete.target, abflip-bless after it
+    # (systemd starts the second only when the first succeeded)
+    "units": lambda dev, rel: (dev.boot_check(bless=False), dev.mark_good(health=False))[1],
     "mark-good": lambda dev, rel: dev.mark_good(),
     "rollback": lambda dev, rel: dev.rollback(),
     "provision": lambda dev, rel: dev.provision(rel.dir(_flashed(dev, rel))),
