@@ -61,11 +61,13 @@ class Scenarios:
         self.timings: dict[str, float] = {}
         workers = max(1, int(os.environ.get("ABFLIP_E2E_VMS", "2")))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="device")
-        self.futures = {name: self.pool.submit(self._run, name, images, tmp) for name in wanted}
+        # the directories are made here, in this thread: pytest's tmp_path_factory is not thread-safe (two threads
+        # making its base directory at once: one removed the other's)
+        self.futures = {name: self.pool.submit(self._run, name, images, tmp.mktemp(name)) for name in wanted}
 
-    def _run(self, name: str, images: d.Images, tmp: pytest.TempPathFactory) -> None:
+    def _run(self, name: str, images: d.Images, work: Path) -> None:
         fn, throttled, _ = SCENARIOS[name]
-        dev = d.Device(tmp.mktemp(name), images, handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
+        dev = d.Device(work, images, handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
         t0 = time.monotonic()
         try:
             fn(dev)
