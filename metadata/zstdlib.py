@@ -1,16 +1,26 @@
-"""zstd through the system's libzstd (ctypes), for what python-zstandard does not expose.
+"""zstd for the chained frames of a release: the device's decoder and the producer's compressor.
 
 Both sides chain a release's frames: chunk ``i`` may match the ``window`` image bytes before
-it. python-zstandard takes those bytes as a raw-content dictionary, which it copies (and a
-producer's CDict never sees long-distance matching); libzstd's *prefix* (``ZSTD_DCtx_refPrefix``,
-``ZSTD_CCtx_refPrefix``) is the same thing to the format, referenced where it lies. The decoder
-also writes straight into the caller's buffer (``ZSTD_d_stableOutBuffer``), so it needs no window
-buffer of its own and copies nothing out of one. Measured on a 1 GiB image, 32 MiB chunks, one
-core (issue 14): 16 MiB window 1.40 s -> 0.74 s of decompression; 128 MiB window 3.26 s -> 0.68 s.
+it, a raw *prefix* to zstd (``ZSTD_DCtx_refPrefix``), which is a raw-content dictionary to the
+format. Two libraries, each where it is best (issue 25, measured in docs/producer.md and
+docs/device.md):
 
-Every call releases the GIL (ctypes). :data:`LIB` is None without a libzstd >= 1.5 (Debian's
-``libzstd1``, which dpkg itself depends on); callers then use python-zstandard as before, and the
-bytes written are the same either way (tests run both).
+- **The device decodes through the system's libzstd (ctypes, :class:`Decoder`)**: straight into
+  the caller's buffer (``ZSTD_d_stableOutBuffer``, so no window buffer of its own and nothing
+  copied out of one), the prefix referenced where it lies (the previous chunk's buffer, or the
+  slot's page cache: file-backed, reclaimable memory). No Python binding offers both:
+  ``compression.zstd``/``backports.zstd`` copy the prefix (``ZstdDict``) and return new bytes
+  from the decoder's own window, python-zstandard copies its dictionary too. Measured on a 1 GiB
+  image, 32 MiB chunks, one core (issue 14): 16 MiB window 1.40 s -> 0.74 s of decompression;
+  128 MiB window 3.26 s -> 0.68 s. :data:`LIB` is None without a libzstd >= 1.5 (Debian's
+  ``libzstd1``, which dpkg itself depends on); the device then decodes with python-zstandard,
+  and the bytes written are the same either way (tests run both).
+- **The producer compresses through** ``compression.zstd`` (Python 3.14) or its backport
+  ``backports.zstd`` (:func:`compress`), which bundles a libzstd newer than Debian 12's 1.5.4:
+  1.5.4 indexes a whole prefix in its regular match finder, so a 128 MiB window cost more than
+  twice the CPU per chunk.
+
+Every ctypes call releases the GIL.
 """
 
 from __future__ import annotations
@@ -18,14 +28,11 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["LIB", "ZstdLibError", "Decoder", "compress", "address"]
+__all__ = ["LIB", "ZstdLibError", "Decoder", "compress", "compressor_version", "address"]
 
 # zstd.h (stable since 1.4.0 unless marked experimental; the numbers are its ABI)
 D_WINDOW_LOG_MAX = 100
 D_STABLE_OUT_BUFFER = 1001  # ZSTD_d_experimentalParam2, since 1.4.4
-C_LEVEL, C_WINDOW_LOG = 100, 101
-C_LDM = 160
-C_CONTENT_SIZE, C_CHECKSUM = 200, 201
 RESET_SESSION = 1
 MIN_VERSION = 10500
 PYBUF_WRITABLE, PYBUF_ND = 0x1, 0x8  # Python's buffer protocol: writable; contiguous, with a shape
@@ -67,9 +74,6 @@ def _load() -> ctypes.CDLL | None:
                     ("ZSTD_DCtx_setParameter", size, [vp, cint, cint]), ("ZSTD_DCtx_reset", size, [vp, cint]),
                     ("ZSTD_DCtx_refPrefix", size, [vp, vp, size]),
                     ("ZSTD_decompressStream", size, [vp, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]),
-                    ("ZSTD_createCCtx", vp, []), ("ZSTD_freeCCtx", size, [vp]),
-                    ("ZSTD_CCtx_setParameter", size, [vp, cint, cint]), ("ZSTD_CCtx_refPrefix", size, [vp, vp, size]),
-                    ("ZSTD_compress2", size, [vp, vp, size, vp, size]), ("ZSTD_compressBound", size, [size]),
                     ("ZSTD_isError", ctypes.c_uint, [size]), ("ZSTD_getErrorName", ctypes.c_char_p, [size])):
                 f = getattr(lib, fn)  # a build without one of them is not used
                 f.restype, f.argtypes = res, args
@@ -180,26 +184,37 @@ class Decoder:
 
 
 def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False,
-             checksum: bool = False) -> bytearray:
+             checksum: bool = False) -> bytes:
     """One frame of ``data`` (its content size in the header), matching back into ``prefix``
-    as if it came just before; with ``ldm``, long-distance matching searches the whole prefix."""
-    cctx = LIB.ZSTD_createCCtx()
-    if not cctx:
-        raise MemoryError("ZSTD_createCCtx")
+    as if it came just before; with ``ldm``, long-distance matching searches the whole prefix.
+
+    The producer's compressor: Python's own ``compression.zstd`` (3.14), else its backport
+    ``backports.zstd`` (a dependency: libzstd 1.5.7 or later, bundled). Not the system's
+    libzstd: Debian 12's 1.5.4 indexes the *whole* prefix in its regular match finder, where
+    1.5.5 and later load only what its tables hold (a 128 MiB window with 32 MiB chunks at level
+    9: 5.3 s of CPU per 128 MiB of image with 1.5.4, 2.8 s with the bundled one; docs/producer.md).
+    The prefix is copied once per frame (``ZstdDict``): the producer's memory, not the device's."""
+    zstd = _compression()
+    param = zstd.CompressionParameter
+    options = {param.compression_level: level, param.window_log: window_log,
+               param.enable_long_distance_matching: 1 if ldm else 0, param.content_size_flag: 1,
+               param.checksum_flag: 1 if checksum else 0}
+    zdict = zstd.ZstdDict(prefix, is_raw=True).as_prefix if prefix is not None and len(prefix) else None
+    cctx = zstd.ZstdCompressor(options=options, zstd_dict=zdict)
+    cctx.set_pledged_input_size(len(data))  # nbytes: data may be a memoryview of any format
+    return cctx.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
+
+
+def _compression():
+    """``compression.zstd`` (Python 3.14), else ``backports.zstd``; imported on first use (the
+    device's commands never compress, and never import it)."""
     try:
-        for param, value in ((C_LEVEL, level), (C_WINDOW_LOG, window_log), (C_LDM, 1 if ldm else 0),
-                             (C_CONTENT_SIZE, 1), (C_CHECKSUM, 1 if checksum else 0)):
-            _check(LIB.ZSTD_CCtx_setParameter(cctx, param, value))
-        with address(data) as src:
-            out = bytearray(LIB.ZSTD_compressBound(src.len))
-            with address(out, writable=True) as dst:
-                if prefix is not None and len(prefix):
-                    with address(prefix) as pre:  # used by the next frame only, then forgotten
-                        _check(LIB.ZSTD_CCtx_refPrefix(cctx, pre.ptr, pre.len))
-                        n = _check(LIB.ZSTD_compress2(cctx, dst.ptr, dst.len, src.ptr, src.len))
-                else:
-                    n = _check(LIB.ZSTD_compress2(cctx, dst.ptr, dst.len, src.ptr, src.len))
-        del out[n:]
-        return out
-    finally:
-        LIB.ZSTD_freeCCtx(cctx)
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        from backports import zstd  # type: ignore[import-not-found,no-redef]
+    return zstd
+
+
+def compressor_version() -> str:
+    """The libzstd the producer compresses with (the bundled one of :func:`compress`)."""
+    return _compression().zstd_version
