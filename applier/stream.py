@@ -263,7 +263,8 @@ def memory_needed(image: Image) -> int:
     - the output buffers of the largest decompressed chunk: two with libzstd
       (:mod:`metadata.zstdlib`: chunk ``i`` decodes into one, straight from zstd, while the
       write stage writes chunk ``i-1`` from the other, whose tail is chunk ``i``'s dictionary,
-      referenced in place); one, used as a ring, with python-zstandard;
+      referenced in place), one when the window is wider than a chunk (:func:`_out_buffers`);
+      one, used as a ring, with python-zstandard;
     - the compressed pieces in flight: ``POOL`` buffers of the largest verification unit (one
       being downloaded, one queued, one being decompressed; two without pieces);
     - python-zstandard only: its copy of the dictionary, and the decoder's own window (at most
@@ -279,7 +280,7 @@ def memory_needed(image: Image) -> int:
     out = max(c.out_length for c in chunks)
     piece, pool = _units(image)
     if zstdlib.LIB is not None:
-        return 2 * out + pool * piece + DECODER_OVERHEAD + READ_SIZE
+        return _out_buffers(image) * out + pool * piece + DECODER_OVERHEAD + READ_SIZE
     decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
     return out + pool * piece + _window(image) + decoder + READ_SIZE
 
@@ -295,6 +296,17 @@ def page_cache_needed(image: Image) -> int:
         return 0
     window = _window(image)
     return window if window > max(c.out_length for c in image.chunks) else 0
+
+
+def _out_buffers(image: Image) -> int:
+    """Output buffers of the largest chunk: with libzstd two (chunk ``i`` decodes into one while
+    chunk ``i-1`` is written from the other, its tail chunk ``i``'s dictionary), or one when the
+    window is wider than a chunk: every chunk's dictionary then reaches into chunks already
+    written, read in place from the slot, so chunk ``i`` starts once chunk ``i-1`` is written
+    whatever the buffers (the second one would only cost memory). python-zstandard: one, a ring."""
+    if zstdlib.LIB is None or page_cache_needed(image):
+        return 1
+    return 2
 
 
 def _window(image: Image) -> int:
@@ -434,10 +446,12 @@ class _Pipeline:
         self.pieces: queue.SimpleQueue = queue.SimpleQueue()  # fetch -> decompress: (chunk, view, buffer)
         self.slices: queue.SimpleQueue = queue.SimpleQueue()  # decompress -> write: (chunk, start, end)
         # libzstd: two output buffers, chunk i decoding into bufs[i % 2] while the write stage
-        # writes chunk i-1 from the other. python-zstandard: one, used as a ring: every chunk
-        # decompresses from its start, and a region is overwritten only once it is written.
+        # writes chunk i-1 from the other; one with a window wider than a chunk (_out_buffers).
+        # python-zstandard: one, used as a ring: every chunk decompresses from its start, and a
+        # region is overwritten only once it is written.
         out = max(c.out_length for c in self.chunks)
-        self.bufs = [bytearray(out) for _ in range(2 if zstdlib.LIB is not None else 1)]
+        self.bufs = [bytearray(out) for _ in range(_out_buffers(image))]
+        self.in_place = zstdlib.LIB is not None and len(self.bufs) == 1  # every dictionary mapped from the slot
         # image bytes written to the slot *and* hashed into ``whole``: until then their buffer is not reused
         self.written = self.chunks[first].out_offset
         self.hashing: queue.SimpleQueue = queue.SimpleQueue()  # write -> hash: (chunk, start, end) written
@@ -615,12 +629,12 @@ class _Pipeline:
             return
         lo = max(0, ch.out_offset - window)
         need = ch.out_offset - lo
-        if prev is not None and len(prev) >= need:
+        if prev is not None and len(prev) >= need and not self.in_place:
             yield prev[len(prev) - need:]
             return
         # every byte before chunk i is in the slot, and hashed: the buffer read into below is free
         self._wait(lambda: self.committed >= i and self.written >= ch.out_offset)
-        if need <= len(self.bufs[0]):
+        if need <= len(self.bufs[0]) and not self.in_place:
             into = memoryview(self.bufs[(i + 1) % len(self.bufs)])[:need]
             self.slot.pread_into(lo, into)
             yield into
@@ -675,9 +689,10 @@ class _Pipeline:
         try:
             for i in range(self.first, len(self.chunks)):
                 ch = self.chunks[i]
-                if i >= self.first + 2:  # bufs[i % 2] held chunk i-2: written yet?
-                    self._wait(lambda: self.written >= self.chunks[i - 1].out_offset)
-                out = memoryview(self.bufs[i % 2])[:ch.out_length]
+                n = len(self.bufs)
+                if i >= self.first + n:  # bufs[i % n] held chunk i-n: written (and hashed) yet?
+                    self._wait(lambda: self.written >= self.chunks[i - n + 1].out_offset)
+                out = memoryview(self.bufs[i % n])[:ch.out_length]
                 source = _Pieces(self, i)
                 _check_header(i, ch, source.peek())
                 with self._prefix(i, prev) as prefix:

@@ -88,7 +88,7 @@ def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, l
     return time.monotonic() - t0, _cpu(resource.RUSAGE_SELF) - c0, r.compressed_size, r.compression.window
 
 
-def system_compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False,
+def system_compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, ldm_rate_log: int = 0,
                     checksum: bool = False) -> bytearray:
     """:func:`metadata.zstdlib.compress` through the system's libzstd (ctypes), as before issue 25."""
     lib, vp, size, cint = zstdlib.LIB, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
@@ -102,7 +102,8 @@ def system_compress(data, prefix=None, *, level: int, window_log: int, ldm: bool
     check = zstdlib._check
     cctx = lib.ZSTD_createCCtx()
     try:  # zstd.h: compressionLevel 100, windowLog 101, enableLongDistanceMatching 160, contentSizeFlag 200, checksumFlag 201
-        for param, value in ((100, level), (101, window_log), (160, int(ldm)), (200, 1), (201, int(checksum))):
+        for param, value in ((100, level), (101, window_log), (160, int(ldm)), (200, 1), (201, int(checksum)),
+                             (164, ldm_rate_log if ldm else 0)):  # 164: ldmHashRateLog (0: the default)
             check(lib.ZSTD_CCtx_setParameter(cctx, param, value))
         with zstdlib.address(data) as src:
             out = bytearray(lib.ZSTD_compressBound(src.len))
@@ -123,6 +124,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", type=Path)
     ap.add_argument("--level", type=int, default=9)
+    ap.add_argument("--cli-level", type=int, default=None, help="the CLI's level (default: --level)")
     ap.add_argument("--variant", action="append", default=[],
                     help="CHUNK:WINDOW[:THREADS[:ldm]][@system], e.g. 32M:16M or 64M:128M:0 or default@system "
                          "(default: the shipped defaults with each library)")
@@ -130,6 +132,7 @@ def main() -> int:
     ap.add_argument("--tmp", type=Path, default=None, help="where the outputs go (default: next to the image)")
     args = ap.parse_args()
     image = args.image or default_image()
+    cli_level = args.level if args.cli_level is None else args.cli_level
     variants = args.variant or ["default", "default@system"]
     size = image.stat().st_size
     print(f"image {image} ({size} bytes, {size / MIB:.0f} MiB), level {args.level}, {os.cpu_count()} CPUs; "
@@ -159,7 +162,7 @@ def main() -> int:
         var_n = [0] * len(specs)
         var_used = [0] * len(specs)
         for r in range(args.runs):
-            t, c, cli_n = run_cli(image, args.level, out)
+            t, c, cli_n = run_cli(image, cli_level, out)
             cli_t.append(t)
             cli_c.append(c)
             print(f"  run {r + 1} cli: {cli_n} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
@@ -169,9 +172,9 @@ def main() -> int:
                 var_c[i].append(c)
                 print(f"  run {r + 1} abflip {variants[i]}: {var_n[i]} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
         cli, clic = statistics.median(cli_t), statistics.median(cli_c)
-        rows = [(f"zstd -T0 --long=27 -{args.level}", cli_n, cli, clic)]
+        rows = [(f"zstd -T0 --long=27 -{cli_level}", cli_n, cli, clic)]
         for i, (chunk, window, threads, ldm, system) in enumerate(specs):
-            name = (f"abflip chunk {chunk // MIB} MiB, window {window // MIB} MiB"
+            name = (f"abflip level {args.level}, chunk {chunk // MIB} MiB, window {window // MIB} MiB"
                     + (f" (used {var_used[i] // MIB} MiB)" if var_used[i] != window else "")
                     + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else "")
                     + (", system libzstd (ctypes)" if system else ", backports.zstd"))

@@ -43,11 +43,15 @@ __all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK",
            "DEFAULT_LDM", "DEFAULT_PIECE"]
 
 DEFAULT_LEVEL = 9
-DEFAULT_CHUNK = 32 << 20
+DEFAULT_CHUNK = 64 << 20  # abflip/commands/producer.py repeats the defaults (tests/test_producer.py)
 DEFAULT_WINDOW = 128 << 20  # the most a device accepts (limits.max_window), as zstd --long=27
 DEFAULT_THREADS = 0  # one per CPU
 DEFAULT_LDM = False
 DEFAULT_PIECE = 4 << 20  # compressed bytes per verification unit (the device's read-ahead is two)
+# Long-distance matching hashes one position in 2**LDM_RATE_LOG, of the chunk and of the whole window
+# before it (again for every chunk: the frames are independent). zstd's default with a 2**27 window
+# is 7; 8 halves that work for 1.5 % more bytes on the apply benchmark's image (docs/producer.md).
+LDM_RATE_LOG = 8
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ def compress_chunk(image: bytes | memoryview, offset: int, chunk_size: int, wind
     """Compress one frame; its prefix is the ``window`` bytes before ``offset``."""
     return zstdlib.compress(image[offset:offset + chunk_size], image[max(0, offset - window):offset] if window else None,
                             level=level, window_log=params.window_log,
-                            ldm=params.enable_ldm or long_range(chunk_size, window), checksum=True)
+                            ldm=params.enable_ldm or long_range(chunk_size, window), ldm_rate_log=LDM_RATE_LOG,
+                            checksum=True)
 
 
 def _frame(image: memoryview, offset: int, chunk_size: int, window: int, params: zstandard.ZstdCompressionParameters,

@@ -183,10 +183,11 @@ class Decoder:
             self.close()
 
 
-def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False,
+def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, ldm_rate_log: int = 0,
              checksum: bool = False) -> bytes:
     """One frame of ``data`` (its content size in the header), matching back into ``prefix``
-    as if it came just before; with ``ldm``, long-distance matching searches the whole prefix.
+    as if it came just before; with ``ldm``, long-distance matching searches the whole prefix
+    (``ldm_rate_log``: it hashes one position in ``2**ldm_rate_log``; 0: zstd's default).
 
     The producer's compressor: Python's own ``compression.zstd`` (3.14), else its backport
     ``backports.zstd`` (a dependency: libzstd 1.5.7 or later, bundled). Not the system's
@@ -199,6 +200,8 @@ def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = Fals
     options = {param.compression_level: level, param.window_log: window_log,
                param.enable_long_distance_matching: 1 if ldm else 0, param.content_size_flag: 1,
                param.checksum_flag: 1 if checksum else 0}
+    if ldm and ldm_rate_log:
+        options[param.ldm_hash_rate_log] = ldm_rate_log
     zdict = zstd.ZstdDict(prefix, is_raw=True).as_prefix if prefix is not None and len(prefix) else None
     cctx = zstd.ZstdCompressor(options=options, zstd_dict=zdict)
     cctx.set_pledged_input_size(len(data))  # nbytes: data may be a memoryview of any format
