@@ -110,7 +110,7 @@ from abflip.sim import SimDevice
 from applier.agent import Device
 from applier.config import DEFAULT_MEMORY, parse_size
 from applier.stream import memory_needed, page_cache_needed
-from builder.compress import DEFAULT_PIECE, DEFAULT_WINDOW
+from builder.compress import DEFAULT_CHUNK, DEFAULT_PIECE, DEFAULT_WINDOW, LDM_RATE_LOG
 from builder.image import ImageInfo, build_image
 from builder.publish import publish_release, write_signed
 from builder.release import ReleaseFiles, create_release
@@ -131,7 +131,8 @@ DEFAULT_REPEATS = 0.25  # share of the image's file content that is long-range r
 MEMORY_MARGIN = 16 * MIB  # over memory_needed: install adds a boot-file piece, the interpreter is not counted
 CLI_STREAM = "rootfs.erofs.cli.zst"
 SAMPLE_S = 0.005  # how often Sampler reads /proc/PID/status
-BUILDER = f"window {DEFAULT_WINDOW}, checksums, {zstdlib.compressor_version()}"  # a cached release made otherwise is made again
+# a cached release made otherwise is made again
+BUILDER = f"chunk {DEFAULT_CHUNK}, window {DEFAULT_WINDOW}, ldm rate {LDM_RATE_LOG}, checksums, {zstdlib.compressor_version()}"
 TIME = "/usr/bin/time"
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 LINKSERVER = [sys.executable, str(Path(__file__).resolve().parent / "linkserver.py")]

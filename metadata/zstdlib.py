@@ -12,9 +12,11 @@ docs/device.md):
   ``compression.zstd``/``backports.zstd`` copy the prefix (``ZstdDict``) and return new bytes
   from the decoder's own window, python-zstandard copies its dictionary too. Measured on a 1 GiB
   image, 32 MiB chunks, one core (issue 14): 16 MiB window 1.40 s -> 0.74 s of decompression;
-  128 MiB window 3.26 s -> 0.68 s. :data:`LIB` is None without a libzstd >= 1.5 (Debian's
-  ``libzstd1``, which dpkg itself depends on); the device then decodes with python-zstandard,
-  and the bytes written are the same either way (tests run both).
+  128 MiB window 3.26 s -> 0.68 s. The library is the system's (Debian's ``libzstd1``, which
+  dpkg itself depends on), else the one ``backports.zstd`` bundles (its extension module exports
+  libzstd's functions: the same ctypes binding over it). :data:`LIB` is None without either
+  (>= 1.5); the device then decodes with python-zstandard, and the bytes written are the same
+  every way (tests run them).
 - **The producer compresses through** ``compression.zstd`` (Python 3.14) or its backport
   ``backports.zstd`` (:func:`compress`), which bundles a libzstd newer than Debian 12's 1.5.4:
   1.5.4 indexes a whole prefix in its regular match finder, so a 128 MiB window cost more than
@@ -28,7 +30,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["LIB", "ZstdLibError", "Decoder", "compress", "compressor_version", "address"]
+__all__ = ["LIB", "load", "ZstdLibError", "Decoder", "compress", "compressor_version", "address"]
 
 # zstd.h (stable since 1.4.0 unless marked experimental; the numbers are its ABI)
 D_WINDOW_LOG_MAX = 100
@@ -53,17 +55,31 @@ class _PyBuffer(ctypes.Structure):  # Py_buffer (stable ABI since 3.11)
                 ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
 
 
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("ABFLIP_ZSTD") == "python":  # the fallback, on purpose (tests, a suspect libzstd)
-        return None
-    for name in ("libzstd.so.1", None):
-        if name is None:  # not by its Linux name: ask the platform (ldconfig -p, ~15 ms)
-            from ctypes.util import find_library
+def _candidates(how: str):
+    """Where a libzstd may be, best first: the system's (by its Linux name, then as the platform
+    finds it: ``ldconfig -p``, ~15 ms), then the one ``backports.zstd`` bundles, whose extension
+    module exports libzstd's functions (found on ``sys.path`` without importing it). ``how``
+    (``ABFLIP_ZSTD``): ``python`` uses none (the python-zstandard fallback, on purpose: tests, a
+    suspect libzstd), ``bundled`` only the bundled one."""
+    if how == "python":
+        return
+    if how != "bundled":
+        yield "libzstd.so.1"
+        from ctypes.util import find_library
 
-            name = find_library("zstd")
-            if not name:
-                break
-        vp, size, cint = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+        if name := find_library("zstd"):
+            yield name
+    import glob
+    import sys
+
+    for entry in sys.path:
+        yield from sorted(glob.glob(os.path.join(entry or ".", "backports", "zstd", "_zstd*.so")))
+
+
+def load(how: str = "") -> ctypes.CDLL | None:
+    """The first usable libzstd of :func:`_candidates`, its decoder's functions typed; None if none."""
+    vp, size, cint = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+    for name in _candidates(how):
         try:
             lib = ctypes.CDLL(name)
             lib.ZSTD_versionNumber.restype = ctypes.c_uint
@@ -83,7 +99,7 @@ def _load() -> ctypes.CDLL | None:
     return None
 
 
-LIB = _load()
+LIB = load(os.environ.get("ABFLIP_ZSTD", ""))
 
 
 def _check(code: int) -> int:

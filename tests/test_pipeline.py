@@ -31,14 +31,18 @@ CHUNK, PIECE = 256 << 10, 64 << 10
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, params=["libzstd", "python"])
+@pytest.fixture(autouse=True, params=["libzstd", "bundled", "python"])
 def decoder(request, monkeypatch) -> str:
-    """Every stream test runs with both decoders: libzstd (metadata.zstdlib) and the
-    python-zstandard fallback a device without libzstd uses."""
+    """Every stream test runs with each decoder: the system's libzstd (metadata.zstdlib), the one
+    backports.zstd bundles through the same binding (a device without the system's), and the
+    python-zstandard fallback a device without either uses."""
     if request.param == "python":
         monkeypatch.setattr(zstdlib, "LIB", None)
+    elif request.param == "bundled":
+        monkeypatch.setattr(zstdlib, "LIB", zstdlib.load("bundled"))
+        assert zstdlib.LIB is not None and zstdlib.LIB.ZSTD_versionNumber() >= 10507
     elif zstdlib.LIB is None:
-        pytest.skip("no libzstd on this machine")
+        pytest.fail("no libzstd on this machine (Debian's libzstd1)")
     return request.param
 
 
