@@ -35,6 +35,7 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 from tuf.api import exceptions as tuf_exc
@@ -244,15 +245,29 @@ class _Reader:
 
 def verified_prefix(image: Image, slot: SlotDevice, chunks_done: int) -> tuple[int, hashlib._Hash]:
     """Re-read what an earlier run wrote; return how many chunks are still intact, and the
-    running image hash over them. A chunk changed behind our back is written again."""
+    running image hash over them. A chunk changed behind our back is written again.
+
+    Each byte read goes through two hashes, its chunk's (against the chunk table) and the
+    image's, computed side by side on two threads (hashlib releases the GIL), a ``SLICE`` at a
+    time from one reused buffer (measured on the apply benchmark's 1 GiB image, warm: 2.6 s of
+    CPU one after the other; docs/transport.md)."""
     h = hashlib.sha256()
-    for i in range(min(chunks_done, len(image.chunks))):
-        ch = image.chunks[i]
-        data = slot.pread(ch.out_offset, ch.out_length)
-        if hashlib.sha256(data).hexdigest() != ch.out_sha256:
-            return i, h
-        h.update(data)
-    return min(chunks_done, len(image.chunks)), h
+    done = min(chunks_done, len(image.chunks))
+    if not done:
+        return 0, h
+    buf = memoryview(bytearray(min(SLICE, max(c.out_length for c in image.chunks[:done]))))
+    with ThreadPoolExecutor(1, thread_name_prefix="abflip-resume-hash") as beside:
+        for i in range(done):
+            ch, chunk, before = image.chunks[i], hashlib.sha256(), h.copy()
+            for at in range(ch.out_offset, ch.out_offset + ch.out_length, len(buf)):
+                view = buf[:min(len(buf), ch.out_offset + ch.out_length - at)]
+                slot.pread_into(at, view)
+                both = beside.submit(chunk.update, view)
+                h.update(view)
+                both.result()
+            if chunk.hexdigest() != ch.out_sha256:
+                return i, before
+    return done, h
 
 
 def memory_needed(image: Image) -> int:

@@ -157,8 +157,8 @@ class _Counting:
     def __init__(self) -> None:
         self.hashed = 0
 
-    def sha256(self, data=b""):
-        outer, h = self, hashlib.sha256()
+    def sha256(self, data=b"", h=None):
+        outer, h = self, h or hashlib.sha256()
 
         class Counted:
             def update(self, b) -> None:
@@ -167,6 +167,9 @@ class _Counting:
 
             def hexdigest(self) -> str:
                 return h.hexdigest()
+
+            def copy(self):
+                return outer.sha256(h=h.copy())
 
         c = Counted()
         c.update(data)
