@@ -1,26 +1,28 @@
 #!/usr/bin/env python3
 """Compression at CLI parity: abflip's chunked stream vs ``zstd -T0 --long=27 -<level>``.
 
-    python3 bench/compress.py [--image IMG] [--level 9] [--variant CHUNK:WINDOW[:THREADS[:ldm]][@system] ...]
-                              [--runs 1]
+    python3 bench/compress.py [--image IMG] [--level 9] [--cli-level N] [--runs 1]
+                              [--variant CHUNK:WINDOW[:THREADS[:ldm]][@system|@api] ...]
 
 Both compress the same image from the page cache (one untimed read first), in the same run,
 on all cores, runs interleaved (CLI, each variant, then again); medians are reported. Reported
 per variant: compressed size, wall time and CPU time (user + system), each as a ratio to the
 zstd CLI's (issue 25's goals, 2 cores: size <= 1.01x; time <= 0.8x with the defaults, <= 1.0x
-with the wide window). ``default`` is the shipped defaults (``builder.compress``: 32 MiB chunks,
-128 MiB window). A variant ending in ``@system`` compresses with the system's libzstd through
-ctypes (Debian 12: 1.5.4) instead of ``backports.zstd``'s bundled one, as abflip did before
-issue 25: the comparison of part 3 (without ``--variant``, both run). The default image is the
-erofs image ``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs``: when absent, it is built
-with apply's defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); when
-present, it is whatever apply last built there (its ``cache.json`` says what).
+with the wide window), and the process's peak RSS so far. ``default`` is the shipped defaults
+(``builder.compress``: 64 MiB chunks, 128 MiB window). Each variant compresses through
+``metadata.zstdlib.compress`` with the libzstd ``backports.zstd`` bundles (ctypes, the prefix
+referenced in place); ``@system`` with the system's libzstd (Debian 12: 1.5.4) through the same
+binding, as abflip did before issue 25; ``@api`` through ``backports.zstd``'s own API (Python
+3.14's ``compression.zstd``: the prefix copied into a ``ZstdDict``). Without ``--variant`` the
+defaults run with each of the three (issue 25, part 3). The default image is the erofs image
+``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs``: when absent, it is built with apply's
+defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); when present, it is
+whatever apply last built there (its ``cache.json`` says what).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import resource
 import statistics
@@ -75,49 +77,44 @@ def run_cli(image: Path, level: int, out: Path) -> tuple[float, float, int]:
     return time.monotonic() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0, out.stat().st_size
 
 
-def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, system: bool,
+def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, library: str,
                out: Path) -> tuple[float, float, int, int]:
-    saved = zstdlib.compress
-    if system:
-        zstdlib.compress = system_compress
+    zstdlib.compress = LIBRARIES[library][1]
     t0, c0 = time.monotonic(), _cpu(resource.RUSAGE_SELF)
     try:
         r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm)
     finally:
-        zstdlib.compress = saved
+        zstdlib.compress = ORIGINAL
     return time.monotonic() - t0, _cpu(resource.RUSAGE_SELF) - c0, r.compressed_size, r.compression.window
 
 
-def system_compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, ldm_rate_log: int = 0,
-                    checksum: bool = False) -> bytearray:
-    """:func:`metadata.zstdlib.compress` through the system's libzstd (ctypes), as before issue 25."""
-    lib, vp, size, cint = zstdlib.LIB, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
-    if lib is None:
+def system_compress(data, prefix=None, **kw) -> bytearray:
+    """:func:`metadata.zstdlib.compress` with the system's libzstd, as before issue 25."""
+    if zstdlib.LIB is None:
         raise SystemExit("no system libzstd (libzstd.so.1) for an @system variant")
-    for fn, res, argt in (("ZSTD_createCCtx", vp, []), ("ZSTD_freeCCtx", size, [vp]),
-                          ("ZSTD_CCtx_setParameter", size, [vp, cint, cint]),
-                          ("ZSTD_CCtx_refPrefix", size, [vp, vp, size]),
-                          ("ZSTD_compress2", size, [vp, vp, size, vp, size]), ("ZSTD_compressBound", size, [size])):
-        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, argt
-    check = zstdlib._check
-    cctx = lib.ZSTD_createCCtx()
-    try:  # zstd.h: compressionLevel 100, windowLog 101, enableLongDistanceMatching 160, contentSizeFlag 200, checksumFlag 201
-        for param, value in ((100, level), (101, window_log), (160, int(ldm)), (200, 1), (201, int(checksum)),
-                             (164, ldm_rate_log if ldm else 0)):  # 164: ldmHashRateLog (0: the default)
-            check(lib.ZSTD_CCtx_setParameter(cctx, param, value))
-        with zstdlib.address(data) as src:
-            out = bytearray(lib.ZSTD_compressBound(src.len))
-            with zstdlib.address(out, writable=True) as dst:
-                if prefix is not None and len(prefix):
-                    with zstdlib.address(prefix) as pre:
-                        check(lib.ZSTD_CCtx_refPrefix(cctx, pre.ptr, pre.len))
-                        n = check(lib.ZSTD_compress2(cctx, dst.ptr, dst.len, src.ptr, src.len))
-                else:
-                    n = check(lib.ZSTD_compress2(cctx, dst.ptr, dst.len, src.ptr, src.len))
-        del out[n:]
-        return out
-    finally:
-        lib.ZSTD_freeCCtx(cctx)
+    return ORIGINAL(data, prefix, lib=zstdlib.with_compression(zstdlib.LIB), **kw)
+
+
+def api_compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, ldm_rate_log: int = 0,
+                 checksum: bool = False) -> bytes:
+    """The same frame through ``backports.zstd``'s own API (Python 3.14's ``compression.zstd``):
+    the prefix copied into a ``ZstdDict`` per frame."""
+    from backports import zstd
+
+    p = zstd.CompressionParameter
+    options = {p.compression_level: level, p.window_log: window_log, p.enable_long_distance_matching: int(ldm),
+               p.content_size_flag: 1, p.checksum_flag: int(checksum)}
+    if ldm and ldm_rate_log:
+        options[p.ldm_hash_rate_log] = ldm_rate_log
+    zd = zstd.ZstdDict(prefix, is_raw=True).as_prefix if prefix is not None and len(prefix) else None
+    c = zstd.ZstdCompressor(options=options, zstd_dict=zd)
+    c.set_pledged_input_size(len(data))
+    return c.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
+
+
+ORIGINAL = zstdlib.compress
+LIBRARIES = {"": ("the bundled libzstd (ctypes)", ORIGINAL), "system": ("the system's libzstd (ctypes)", system_compress),
+             "api": ("backports.zstd's API", api_compress)}
 
 
 def main() -> int:
@@ -126,17 +123,17 @@ def main() -> int:
     ap.add_argument("--level", type=int, default=9)
     ap.add_argument("--cli-level", type=int, default=None, help="the CLI's level (default: --level)")
     ap.add_argument("--variant", action="append", default=[],
-                    help="CHUNK:WINDOW[:THREADS[:ldm]][@system], e.g. 32M:16M or 64M:128M:0 or default@system "
+                    help="CHUNK:WINDOW[:THREADS[:ldm]][@system|@api], e.g. 32M:16M or 64M:128M:0 or default@system "
                          "(default: the shipped defaults with each library)")
     ap.add_argument("--runs", type=int, default=1, help="timed runs of each (median)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the outputs go (default: next to the image)")
     args = ap.parse_args()
     image = args.image or default_image()
     cli_level = args.level if args.cli_level is None else args.cli_level
-    variants = args.variant or ["default", "default@system"]
+    variants = args.variant or ["default", "default@api", "default@system"]
     size = image.stat().st_size
     print(f"image {image} ({size} bytes, {size / MIB:.0f} MiB), level {args.level}, {os.cpu_count()} CPUs; "
-          f"libzstd: bundled {zstdlib.compressor_version()}, system "
+          f"libzstd: compressor {zstdlib.compressor_version()}, system "
           f"{'none' if zstdlib.LIB is None else zstdlib.LIB.ZSTD_versionNumber()}", flush=True)
     warm(image)
     with tempfile.TemporaryDirectory(dir=args.tmp or image.parent, prefix=".bench-compress-") as tmp:
@@ -152,7 +149,9 @@ def main() -> int:
                 chunk, window = parse_size(parts[0]), parse_size(parts[1])
                 threads = int(parts[2]) if len(parts) > 2 else 0
                 ldm = len(parts) > 3 and parts[3] == "ldm"
-            specs.append((chunk, window, threads, ldm, lib == "system"))
+            if lib not in LIBRARIES:
+                ap.error(f"unknown library @{lib}: use @system or @api")
+            specs.append((chunk, window, threads, ldm, lib))
         # interleaved runs (cli, variant 1, variant 2, ... then again), so load changes hit all alike
         cli_t: list[float] = []
         cli_c: list[float] = []
@@ -166,18 +165,17 @@ def main() -> int:
             cli_t.append(t)
             cli_c.append(c)
             print(f"  run {r + 1} cli: {cli_n} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
-            for i, (chunk, window, threads, ldm, system) in enumerate(specs):
-                t, c, var_n[i], var_used[i] = run_abflip(image, args.level, chunk, window, threads, ldm, system, out)
+            for i, (chunk, window, threads, ldm, lib) in enumerate(specs):
+                t, c, var_n[i], var_used[i] = run_abflip(image, args.level, chunk, window, threads, ldm, lib, out)
                 var_t[i].append(t)
                 var_c[i].append(c)
                 print(f"  run {r + 1} abflip {variants[i]}: {var_n[i]} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
         cli, clic = statistics.median(cli_t), statistics.median(cli_c)
         rows = [(f"zstd -T0 --long=27 -{cli_level}", cli_n, cli, clic)]
-        for i, (chunk, window, threads, ldm, system) in enumerate(specs):
+        for i, (chunk, window, threads, ldm, lib) in enumerate(specs):
             name = (f"abflip level {args.level}, chunk {chunk // MIB} MiB, window {window // MIB} MiB"
                     + (f" (used {var_used[i] // MIB} MiB)" if var_used[i] != window else "")
-                    + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else "")
-                    + (", system libzstd (ctypes)" if system else ", backports.zstd"))
+                    + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else "") + f", {LIBRARIES[lib][0]}")
             rows.append((name, var_n[i], statistics.median(var_t[i]), statistics.median(var_c[i])))
     print()
     print("| variant | compressed bytes | size ratio | wall s | time ratio | CPU s | CPU ratio |")

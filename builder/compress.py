@@ -15,12 +15,13 @@ window no wider than the chunk is clamped to what zstd indexes at the level
 loading the rest.
 
 Frames compress in parallel threads, one frame per worker (each is independent: its prefix is
-image bytes known up front; zstd releases the GIL); each worker also hashes its chunk and its
-frame. The main thread writes the frames in order and keeps the image's sha256. Memory per
-worker: a copy of the prefix (``ZstdDict``: the window, 128 MiB by default), zstd's tables
-(about 40 MiB at level 9 with LDM) and the frame; at most ``2 * threads`` frames are held.
-Compression is :func:`metadata.zstdlib.compress` (``compression.zstd`` or ``backports.zstd``:
-libzstd >= 1.5.7, whose prefix loading the window's speed depends on).
+image bytes known up front, referenced where they lie in the mapped image; zstd releases the
+GIL); each worker also hashes its chunk and its frame. The main thread writes the frames in
+order and keeps the image's sha256. Memory per worker: zstd's context (its tables at level 9 with
+long-distance matching) and the frame being made (a chunk's compress bound at first); at most
+``2 * threads`` frames are held; the image is mapped, not read (docs/producer.md has the figures).
+Compression is :func:`metadata.zstdlib.compress`, with the libzstd ``backports.zstd`` bundles
+(>= 1.5.7: how fast a wide window is depends on its prefix loading).
 """
 
 from __future__ import annotations

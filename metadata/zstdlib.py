@@ -1,27 +1,31 @@
-"""zstd for the chained frames of a release: the device's decoder and the producer's compressor.
+"""zstd for the chained frames of a release, through one ctypes binding of libzstd: the device's
+decoder and the producer's compressor.
 
 Both sides chain a release's frames: chunk ``i`` may match the ``window`` image bytes before
-it, a raw *prefix* to zstd (``ZSTD_DCtx_refPrefix``), which is a raw-content dictionary to the
-format. Two libraries, each where it is best (issue 25, measured in docs/producer.md and
-docs/device.md):
+it, a raw *prefix* to zstd (``ZSTD_DCtx_refPrefix``, ``ZSTD_CCtx_refPrefix``), which is a
+raw-content dictionary to the format, referenced where it lies. No Python binding offers that
+(issue 25, measured in ``bench/decode.py`` and ``bench/compress.py``; docs/producer.md and
+docs/device.md): ``compression.zstd`` (Python 3.14) and its backport ``backports.zstd`` copy a
+prefix into their ``ZstdDict`` (on the device 3.1x the anonymous memory and 1.9x the CPU of this
+binding on the apply benchmark's release, on the producer 10 % more CPU and the window's copy per
+worker) and return each piece of output as new bytes out of the decoder's own window buffer;
+python-zstandard copies its dictionaries too, and its compressor never lets long-distance
+matching see one.
 
-- **The device decodes through the system's libzstd (ctypes, :class:`Decoder`)**: straight into
-  the caller's buffer (``ZSTD_d_stableOutBuffer``, so no window buffer of its own and nothing
-  copied out of one), the prefix referenced where it lies (the previous chunk's buffer, or the
-  slot's page cache: file-backed, reclaimable memory). No Python binding offers both:
-  ``compression.zstd``/``backports.zstd`` copy the prefix (``ZstdDict``) and return new bytes
-  from the decoder's own window, python-zstandard copies its dictionary too. Measured on a 1 GiB
-  image, 32 MiB chunks, one core (issue 14): 16 MiB window 1.40 s -> 0.74 s of decompression;
-  128 MiB window 3.26 s -> 0.68 s. The library is the system's (Debian's ``libzstd1``, which
-  dpkg itself depends on), else the one ``backports.zstd`` bundles (its extension module exports
-  libzstd's functions: the same ctypes binding over it). :data:`LIB` is None without either
-  (>= 1.5); the device then decodes with python-zstandard, and the bytes written are the same
-  every way (tests run them).
-- **The producer compresses through** ``compression.zstd`` (Python 3.14) or its backport
-  ``backports.zstd`` (:func:`compress`), which bundles a libzstd newer than Debian 12's 1.5.4:
-  1.5.4 indexes a whole prefix in its regular match finder, so a 128 MiB window cost more than
-  twice the CPU per chunk.
+- **The device decodes** (:class:`Decoder`) straight into the caller's buffer
+  (``ZSTD_d_stableOutBuffer``: no window buffer of its own, nothing copied out of one), the prefix
+  referenced in place (the previous chunk's buffer, or the slot's page cache: file-backed,
+  reclaimable memory), with the system's libzstd (Debian's ``libzstd1``, which dpkg itself
+  depends on), else the one ``backports.zstd`` bundles. Measured on a 1 GiB image, 32 MiB
+  chunks, one core (issue 14): 16 MiB window 1.40 s -> 0.74 s of decompression; 128 MiB window
+  3.26 s -> 0.68 s. :data:`LIB` is None without either (>= 1.5); the device then decodes with
+  python-zstandard, and the bytes written are the same every way (tests run them).
+- **The producer compresses** (:func:`compress`) with the libzstd ``backports.zstd`` bundles
+  (1.5.7 or later), else the system's: Debian 12's 1.5.4 indexes a whole prefix in its regular
+  match finder, so a 128 MiB window cost about twice the CPU per chunk (:func:`compressor`).
 
+``backports.zstd``'s extension module exports libzstd's functions, so this binding loads it as
+a library (found on ``sys.path``, never imported; a build that hid them would just not be used).
 Every ctypes call releases the GIL.
 """
 
@@ -30,7 +34,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["LIB", "load", "ZstdLibError", "Decoder", "compress", "compressor_version", "address"]
+__all__ = ["LIB", "load", "ZstdLibError", "Decoder", "compress", "compressor", "compressor_version", "with_compression",
+           "address"]
 
 # zstd.h (stable since 1.4.0 unless marked experimental; the numbers are its ABI)
 D_WINDOW_LOG_MAX = 100
@@ -102,9 +107,10 @@ def load(how: str = "") -> ctypes.CDLL | None:
 LIB = load(os.environ.get("ABFLIP_ZSTD", ""))
 
 
-def _check(code: int) -> int:
-    if LIB.ZSTD_isError(code):
-        raise ZstdLibError(LIB.ZSTD_getErrorName(code).decode())
+def _check(code: int, lib: ctypes.CDLL | None = None) -> int:
+    lib = lib or LIB
+    if lib.ZSTD_isError(code):
+        raise ZstdLibError(lib.ZSTD_getErrorName(code).decode())
     return code
 
 
@@ -199,41 +205,70 @@ class Decoder:
             self.close()
 
 
-def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, ldm_rate_log: int = 0,
-             checksum: bool = False) -> bytes:
-    """One frame of ``data`` (its content size in the header), matching back into ``prefix``
-    as if it came just before; with ``ldm``, long-distance matching searches the whole prefix
-    (``ldm_rate_log``: it hashes one position in ``2**ldm_rate_log``; 0: zstd's default).
-
-    The producer's compressor: Python's own ``compression.zstd`` (3.14), else its backport
-    ``backports.zstd`` (a dependency: libzstd 1.5.7 or later, bundled). Not the system's
-    libzstd: Debian 12's 1.5.4 indexes the *whole* prefix in its regular match finder, where
-    1.5.5 and later load only what its tables hold (a 128 MiB window with 32 MiB chunks at level
-    9: 5.3 s of CPU per 128 MiB of image with 1.5.4, 2.8 s with the bundled one; docs/producer.md).
-    The prefix is copied once per frame (``ZstdDict``): the producer's memory, not the device's."""
-    zstd = _compression()
-    param = zstd.CompressionParameter
-    options = {param.compression_level: level, param.window_log: window_log,
-               param.enable_long_distance_matching: 1 if ldm else 0, param.content_size_flag: 1,
-               param.checksum_flag: 1 if checksum else 0}
-    if ldm and ldm_rate_log:
-        options[param.ldm_hash_rate_log] = ldm_rate_log
-    zdict = zstd.ZstdDict(prefix, is_raw=True).as_prefix if prefix is not None and len(prefix) else None
-    cctx = zstd.ZstdCompressor(options=options, zstd_dict=zdict)
-    cctx.set_pledged_input_size(len(data))  # nbytes: data may be a memoryview of any format
-    return cctx.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
+# zstd.h's compression parameters (stable since 1.4.0; the numbers are its ABI)
+C_LEVEL, C_WINDOW_LOG, C_LDM, C_LDM_RATE_LOG, C_CONTENT_SIZE, C_CHECKSUM = 100, 101, 160, 164, 200, 201
+_COMPRESSOR: list = []  # the compressor's library, loaded on first use
 
 
-def _compression():
-    """``compression.zstd`` (Python 3.14), else ``backports.zstd``; imported on first use (the
-    device's commands never compress, and never import it)."""
-    try:
-        from compression import zstd  # type: ignore[import-not-found]
-    except ImportError:
-        from backports import zstd  # type: ignore[import-not-found,no-redef]
-    return zstd
+def compressor() -> ctypes.CDLL:
+    """The libzstd the producer compresses with: the one ``backports.zstd`` bundles (1.5.7 or
+    later), else the system's. Not the system's first: Debian 12's 1.5.4 indexes a *whole* prefix
+    in its regular match finder, where 1.5.5 and later load only what its tables hold (a 128 MiB
+    window with 32 MiB chunks at level 9: 5.3 s of CPU per 128 MiB of image with 1.5.4, 2.8 s
+    with the bundled one; docs/producer.md). Loaded on first use: the device never compresses."""
+    if not _COMPRESSOR:
+        lib = load("bundled") or load(os.environ.get("ABFLIP_ZSTD", ""))
+        if lib is None:
+            raise ZstdLibError("no libzstd to compress with: install backports.zstd (a dependency of abflip) "
+                               "or the system's libzstd")
+        _COMPRESSOR.append(with_compression(lib))
+    return _COMPRESSOR[0]
+
+
+def with_compression(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (from :func:`load`) with its compression functions typed too."""
+    vp, size, cint = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+    for fn, res, args in (("ZSTD_createCCtx", vp, []), ("ZSTD_freeCCtx", size, [vp]),
+                          ("ZSTD_CCtx_setParameter", size, [vp, cint, cint]),
+                          ("ZSTD_CCtx_refPrefix", size, [vp, vp, size]),
+                          ("ZSTD_compress2", size, [vp, vp, size, vp, size]), ("ZSTD_compressBound", size, [size])):
+        f = getattr(lib, fn)
+        f.restype, f.argtypes = res, args
+    return lib
 
 
 def compressor_version() -> str:
-    """The libzstd the producer compresses with (the bundled one of :func:`compress`)."""
-    return _compression().zstd_version
+    """The version of :func:`compressor`'s libzstd, e.g. ``1.5.7``."""
+    v = compressor().ZSTD_versionNumber()
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, ldm_rate_log: int = 0,
+             checksum: bool = False, lib: ctypes.CDLL | None = None) -> bytearray:
+    """One frame of ``data`` (its content size in the header), matching back into ``prefix``
+    as if it came just before, referenced where it lies (nothing copied); with ``ldm``,
+    long-distance matching searches the whole prefix (``ldm_rate_log``: it hashes one position
+    in ``2**ldm_rate_log``; 0: zstd's default). ``lib``: another libzstd than :func:`compressor`'s
+    (with its compression functions typed: the benchmark compares them)."""
+    lib = lib or compressor()
+    cctx = lib.ZSTD_createCCtx()
+    if not cctx:
+        raise MemoryError("ZSTD_createCCtx")
+    try:
+        for param, value in ((C_LEVEL, level), (C_WINDOW_LOG, window_log), (C_LDM, 1 if ldm else 0),
+                             (C_LDM_RATE_LOG, ldm_rate_log if ldm else 0), (C_CONTENT_SIZE, 1),
+                             (C_CHECKSUM, 1 if checksum else 0)):
+            _check(lib.ZSTD_CCtx_setParameter(cctx, param, value), lib)
+        with address(data) as src:
+            out = bytearray(lib.ZSTD_compressBound(src.len))
+            with address(out, writable=True) as dst:
+                if prefix is not None and len(prefix):
+                    with address(prefix) as pre:  # used by the next frame only, then forgotten
+                        _check(lib.ZSTD_CCtx_refPrefix(cctx, pre.ptr, pre.len), lib)
+                        n = _check(lib.ZSTD_compress2(cctx, dst.ptr, dst.len, src.ptr, src.len), lib)
+                else:
+                    n = _check(lib.ZSTD_compress2(cctx, dst.ptr, dst.len, src.ptr, src.len), lib)
+        del out[n:]
+        return out
+    finally:
+        lib.ZSTD_freeCCtx(cctx)
