@@ -137,15 +137,23 @@ def _fetch(opener: Opener, start: int, length: int, buf: bytearray, what: str, r
             time.sleep(backoff * failures)
 
 
-def _read_source(source: SlotDevice, offset: int, into: memoryview, sha256: str, what: str) -> None:
-    """Fill ``into`` from the booted slot and check it; a short read or other bytes fall back."""
+def _read_source(source: SlotDevice, offset: int, into: memoryview, what: str) -> None:
+    """Fill ``into`` from the booted slot; a short read or an I/O error falls back."""
     try:
         source.pread_into(offset, into)
     except DeviceError as e:
         raise _Fallback(f"{what}: {e.message}") from None
-    if hashlib.sha256(into).hexdigest() != sha256:
-        raise _Fallback(f"{what}: the booted slot's bytes {offset}-{offset + len(into) - 1} differ from the delta's "
-                        "source")
+
+
+def _which_differs(i: int, read: list[tuple[str, memoryview, int, str]], otherwise: str) -> _Fallback:
+    """Why chunk ``i`` failed: the first source extent read for it (dictionary extents, then
+    copy segments) whose bytes are not the delta's source's, else ``otherwise``. Only a chunk
+    that failed pays for hashing its extents one by one."""
+    for what, view, offset, sha256 in read:
+        if hashlib.sha256(view).hexdigest() != sha256:
+            return _Fallback(f"chunk {i} {what}: the booted slot's bytes {offset}-{offset + len(view) - 1} differ "
+                             "from the delta's source")
+    return _Fallback(f"chunk {i}: {otherwise}")
 
 
 class _Writer:
@@ -174,8 +182,14 @@ class _Writer:
 
 def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_opener: Opener, retries: int,
                 backoff: float, stats: DeltaStats) -> tuple[memoryview, str]:
+    """Chunk ``i`` assembled from the delta: its frame (verified before it is decompressed), decoded
+    with its dictionary extents, and its copy segments, all read from the booted slot. The source
+    bytes are checked by the assembled chunk's sha256 against the chunk table (each byte hashed
+    once: a byte that differs gives other output, and the chunk falls back); only then are the
+    extents hashed one by one, to name the one that differs."""
     out = memoryview(bufs.out)
     kind = "copy"
+    read: list[tuple[str, memoryview, int, str]] = []  # (what, bytes, source offset, their sha256)
     if op.frame is not None:
         kind = "frame"
         f = op.frame
@@ -188,13 +202,15 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
             dictionary = bufs.dictionary(op.dictionary_size)
             at = 0
             for j, (src, n, sha) in enumerate(op.dictionary):
-                _read_source(source, src, dictionary[at:at + n], sha, f"chunk {i} dictionary extent {j}")
+                view = dictionary[at:at + n]
+                _read_source(source, src, view, f"chunk {i} dictionary extent {j}")
+                read.append((f"dictionary extent {j}", view, src, sha))
                 at += n
         try:
             decompress_chunk(i, Chunk(f.offset, f.length, f.sha256, 0, f.size, f.out_sha256), data, dictionary,
                              bufs.out)
         except ChunkError as e:
-            raise _Fallback(f"chunk {i}: the delta's frame {e.message.split(': ', 1)[-1]}") from None
+            raise _which_differs(i, read, f"the delta's frame {e.message.split(': ', 1)[-1]}") from None
         del data, dictionary
         # The frame's bytes are the chunk minus its copy segments, in order: move them into
         # place from the last run to the first (each moves forward, never over one not moved).
@@ -209,20 +225,13 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
         for dst, src, n in reversed(runs):
             if dst != src:
                 out[dst:dst + n] = out[src:src + n]
-    # The copy segments are read unchecked: the assembled chunk is checked whole below (each byte
-    # hashed once); only when it fails are the segments hashed, to say which one differs.
-    for rel, src, n, _ in op.copy:
-        try:
-            source.pread_into(src, out[rel:rel + n])
-        except DeviceError as e:
-            raise _Fallback(f"chunk {i} copy segment at {src}: {e.message}") from None
+    for j, (rel, src, n, sha) in enumerate(op.copy):
+        view = out[rel:rel + n]
+        _read_source(source, src, view, f"chunk {i} copy segment {j}")
+        read.append((f"copy segment {j}", view, src, sha))
     view = out[:op.out_length]
     if hashlib.sha256(view).hexdigest() != ch.out_sha256:
-        for j, (rel, src, n, sha) in enumerate(op.copy):
-            if hashlib.sha256(out[rel:rel + n]).hexdigest() != sha:
-                raise _Fallback(f"chunk {i} copy segment {j}: the booted slot's bytes {src}-{src + n - 1} differ "
-                                "from the delta's source")
-        raise _Fallback(f"chunk {i}: the delta produced other bytes than the chunk table says")
+        raise _which_differs(i, read, "the delta produced other bytes than the chunk table says")
     return view, kind
 
 

@@ -132,7 +132,8 @@ MEMORY_MARGIN = 16 * MIB  # over memory_needed: install adds a boot-file piece, 
 CLI_STREAM = "rootfs.erofs.cli.zst"
 SAMPLE_S = 0.005  # how often Sampler reads /proc/PID/status
 # a cached release made otherwise is made again
-BUILDER = f"chunk {DEFAULT_CHUNK}, window {DEFAULT_WINDOW}, ldm rate {LDM_RATE_LOG}, checksums, {zstdlib.compressor_version()}"
+BUILDER = (f"chunk {DEFAULT_CHUNK}, window {DEFAULT_WINDOW}, ldm rate {LDM_RATE_LOG}, checksums, "
+           f"libzstd {zstdlib.compressor_version()} by ctypes")
 TIME = "/usr/bin/time"
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 LINKSERVER = [sys.executable, str(Path(__file__).resolve().parent / "linkserver.py")]

@@ -27,7 +27,8 @@ Method
    same target, alternated ``--runs`` times (median). Wall time, CPU time (user + system) and
    peak RSS (``/usr/bin/time``) of that process, and the delta's over the full install's
    (issue 25's goals: a security delta <= 0.5x the full install's wall time, a feature delta
-   <= 1.0x).
+   <= 1.0x). After each pair, ``dd conv=fsync`` writes the target image into a fresh file: the
+   write both installs must do at least, on this disk at that moment.
 
 The last line is the issue's summary line, then the install ratios.
 """
@@ -193,6 +194,21 @@ def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, 
     return {"result": result, "seconds": seconds, "rss": int(rss) * 1024, "cpu": float(user) + float(system)}
 
 
+def write_floor(work: Path, img: Path) -> float:
+    """Seconds ``dd`` takes to write ``img`` into a fresh file and fsync it: what any install of
+    that image costs at least on this disk (both kinds of install write the whole slot)."""
+    out = work / "write-floor.img"
+    out.unlink(missing_ok=True)
+    with open(img, "rb") as f:  # read once, so only the write is timed
+        while f.read(16 << 20):
+            pass
+    t0 = time.monotonic()
+    subprocess.run(["dd", f"if={img}", f"of={out}", "bs=1M", "conv=fsync", "status=none"], check=True)
+    seconds = time.monotonic() - t0
+    out.unlink()
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--tier", choices=sorted(BASE), default="large")
@@ -249,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                     if got["result"]["kind"] != mode:
                         raise SystemExit(f"{kind} {mode}: the device used {got['result']['kind']}")
                     runs.setdefault((kind, mode), []).append(got)
+                runs.setdefault((kind, "write"), []).append({"seconds": write_floor(work, imgs["1.1.0" if kind == "security"
+                                                                                              else "1.2.0"]),
+                                                           "cpu": 0.0, "rss": 0, "result": {}})
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     rows = {km: {**rs[0], "seconds": med(rs, "seconds"), "cpu": med(rs, "cpu"), "rss": int(med(rs, "rss"))}
             for km, rs in runs.items()}
@@ -271,14 +290,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{d['result']['bytes_downloaded']} B")
     print()
     print(f"install, median of {a.runs} (the same target, full image vs delta, alternated):")
-    print("| update | full wall s | delta wall s | wall ratio | full CPU s | delta CPU s | CPU ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| update | full wall s | delta wall s | wall ratio | full CPU s | delta CPU s | CPU ratio | "
+          "dd + fsync of the image s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     ratio = {}
     for kind in ("security", "feature"):
-        f, d = rows[(kind, "full")], rows[(kind, "delta")]
+        f, d, w = rows[(kind, "full")], rows[(kind, "delta")], rows[(kind, "write")]
         ratio[kind] = (d["seconds"] / f["seconds"], d["cpu"] / f["cpu"])
         print(f"| {kind} | {f['seconds']:.2f} | {d['seconds']:.2f} | {ratio[kind][0]:.2f}x | {f['cpu']:.2f} | "
-              f"{d['cpu']:.2f} | {ratio[kind][1]:.2f}x |")
+              f"{d['cpu']:.2f} | {ratio[kind][1]:.2f}x | {w['seconds']:.2f} |")
     peak = int(max(rows[(k, "delta")]["rss"] for k in ("security", "feature"))) >> 20
     print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; patch-from: security "
           f"{pct['security'][1]:.2f}%, feature {pct['feature'][1]:.2f}%; peak RSS delta {peak} MiB")
