@@ -30,8 +30,8 @@ Method
    ``builder.image.build_image`` turns the tree into an (uncompressed) erofs image; the
    distances the repeats really got are read back with ``dump.erofs`` and reported. A tiny
    second image is built for the device's factory slot.
-2. **Compression.** ``builder.release.create_release`` (default level 9, 32 MiB chunks;
-   ``--window`` sets the dictionary window, default the builder's) makes the abflip stream;
+2. **Compression.** ``builder.release.create_release`` (default level 9, 64 MiB chunks,
+   128 MiB window; ``--window`` sets the dictionary window) makes the abflip stream;
    the zstd CLI (``zstd -T0 -<level> --long=27``) compresses the same image for the
    baseline. The abflip stream cannot be the baseline's input: every frame after the first
    needs the previous ``window`` bytes of *image* as a raw-content dictionary, which

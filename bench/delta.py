@@ -18,7 +18,7 @@ Method
    *Feature update*: the base with more packages added (numpy, scipy, ruby, mesa) and
    python3.11, libc6, git, perl and tzdata upgraded.
 2. **Images and releases**: erofs images (``builder.image``), releases with the defaults
-   (level 9, 32 MiB chunks); 1.1.0 (security) and 1.2.0 (feature) each with
+   (level 9, 64 MiB chunks, 128 MiB window); 1.1.0 (security) and 1.2.0 (feature) each with
    ``--delta-from`` 1.0.0. Delta creation is timed on its own.
 3. **Lower bound**: ``zstd -19 --patch-from=<1.0.0 image> <new image>`` (``--long`` as needed).
 4. **Device**: a simulated device over a real TUF repository and HTTP on 127.0.0.1 runs
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         dbytes = ref.data.length + ref.manifest.length
         pct[kind] = (100 * dbytes / full, 100 * pf[kind] / full)
         f, d = rows[(kind, "full")], rows[(kind, "delta")]
-        print(f"{kind:10} {mib(full)} {mib(dbytes)} {mib(pf[kind])} {made:9.1f}s {f['seconds']:9.1f}s "
+        lower = mib(pf[kind]) if pf[kind] else f"{'skipped':>13}"
+        print(f"{kind:10} {mib(full)} {mib(dbytes)} {lower} {made:9.1f}s {f['seconds']:9.1f}s "
               f"{d['seconds']:10.1f}s {f['rss'] >> 20:5d} MiB {d['rss'] >> 20:5d} MiB")
         print(f"{'':10} device downloaded: full {f['result']['bytes_downloaded']} B, delta "
               f"{d['result']['bytes_downloaded']} B")
@@ -300,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind} | {f['seconds']:.2f} | {d['seconds']:.2f} | {ratio[kind][0]:.2f}x | {f['cpu']:.2f} | "
               f"{d['cpu']:.2f} | {ratio[kind][1]:.2f}x | {w['seconds']:.2f} |")
     peak = int(max(rows[(k, "delta")]["rss"] for k in ("security", "feature"))) >> 20
-    print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; patch-from: security "
-          f"{pct['security'][1]:.2f}%, feature {pct['feature'][1]:.2f}%; peak RSS delta {peak} MiB")
+    patch = (f"patch-from: security {pct['security'][1]:.2f}%, feature {pct['feature'][1]:.2f}%" if not a.no_patch_from
+             else "patch-from: skipped")
+    print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; {patch}; "
+          f"peak RSS delta {peak} MiB")
     print(f"install delta/full: security {ratio['security'][0]:.2f}x wall ({ratio['security'][1]:.2f}x cpu), "
           f"feature {ratio['feature'][0]:.2f}x wall ({ratio['feature'][1]:.2f}x cpu)")
     return 0
