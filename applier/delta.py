@@ -8,15 +8,16 @@ was installed or provisioned). Then, per chunk of the release's chunk table, in 
 1. ``full``: the chunk of the full image, exactly as :mod:`applier.stream` does it.
 2. otherwise: the operation's frame is fetched and checked against its sha256 *before* it is
    decompressed (invariant 4); every source extent (dictionary and copy segments) is read
-   from the booted slot (read-only) and checked against its sha256 before use; the chunk is
-   assembled and checked against the chunk table's ``out_sha256``.
+   from the booted slot (read-only); the chunk is assembled and checked against the chunk
+   table's ``out_sha256``, which checks every source byte too (a dictionary byte that differs
+   gives other output; the extents are hashed one by one only to name the one that differs).
 3. Any check in 2 that fails makes that one chunk fall back to the full image (same
    boundaries): a device whose booted slot differs in a few blocks still gets a verified slot.
 
 The chunk is then written, progress persisted per chunk (a kill costs at most one chunk, as
 for full images), and the whole-image sha256 is compared with the manifest before anything
-may flip (invariant 3). Memory: :func:`memory_needed` (one output chunk, one input buffer,
-the dictionary twice, the decoder), whatever the image size; a delta needing more than the
+may flip (invariant 3). Memory: :func:`memory_needed` (two output chunks, one input buffer,
+the largest dictionary, the decoder), whatever the image size; a delta needing more than the
 device's ``limits.memory`` is not used.
 
 :func:`plan` decides (it fetches only the small delta manifest); :func:`write_delta` writes.
@@ -79,7 +80,7 @@ def memory_needed(image: Image, delta: Delta, manifest_length: int) -> int:
     """Peak bytes :func:`write_delta` holds that the kernel cannot reclaim (pure): two output
     buffers of the largest chunk (one being assembled, one being written and hashed), one input
     buffer (the largest frame or, for a fallback, the largest compressed chunk), the largest of the
-    operations' dictionaries (source extents, read and checked before use), one network read and
+    operations' dictionaries (source extents read from the booted slot), one network read and
     the parsed manifest; with python-zstandard (no libzstd) also its copy of the dictionary and its
     decoder's window. A fallback chunk's window is mapped from the slot's page cache
     (:func:`applier.stream.page_cache_needed`: file-backed, not counted here)."""

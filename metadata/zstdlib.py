@@ -6,9 +6,9 @@ it, a raw *prefix* to zstd (``ZSTD_DCtx_refPrefix``, ``ZSTD_CCtx_refPrefix``), w
 raw-content dictionary to the format, referenced where it lies. No Python binding offers that
 (issue 25, measured in ``bench/decode.py`` and ``bench/compress.py``; docs/producer.md and
 docs/device.md): ``compression.zstd`` (Python 3.14) and its backport ``backports.zstd`` copy a
-prefix into their ``ZstdDict`` (on the device 3.1x the anonymous memory and 1.9x the CPU of this
-binding on the apply benchmark's release, on the producer 10 % more CPU and the window's copy per
-worker) and return each piece of output as new bytes out of the decoder's own window buffer;
+prefix into their ``ZstdDict`` (on the device 3.1x the anonymous memory and 1.9-2.3x the CPU of
+this binding on the apply benchmark's release, on the producer 6-10 % more CPU and the window's copy
+per worker) and return each piece of output as new bytes out of the decoder's own window buffer;
 python-zstandard copies its dictionaries too, and its compressor never lets long-distance
 matching see one.
 
