@@ -4,7 +4,7 @@
 Usage::
 
     python3 bench/apply.py [--size-mib 1024] [--repeats 0.25] [--window 128M] [--link-mbps 20]
-                           [--runs 3] [--level 9] [--workdir DIR] [--build-only] [--profile]
+                           [--runs 3] [--level 5] [--cli-level 9] [--workdir DIR] [--build-only] [--profile]
 
 This is a benchmark, not a test: it measures and prints; it asserts nothing about speed.
 It exits non-zero only when something is *wrong* (a command failed, or a slot does not
@@ -30,15 +30,15 @@ Method
    ``builder.image.build_image`` turns the tree into an (uncompressed) erofs image; the
    distances the repeats really got are read back with ``dump.erofs`` and reported. A tiny
    second image is built for the device's factory slot.
-2. **Compression.** ``builder.release.create_release`` (default level 9, 64 MiB chunks,
+2. **Compression.** ``builder.release.create_release`` (default level 5, 64 MiB chunks,
    128 MiB window; ``--window`` sets the dictionary window) makes the abflip stream;
-   the zstd CLI (``zstd -T0 -<level> --long=27``) compresses the same image for the
+   the zstd CLI (``zstd -T0 -9 --long=27``, ``--cli-level``) compresses the same image for the
    baseline. The abflip stream cannot be the baseline's input: every frame after the first
    needs the previous ``window`` bytes of *image* as a raw-content dictionary, which
    ``zstd -d`` does not know. Image, release directory and CLI stream are cached in the
    workdir (with a ``cache.json`` recording what they were made from, and how long making
    them took), so re-runs skip the slow part; another ``--size-mib``, ``--repeats``,
-   ``--level`` or ``--window`` rebuilds what depends on it (use one ``--workdir`` per
+   ``--level``, ``--cli-level`` or ``--window`` rebuilds what depends on it (use one ``--workdir`` per
    configuration to keep several). ``--build-only`` stops after the caches are made (run it
    under ``nice`` on a shared machine).
 3. **Repository and server.** A fresh TUF repository (``init_repository``, ``LocalStorage``,
@@ -110,7 +110,7 @@ from abflip.sim import SimDevice
 from applier.agent import Device
 from applier.config import DEFAULT_MEMORY, parse_size
 from applier.stream import memory_needed, page_cache_needed
-from builder.compress import DEFAULT_CHUNK, DEFAULT_PIECE, DEFAULT_WINDOW, LDM_RATE_LOG
+from builder.compress import DEFAULT_CHUNK, DEFAULT_LEVEL, DEFAULT_PIECE, DEFAULT_WINDOW, LDM_RATE_LOG
 from builder.image import ImageInfo, build_image
 from builder.publish import publish_release, write_signed
 from builder.release import ReleaseFiles, create_release
@@ -710,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="limit the server's throughput to this many 10**6 bit/s (default: unlimited)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache and scratch directory")
     ap.add_argument("--runs", type=int, default=3, help="runs per variant (median reported)")
-    ap.add_argument("--level", type=int, default=9, help="zstd level for both streams")
+    ap.add_argument("--level", type=int, default=DEFAULT_LEVEL, help="abflip's zstd level (default: the builder's)")
+    ap.add_argument("--cli-level", type=int, default=9, help="the zstd CLI's level (the baseline: -9 --long=27)")
     ap.add_argument("--build-only", action="store_true", help="make the cached image and streams, measure nothing")
     ap.add_argument("--profile", action="store_true", help="also cProfile one in-process install")
     ap.add_argument("--top", type=int, default=15, help="profile entries to print")
@@ -728,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     img = ensure_image(work, args.size_mib, cache, args.keep_tree, args.repeats)
     factory = ensure_small_image(work)
     rel = ensure_release(work, img, args.level, args.window, cache)
-    cli_stream = ensure_cli_stream(work, img, args.level, cache)
+    cli_stream = ensure_cli_stream(work, img, args.cli_level, cache)
     cli_size = cli_stream.stat().st_size
     memory = memory_budget(rel.release)
     log(f"device memory budget: {(memory or DEFAULT_MEMORY) >> 20} MiB "

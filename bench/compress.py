@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compression at CLI parity: abflip's chunked stream vs ``zstd -T0 --long=27 -<level>``.
 
-    python3 bench/compress.py [--image IMG] [--level 9] [--cli-level N] [--runs 1]
+    python3 bench/compress.py [--image IMG] [--level 5] [--cli-level 9] [--runs 1]
                               [--variant CHUNK:WINDOW[:THREADS[:ldm]][@system|@api] ...]
 
 Both compress the same image from the page cache (one untimed read first), in the same run,
@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from builder import compress  # noqa: E402
 from builder.compress import compress_image  # noqa: E402
 from metadata import zstdlib  # noqa: E402
 
@@ -120,8 +121,8 @@ LIBRARIES = {"": ("the bundled libzstd (ctypes)", ORIGINAL), "system": ("the sys
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", type=Path)
-    ap.add_argument("--level", type=int, default=9)
-    ap.add_argument("--cli-level", type=int, default=None, help="the CLI's level (default: --level)")
+    ap.add_argument("--level", type=int, default=compress.DEFAULT_LEVEL, help="abflip's level (default: the builder's)")
+    ap.add_argument("--cli-level", type=int, default=9, help="the CLI's level (the baseline: -9 --long=27)")
     ap.add_argument("--variant", action="append", default=[],
                     help="CHUNK:WINDOW[:THREADS[:ldm]][@system|@api], e.g. 32M:16M or 64M:128M:0 or default@system "
                          "(default: the shipped defaults with each library)")
@@ -129,7 +130,7 @@ def main() -> int:
     ap.add_argument("--tmp", type=Path, default=None, help="where the outputs go (default: next to the image)")
     args = ap.parse_args()
     image = args.image or default_image()
-    cli_level = args.level if args.cli_level is None else args.cli_level
+    cli_level = args.cli_level
     variants = args.variant or ["default", "default@api", "default@system"]
     size = image.stat().st_size
     print(f"image {image} ({size} bytes, {size / MIB:.0f} MiB), level {args.level}, {os.cpu_count()} CPUs; "

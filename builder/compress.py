@@ -6,18 +6,19 @@ covers are the signed compressed bytes themselves; docs/transport.md). Chunk ``i
 back into the ``window`` image bytes before it, given to zstd as a raw *prefix*, so matches reach
 back across chunk boundaries as in one long stream.
 
-The default (issue 25) is the smallest stream: a 128 MiB window, searched as ``zstd --long=27``
-searches it, by long-distance matching (LDM) over the prefix, so repeats up to 128 MiB apart
-cost almost nothing. Measured on the apply benchmark's 1 GiB image (docs/producer.md): within
-the zstd CLI's size (``zstd -T0 -9 --long=27``) where the 16 MiB window of before was 1.29x. A
+The default (issue 25) is a stream as small as the zstd CLI's in less time: a 128 MiB window,
+searched as ``zstd --long=27`` searches it, by long-distance matching (LDM) over the prefix, so
+repeats up to 128 MiB apart cost almost nothing, at level 5. Measured on the apply benchmark's
+1 GiB image (docs/producer.md): 0.99x the size of ``zstd -T0 -9 --long=27`` in about 0.6x its CPU
+(level 9: 0.92x in 1.14x), where the 16 MiB window of before was 1.29x. A
 window no wider than the chunk is clamped to what zstd indexes at the level
-(:func:`indexable_window`: 16 MiB at level 9), which changes no output byte and saves the device
+(:func:`indexable_window`: 4 MiB at level 5, 16 MiB at level 9), which changes no output byte and saves the device
 loading the rest.
 
 Frames compress in parallel threads, one frame per worker (each is independent: its prefix is
 image bytes known up front, referenced where they lie in the mapped image; zstd releases the
 GIL); each worker also hashes its chunk and its frame. The main thread writes the frames in
-order and keeps the image's sha256. Memory per worker: zstd's context (its tables at level 9 with
+order and keeps the image's sha256. Memory per worker: zstd's context (its tables at the level, with
 long-distance matching) and the frame being made (a chunk's compress bound at first); at most
 ``2 * threads`` frames are held; the image is mapped, not read (docs/producer.md has the figures).
 Compression is :func:`metadata.zstdlib.compress`, with the libzstd ``backports.zstd`` bundles
@@ -43,7 +44,9 @@ from metadata.manifest import Chunk, Compression
 __all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW", "DEFAULT_THREADS",
            "DEFAULT_LDM", "DEFAULT_PIECE"]
 
-DEFAULT_LEVEL = 9
+# Level 5 over the 128 MiB window: 0.99x the bytes of `zstd -T0 -9 --long=27` in 0.64-0.68x its CPU time
+# (level 9: 0.92x the bytes in 1.14x the CPU; docs/producer.md, "Compression level").
+DEFAULT_LEVEL = 5  # abflip/commands/producer.py repeats it (tests/test_producer.py)
 DEFAULT_CHUNK = 64 << 20  # abflip/commands/producer.py repeats the defaults (tests/test_producer.py)
 DEFAULT_WINDOW = 128 << 20  # the most a device accepts (limits.max_window), as zstd --long=27
 DEFAULT_THREADS = 0  # one per CPU

@@ -107,7 +107,7 @@ def release_create(
                                            "mount.usr*, roothash/usrhash, systemd.verity* and systemd.gpt_auto are the "
                                            "device's and refused (root= and abflip.slot= are added on the device)"),
     fstype: str = typer.Option("erofs"),
-    level: int = typer.Option(9, help="zstd level"),
+    level: int = typer.Option(5, help="zstd level (9: about 7 % smaller, about 1.8x the time)"),  # builder.compress.DEFAULT_LEVEL
     chunk_size: int = typer.Option(64 << 20, help="image bytes per chunk (zstd frame)"),  # builder.compress.DEFAULT_CHUNK
     window: int = typer.Option(128 << 20, help="bytes before a chunk its frame may match into (wider than a chunk: "
                                                "searched as zstd --long does)"),  # builder.compress.DEFAULT_WINDOW
