@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from metadata.errors import DeviceError, RepositoryError
 from metadata.manifest import boot_options_problem
+from metadata.verity import Verity, kernel_args, verity_problem
 
 from ..policy import same_version
 from . import BootFacts, BootSpec, Entry
@@ -109,11 +110,18 @@ def loader_version(version: str) -> str:
 
 
 def entry_text(*, product: str, version: str, slot: str, partlabel: str, options: str, has_initrd: bool,
-               uki: bool = False) -> str:
+               uki: bool = False, verity: Verity | None = None) -> str:
     """The entry's text. Every field is checked again here (defence in depth: the manifest
     parser refuses the same): one control character would end a line for systemd-boot
-    (``\r`` too) and let a signer add ``efi``/``options`` lines of their own."""
+    (``\r`` too) and let a signer add ``efi``/``options`` lines of their own.
+
+    The options start with what the device owns: ``root=PARTLABEL=<label>``, or for an image with a verity tree
+    ``root=/dev/mapper/abflip-root`` and the tree's parameters with the slot as its data device (the verified
+    manifest's, :func:`metadata.verity.kernel_args`); then ``abflip.slot=``; then the release's options. A signed
+    UKI under Secure Boot ignores them and uses the command line it carries (docs/formats.md "dm-verity")."""
     problem = boot_options_problem(options)
+    if problem is None and verity is not None:
+        problem = verity_problem(verity.to_json(), verity.image_size, verity.image_size)
     if problem is None:
         problem = next((f"{what} {v!r} is not printable ASCII" for what, v in
                         (("product", product), ("version", version), ("partition label", partlabel))
@@ -133,7 +141,8 @@ def entry_text(*, product: str, version: str, slot: str, partlabel: str, options
         lines.append(f"linux /{bdir}/vmlinuz")
     if has_initrd and not uki:
         lines.append(f"initrd /{bdir}/initrd.img")
-    lines.append(f"options root=PARTLABEL={partlabel} abflip.slot={slot} {options}".rstrip())
+    root = f"root=PARTLABEL={partlabel}" if verity is None else kernel_args(verity, f"PARTLABEL={partlabel}")
+    lines.append(f"options {root} abflip.slot={slot} {options}".rstrip())
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +392,8 @@ class SystemdBoot:
     @staticmethod
     def entry_text(spec: BootSpec) -> str:
         return entry_text(product=spec.product, version=spec.version, slot=spec.slot, partlabel=spec.partlabel,
-                          options=spec.options, has_initrd="initrd.img" in spec.files, uki="uki.efi" in spec.files)
+                          options=spec.options, has_initrd="initrd.img" in spec.files, uki="uki.efi" in spec.files,
+                          verity=spec.verity)
 
     def add_trial(self, spec: BootSpec, tries: int) -> Entry:
         """The entry that boots ``spec`` next, ``tries`` times before systemd-boot falls back."""
