@@ -425,3 +425,39 @@ def test_a_signer_that_fails_leaves_nothing(built, tmp_path, db_key):
                        kernel=built["1.0.0"] / "vmlinuz", chunk_size=256 << 10, created=1700000000, verity=True,
                        build_uki=True, signer=Refusing())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_slot_under_a_verity_root_is_the_booted_one_when_nothing_else_says(tmp_path):
+    """A signed UKI's own command line names no slot (it cannot know it), nor does a factory's entry: abflip then
+    takes the booted slot from the root filesystem's device, the slot a verity mapping is stacked on."""
+    from applier.bootloader.esp import DirectoryEsp
+    from applier.context import Context
+    from metadata.errors import DeviceError
+
+    backing = tmp_path / "slot-a.img"
+    backing.write_bytes(b"\0" * (1 << 20))
+    loop = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if loop.returncode != 0:
+        pytest.skip("needs a loop device (root, losetup)")
+    loop_dev = loop.stdout.strip()
+    try:
+        (tmp_path / "efivars").mkdir()
+        (tmp_path / "esp" / "loader" / "entries").mkdir(parents=True)
+        cmdline = tmp_path / "cmdline"
+        cmdline.write_text(f"{kernel_args(Verity(74, 74 * BLOCK, SALT, 'ab' * 32))} ro quiet\n")
+        root = tmp_path / "root"
+        root.mkdir()
+        root_dev, rdev = os.stat(root).st_dev, os.stat(loop_dev).st_rdev
+        slaves = tmp_path / "sys" / f"{os.major(root_dev)}:{os.minor(root_dev)}" / "slaves" / "loop"
+        ctx = Context(cmdline=cmdline, efivars=tmp_path / "efivars", root=root, sys_block=tmp_path / "sys")
+        bl = boot.SystemdBoot(DirectoryEsp(tmp_path / "esp"), ctx, {"a": "root-a", "b": "root-b"},
+                              {"a": Path(loop_dev), "b": tmp_path / "missing"})
+        with pytest.raises(DeviceError, match="no slot under the root"):
+            bl.booted_slot()
+        slaves.mkdir(parents=True)
+        (slaves / "dev").write_text(f"{os.major(rdev)}:{os.minor(rdev)}\n")
+        assert bl.booted_slot() == "a"
+        cmdline.write_text("root=/dev/mapper/abflip-root abflip.slot=b\n")  # what the entry says comes first
+        assert bl.booted_slot() == "b"
+    finally:
+        subprocess.run(["losetup", "-d", loop_dev], check=False)

@@ -19,7 +19,9 @@ Writes are atomic (temp, fsync, rename, fsync dir) and followed by an ESP sync.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -270,12 +272,16 @@ class SystemdBoot:
     Which entry booted comes from the loader's variables (``LoaderBootCountPath``: the file's
     name after systemd-boot counted it down, set only for a counting entry; else
     ``LoaderEntrySelected``: the name before, lowercased), then from the kernel command line
-    (``abflip.slot=``, or ``root=PARTLABEL=`` of a configured slot)."""
+    (``abflip.slot=``, or ``root=PARTLABEL=`` of a configured slot), then from the root
+    filesystem's device (the slot itself, or the one device a verity mapping on it is stacked on:
+    a signed UKI's own command line names no slot, nor does a factory's entry)."""
 
-    def __init__(self, esp: Esp, ctx: Context, partlabels: dict[str, str]) -> None:
+    def __init__(self, esp: Esp, ctx: Context, partlabels: dict[str, str],
+                 devices: dict[str, Path] | None = None) -> None:
         self.esp = esp
         self.ctx = ctx
         self.partlabels = partlabels  # slot -> its partition label
+        self.devices = devices or {}  # slot -> its device
 
     @classmethod
     def open(cls, config: Config, ctx: Context, esp: Esp | None = None) -> SystemdBoot:
@@ -289,7 +295,8 @@ class SystemdBoot:
                                       hint=f"mount the ESP, or set paths.esp in {config.path}")
                 root = found
             esp = DirectoryEsp(root)
-        return cls(esp, ctx, {name: s.partlabel for name, s in config.slots.items()})
+        return cls(esp, ctx, {name: s.partlabel for name, s in config.slots.items()},
+                   {name: s.device for name, s in config.slots.items()})
 
     def __repr__(self) -> str:
         return f"SystemdBoot({self.esp!r})"
@@ -298,10 +305,10 @@ class SystemdBoot:
     def booted(self) -> tuple[str, Entry | None]:
         """The booted slot and the entry it booted (under its current name), or DeviceError when
         neither the loader nor the kernel command line says which slot booted."""
-        slot = self._loader_slot() or self._cmdline_slot()
+        slot = self._loader_slot() or self._cmdline_slot() or self._root_slot()
         if slot is None:
             raise DeviceError("cannot tell which slot is booted (no abflip loader entry, no abflip.slot= or "
-                              "root=PARTLABEL=<slot label> on the kernel command line)",
+                              "root=PARTLABEL=<slot label> on the kernel command line, no slot under the root)",
                               hint="boot through an abflip entry, or add abflip.slot=a to the kernel command line")
         return slot, self.booted_entry(slot)
 
@@ -329,6 +336,20 @@ class SystemdBoot:
                 for name, partlabel in self.partlabels.items():
                     if partlabel == label:
                         return name
+        return None
+
+    def _root_slot(self) -> str | None:
+        root = self.ctx.root_device()
+        if root is None:
+            return None
+        below = self.ctx.lower_devices(root)
+        for name, device in self.devices.items():
+            try:
+                st = os.stat(device)
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and (st.st_rdev == root or below == [st.st_rdev]):
+                return name
         return None
 
     def booted_entry(self, slot: str, entries: list[Entry] | None = None) -> Entry | None:
