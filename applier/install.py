@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metadata.bounded import open_regular, read_file
-from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, TransportError, UserError
+from metadata.errors import DeviceError, Error, PolicyError, RepositoryError, UserError
 from metadata.manifest import Release
 
 from . import delta
@@ -56,7 +56,7 @@ from .bootloader.esp import DirectoryEsp
 from .download_record import RECORD
 from .hooks import hook_env, run_hooks
 from .lifecycle import Event, Phase, move, phase_of, require, settled
-from .offer import Offer, Offered
+from .offer import Offer, no_longer_offered
 from .policy import StageDiscarded
 from .session import Session
 from .slots import SlotDevice, other_slot, slot_hash_ok
@@ -378,26 +378,6 @@ def boot_spec(session: Session, release: Release, version: str, slot: str) -> Bo
     return BootSpec(product=release.product, version=version, slot=slot,
                     partlabel=session.config.slots[slot].partlabel, options=release.boot.options,
                     files=tuple(release.boot.files()), verity=release.image.verity)
-
-
-def no_longer_offered(offer: Offer, t: Target, *, replaced: bool = True) -> str | None:
-    """Why the release ``t`` is no longer on offer, or None (still offered, or the repository
-    cannot be reached: then what is staged is applied, as before). ``replaced``: a channel that
-    offers another release counts too (a stage; a pending update is only cancelled when withdrawn)."""
-    try:
-        offered = offer.fetch()
-    except TransportError:
-        return None
-    return why_not_offered(offered, t, replaced=replaced)
-
-
-def why_not_offered(offered: Offered, t: Target, *, replaced: bool = True) -> str | None:
-    channel = offered.channel
-    if channel.is_withdrawn(t.version):
-        return f"{t.version} was withdrawn from channel {channel.channel}"
-    if replaced and offered.manifest_sha256 != t.manifest_sha256:
-        return f"channel {channel.channel} no longer offers it (it offers {offered.version})"
-    return None
 
 
 def discard(session: Session, state: State, booted: str) -> None:

@@ -26,13 +26,13 @@ from .policy import check_offered, check_release, floor_of, same_version
 from .release_control import ControlRecord, read_device_id, save_record
 from .rollout import Decision, decide
 from .session import OFFER_CACHE, Session
-from .state import State
+from .state import State, Target
 
 if TYPE_CHECKING:
     from .client import UpdateClient
     from .fetch import HttpFetcher
 
-__all__ = ["Offer", "Offered", "check"]
+__all__ = ["Offer", "Offered", "check", "no_longer_offered", "why_not_offered"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,28 @@ class Offer:
 
 
 
+def no_longer_offered(offer: Offer, t: Target, *, replaced: bool = True) -> str | None:
+    """Why the release ``t`` is no longer on offer, or None (still offered, or the repository
+    cannot be reached: then what is staged is applied, as before). ``replaced``: a channel that
+    offers another release counts too (a stage; a pending update is only cancelled when withdrawn)."""
+    from metadata.errors import TransportError
+
+    try:
+        offered = offer.fetch()
+    except TransportError:
+        return None
+    return why_not_offered(offered, t, replaced=replaced)
+
+
+def why_not_offered(offered: Offered, t: Target, *, replaced: bool = True) -> str | None:
+    channel = offered.channel
+    if channel.is_withdrawn(t.version):
+        return f"{t.version} was withdrawn from channel {channel.channel}"
+    if replaced and offered.manifest_sha256 != t.manifest_sha256:
+        return f"channel {channel.channel} no longer offers it (it offers {offered.version})"
+    return None
+
+
 def check(session: Session, offer: Offer, *, allow_downgrade: bool = False, retry_failed: bool = False) -> dict:
     """Is there a release for this device, and what happens next? Never changes the slots or
     the ESP (it records the channel's rollout and withdrawals for the offline status)."""
@@ -164,8 +186,6 @@ def check(session: Session, offer: Offer, *, allow_downgrade: bool = False, retr
     current = session.booted_version(state, booted)
     dropped = None
     if t is not None and phase_of(state) in (Phase.STAGED, Phase.PENDING, Phase.DOWNLOADING, Phase.TRIAL):
-        from .install import why_not_offered
-
         dropped = why_not_offered(offered, t, replaced=phase_of(state) == Phase.STAGED)
     return {"schema": 1, "available": reason is None, "version": offered.version,
             "current": current, "reason": reason, "staged": staged,

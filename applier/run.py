@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from metadata.errors import TransportError
 
-from .install import apply, discard, download, why_not_offered
+from .install import apply, discard, download
 from .lifecycle import Phase, phase_of
-from .offer import Offer, check
+from .offer import Offer, check, why_not_offered
 from .policy import StageDiscarded
 from .session import Session
 from .windows import in_window

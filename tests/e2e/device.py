@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from applier.esp_fat import FatImageEsp
+from applier.bootloader.esp_fat import FatImageEsp
 
 from . import vm
 
