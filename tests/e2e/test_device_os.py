@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -63,9 +63,14 @@ class Scenarios:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="device")
         self.futures = {name: self.pool.submit(self._run, name, images, tmp) for name in wanted}
 
-    def _run(self, name: str, images: d.Images, tmp: pytest.TempPathFactory) -> None:
+    def _device(self, name: str, images: d.Images, tmp: pytest.TempPathFactory) -> tuple[Callable[[d.Device], None],
+                                                                                         d.Device]:
         fn, throttled, _ = SCENARIOS[name]
-        dev = d.Device(tmp.mktemp(name), images, handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
+        return fn, d.Device(tmp.mktemp(name), images,
+                            handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
+
+    def _run(self, name: str, images: d.Images, tmp: pytest.TempPathFactory) -> None:
+        fn, dev = self._device(name, images, tmp)
         t0 = time.monotonic()
         try:
             fn(dev)
