@@ -60,6 +60,7 @@ class Scenarios:
 
         self.timings: dict[str, float] = {}
         workers = max(1, int(os.environ.get("ABFLIP_E2E_VMS", "2")))
+        tmp.getbasetemp()  # made here, once: the threads' first mktemp calls would race to make it (and remove it)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="device")
         self.futures = {name: self.pool.submit(self._run, name, images, tmp) for name in wanted}
 
