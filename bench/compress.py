@@ -2,6 +2,7 @@
 """Compression at CLI parity: abflip's chunked stream vs ``zstd -T0 --long=27 -<level>``.
 
     python3 bench/compress.py [--image IMG] [--level 9] [--variant CHUNK:WINDOW[:THREADS[:ldm]] ...] [--runs 1]
+                              [--verity]
 
 Both compress the same image from the page cache (one untimed read first), in the same run,
 on all cores, runs interleaved (CLI, each variant, then again); medians are reported. Reported per variant: compressed size and wall time, and each as a ratio to
@@ -9,6 +10,11 @@ the zstd CLI (goals: size <= 1.01x, time <= 1.10x). The default image is the ero
 ``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs``: when absent, it is built with
 apply's defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); when
 present, it is whatever apply last built there (its ``cache.json`` says what).
+
+``--verity`` (issue 22) also runs each variant as ``release create --verity`` does it: the dm-verity hash tree
+(builder/verity.py) and then the image and the tree compressed as one stream; reported as the time ratio to the
+same variant without the tree (goal: <= 1.10x), in wall time and in CPU time (all threads: the machine is shared,
+and CPU time is what a loaded machine stretches least).
 """
 
 from __future__ import annotations
@@ -61,10 +67,18 @@ def run_cli(image: Path, level: int, out: Path) -> tuple[float, int]:
     return time.monotonic() - t0, out.stat().st_size
 
 
-def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, out: Path) -> tuple[float, int, int]:
-    t0 = time.monotonic()
-    r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm)
-    return time.monotonic() - t0, r.compressed_size, r.compression.window
+def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, out: Path,
+               verity: bool = False) -> tuple[float, int, int, float]:
+    from builder.verity import default_salt, make_tree
+
+    tail = out.with_name("rootfs.verity")
+    tail.unlink(missing_ok=True)
+    t0, c0 = time.monotonic(), time.process_time()
+    if verity:
+        make_tree(image, tail, default_salt("bench"), threads=threads)
+    r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm,
+                       tail=tail if verity else None)
+    return time.monotonic() - t0, r.compressed_size, r.compression.window, time.process_time() - c0
 
 
 def main() -> int:
@@ -75,6 +89,8 @@ def main() -> int:
                     help="CHUNK:WINDOW[:THREADS[:ldm]], e.g. 32M:32M or 64M:32M:0:ldm (default: the shipped defaults)")
     ap.add_argument("--runs", type=int, default=1, help="timed runs of each (median)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the outputs go (default: next to the image)")
+    ap.add_argument("--verity", action="store_true", help="also each variant with the dm-verity tree (release create "
+                                                         "--verity): time ratio to the variant without")
     args = ap.parse_args()
     image = args.image or default_image()
     variants = args.variant or ["default"]
@@ -100,14 +116,26 @@ def main() -> int:
         var_t: list[list[float]] = [[] for _ in specs]
         var_n = [0] * len(specs)
         var_used = [0] * len(specs)
+        ver_t: list[list[float]] = [[] for _ in specs]
+        var_cpu: list[list[float]] = [[] for _ in specs]  # CPU seconds, all threads (a loaded machine stretches wall)
+        ver_cpu: list[list[float]] = [[] for _ in specs]
+        ver_n = [0] * len(specs)
         for r in range(args.runs):
             t, cli_n = run_cli(image, args.level, out)
             cli_t.append(t)
             print(f"  run {r + 1} cli: {cli_n} bytes, {t:.2f} s", flush=True)
             for i, (chunk, window, threads, ldm) in enumerate(specs):
-                t, var_n[i], var_used[i] = run_abflip(image, args.level, chunk, window, threads, ldm, out)
+                t, var_n[i], var_used[i], cpu = run_abflip(image, args.level, chunk, window, threads, ldm, out)
                 var_t[i].append(t)
-                print(f"  run {r + 1} abflip {chunk // MIB}:{window // MIB}: {var_n[i]} bytes, {t:.2f} s", flush=True)
+                var_cpu[i].append(cpu)
+                print(f"  run {r + 1} abflip {chunk // MIB}:{window // MIB}: {var_n[i]} bytes, {t:.2f} s, CPU {cpu:.2f} s",
+                      flush=True)
+                if args.verity:
+                    t, ver_n[i], _, cpu = run_abflip(image, args.level, chunk, window, threads, ldm, out, verity=True)
+                    ver_t[i].append(t)
+                    ver_cpu[i].append(cpu)
+                    print(f"  run {r + 1} abflip {chunk // MIB}:{window // MIB} --verity: {ver_n[i]} bytes, {t:.2f} s, "
+                          f"CPU {cpu:.2f} s", flush=True)
         cli = statistics.median(cli_t)
         rows = [(f"zstd -T0 --long=27 -{args.level}", cli_n, cli)]
         for i, (chunk, window, threads, ldm) in enumerate(specs):
@@ -115,11 +143,19 @@ def main() -> int:
                     + (f" (used {var_used[i] // MIB} MiB)" if var_used[i] != window else "")
                     + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else ""))
             rows.append((name, var_n[i], statistics.median(var_t[i])))
+            if args.verity:
+                rows.append((name + ", --verity", ver_n[i], statistics.median(ver_t[i])))
     print()
     print("| variant | compressed bytes | size ratio | wall s | time ratio |")
     print("|---|---:|---:|---:|---:|")
     for name, n, t in rows:
         print(f"| {name} | {n:,} | {n / cli_n:.4f}x | {t:.2f} | {t / cli:.2f}x |")
+    if args.verity:
+        for i, (chunk, window, _, _) in enumerate(specs):
+            plain, ver = statistics.median(var_t[i]), statistics.median(ver_t[i])
+            plain_cpu, ver_c = statistics.median(var_cpu[i]), statistics.median(ver_cpu[i])
+            print(f"verity: chunk {chunk // MIB} MiB: {ver:.2f} s / {plain:.2f} s = {ver / plain:.3f}x the time, "
+                  f"CPU {ver_c:.2f} s / {plain_cpu:.2f} s = {ver_c / plain_cpu:.3f}x, {ver_n[i] / var_n[i]:.4f}x the bytes")
     return 0
 
 
