@@ -8,15 +8,16 @@ was installed or provisioned). Then, per chunk of the release's chunk table, in 
 1. ``full``: the chunk of the full image, exactly as :mod:`applier.stream` does it.
 2. otherwise: the operation's frame is fetched and checked against its sha256 *before* it is
    decompressed (invariant 4); every source extent (dictionary and copy segments) is read
-   from the booted slot (read-only) and checked against its sha256 before use; the chunk is
-   assembled and checked against the chunk table's ``out_sha256``.
+   from the booted slot (read-only); the chunk is assembled and checked against the chunk
+   table's ``out_sha256``, which checks every source byte too (a dictionary byte that differs
+   gives other output; the extents are hashed one by one only to name the one that differs).
 3. Any check in 2 that fails makes that one chunk fall back to the full image (same
    boundaries): a device whose booted slot differs in a few blocks still gets a verified slot.
 
 The chunk is then written, progress persisted per chunk (a kill costs at most one chunk, as
 for full images), and the whole-image sha256 is compared with the manifest before anything
-may flip (invariant 3). Memory: :func:`memory_needed` (one output chunk, one input buffer,
-the dictionary twice, the decoder), whatever the image size; a delta needing more than the
+may flip (invariant 3). Memory: :func:`memory_needed` (two output chunks, one input buffer,
+the largest dictionary, the decoder), whatever the image size; a delta needing more than the
 device's ``limits.memory`` is not used.
 
 :func:`plan` decides (it fetches only the small delta manifest); :func:`write_delta` writes.
@@ -27,18 +28,20 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tuf.api import exceptions as tuf_exc
 
+from metadata import zstdlib
 from metadata.delta import Delta, DeltaError, DeltaRef
 from metadata.errors import DeviceError, Error, RepositoryError, TransportError
 from metadata.manifest import Chunk, Image, Release
 
 from .fetch import READ_SIZE, transport_hint
 from .slots import SlotDevice
-from .stream import DECODER_OVERHEAD, MAX_WINDOW_LOG, ChunkError, Opener, _Reader, decompress_chunk, verified_prefix, \
-    verify_chunk
+from .stream import DECODER_OVERHEAD, MAX_WINDOW_LOG, ChunkError, Opener, _Reader, check_image, decompress_chunk, \
+    verified_prefix, verify_chunk
 
 __all__ = ["Plan", "DeltaStats", "plan", "write_delta", "memory_needed", "choose"]
 
@@ -74,16 +77,20 @@ def choose(release: Release, source_sha256: str | None, source_size: int | None)
 
 
 def memory_needed(image: Image, delta: Delta, manifest_length: int) -> int:
-    """Peak bytes :func:`write_delta` holds (pure): one output buffer of the largest chunk, one
-    input buffer (the largest frame or, for a fallback, the largest compressed chunk), the
-    dictionary (the largest of the operations' dictionaries and the image's window) twice
-    (python-zstandard copies it), the decoder, one network read, and the parsed manifest."""
+    """Peak bytes :func:`write_delta` holds that the kernel cannot reclaim (pure): two output
+    buffers of the largest chunk (one being assembled, one being written and hashed), one input
+    buffer (the largest frame or, for a fallback, the largest compressed chunk), the largest of the
+    operations' dictionaries (source extents read from the booted slot), one network read and
+    the parsed manifest; with python-zstandard (no libzstd) also its copy of the dictionary and its
+    decoder's window. A fallback chunk's window is mapped from the slot's page cache
+    (:func:`applier.stream.page_cache_needed`: file-backed, not counted here)."""
     out = max(c.out_length for c in image.chunks)
     inbuf = max(delta.max_frame, max(c.length for c in image.chunks))
-    window = min(image.compression.window, max(c.out_offset for c in image.chunks))
-    dictionary = max(delta.max_dictionary, window)
-    decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
-    return out + inbuf + 2 * dictionary + decoder + READ_SIZE + PARSED_OVERHEAD * manifest_length
+    need = 2 * out + inbuf + delta.max_dictionary + DECODER_OVERHEAD + READ_SIZE + PARSED_OVERHEAD * manifest_length
+    if zstdlib.LIB is None:
+        window = min(image.compression.window, max(c.out_offset for c in image.chunks))
+        need += max(delta.max_dictionary, window) + min(out, 1 << MAX_WINDOW_LOG)
+    return need
 
 
 def plan(client, release: Release, ref: DeltaRef, *, budget: int, limits) -> tuple[Plan | None, str | None]:
@@ -131,22 +138,33 @@ def _fetch(opener: Opener, start: int, length: int, buf: bytearray, what: str, r
             time.sleep(backoff * failures)
 
 
-def _read_source(source: SlotDevice, offset: int, into: memoryview, sha256: str, what: str) -> None:
-    """Fill ``into`` from the booted slot and check it; a short read or other bytes fall back."""
+def _read_source(source: SlotDevice, offset: int, into: memoryview, what: str) -> None:
+    """Fill ``into`` from the booted slot; a short read or an I/O error falls back."""
     try:
         source.pread_into(offset, into)
     except DeviceError as e:
         raise _Fallback(f"{what}: {e.message}") from None
-    if hashlib.sha256(into).hexdigest() != sha256:
-        raise _Fallback(f"{what}: the booted slot's bytes {offset}-{offset + len(into) - 1} differ from the delta's "
-                        "source")
+
+
+def _which_differs(i: int, read: list[tuple[str, memoryview, int, str]], otherwise: str) -> _Fallback:
+    """Why chunk ``i`` failed: the first source extent read for it (dictionary extents, then
+    copy segments) whose bytes are not the delta's source's, else ``otherwise``. Only a chunk
+    that failed pays for hashing its extents one by one."""
+    for what, view, offset, sha256 in read:
+        if hashlib.sha256(view).hexdigest() != sha256:
+            return _Fallback(f"chunk {i} {what}: the booted slot's bytes {offset}-{offset + len(view) - 1} differ "
+                             "from the delta's source")
+    return _Fallback(f"chunk {i}: {otherwise}")
 
 
 class _Writer:
-    """The buffers, reused from chunk to chunk (their sizes are :func:`memory_needed`'s)."""
+    """The buffers, reused from chunk to chunk (their sizes are :func:`memory_needed`'s): two
+    output buffers (chunk ``i`` is assembled in ``out[i % 2]`` while chunk ``i-1`` is written from
+    the other), the input buffer and the dictionary buffer, grown to the largest asked for."""
 
     def __init__(self, image: Image, delta: Delta) -> None:
-        self.out = bytearray(max(c.out_length for c in image.chunks))
+        self.outs = [bytearray(max(c.out_length for c in image.chunks)) for _ in range(2)]
+        self.out = self.outs[0]
         self.inbuf = bytearray(0)
         self.dict = bytearray(0)
 
@@ -165,8 +183,14 @@ class _Writer:
 
 def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_opener: Opener, retries: int,
                 backoff: float, stats: DeltaStats) -> tuple[memoryview, str]:
+    """Chunk ``i`` assembled from the delta: its frame (verified before it is decompressed), decoded
+    with its dictionary extents, and its copy segments, all read from the booted slot. The source
+    bytes are checked by the assembled chunk's sha256 against the chunk table (each byte hashed
+    once: a byte that differs gives other output, and the chunk falls back); only then are the
+    extents hashed one by one, to name the one that differs."""
     out = memoryview(bufs.out)
     kind = "copy"
+    read: list[tuple[str, memoryview, int, str]] = []  # (what, bytes, source offset, their sha256)
     if op.frame is not None:
         kind = "frame"
         f = op.frame
@@ -179,13 +203,15 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
             dictionary = bufs.dictionary(op.dictionary_size)
             at = 0
             for j, (src, n, sha) in enumerate(op.dictionary):
-                _read_source(source, src, dictionary[at:at + n], sha, f"chunk {i} dictionary extent {j}")
+                view = dictionary[at:at + n]
+                _read_source(source, src, view, f"chunk {i} dictionary extent {j}")
+                read.append((f"dictionary extent {j}", view, src, sha))
                 at += n
         try:
             decompress_chunk(i, Chunk(f.offset, f.length, f.sha256, 0, f.size, f.out_sha256), data, dictionary,
                              bufs.out)
         except ChunkError as e:
-            raise _Fallback(f"chunk {i}: the delta's frame {e.message.split(': ', 1)[-1]}") from None
+            raise _which_differs(i, read, f"the delta's frame {e.message.split(': ', 1)[-1]}") from None
         del data, dictionary
         # The frame's bytes are the chunk minus its copy segments, in order: move them into
         # place from the last run to the first (each moves forward, never over one not moved).
@@ -201,26 +227,29 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
             if dst != src:
                 out[dst:dst + n] = out[src:src + n]
     for j, (rel, src, n, sha) in enumerate(op.copy):
-        _read_source(source, src, out[rel:rel + n], sha, f"chunk {i} copy segment {j}")
+        view = out[rel:rel + n]
+        _read_source(source, src, view, f"chunk {i} copy segment {j}")
+        read.append((f"copy segment {j}", view, src, sha))
     view = out[:op.out_length]
     if hashlib.sha256(view).hexdigest() != ch.out_sha256:
-        raise _Fallback(f"chunk {i}: the delta produced other bytes than the chunk table says")
+        raise _which_differs(i, read, "the delta produced other bytes than the chunk table says")
     return view, kind
 
 
 def _from_full(i: int, image: Image, slot: SlotDevice, bufs: _Writer, full_opener: Opener, retries: int,
                backoff: float, stats: DeltaStats) -> memoryview:
+    """Chunk ``i`` from the full image; its window is read in place from the slot (written and
+    verified before it: the caller has waited for the writes), mapped from the page cache."""
     ch = image.chunks[i]
     data = _fetch(full_opener, ch.offset, ch.length, bufs.input(ch.length), f"chunk {i} of the image", retries,
                   backoff, stats)
     verify_chunk(i, ch, data)  # a bad chunk of the full image is the repository's fault: no further fallback
-    dictionary = None
     window = image.compression.window
-    if window and ch.out_offset:
-        lo = max(0, ch.out_offset - window)
-        dictionary = bufs.dictionary(ch.out_offset - lo)
-        slot.pread_into(lo, dictionary)  # written (and verified) before this chunk
-    return decompress_chunk(i, ch, data, dictionary, bufs.out)
+    if not window or not ch.out_offset:
+        return decompress_chunk(i, ch, data, None, bufs.out)
+    lo = max(0, ch.out_offset - window)
+    with slot.mapped(lo, ch.out_offset - lo) as dictionary:
+        return decompress_chunk(i, ch, data, dictionary, bufs.out)
 
 
 def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice, data_opener: Opener,
@@ -230,37 +259,72 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
     """Write ``image`` into ``slot`` from ``delta`` over the ``source`` slot, starting after
     ``chunks_done`` verified chunks; as :func:`applier.stream.write_image`, ``on_chunk(i,
     downloaded)`` runs after chunk ``i`` is written, and the whole-image sha256 is checked at
-    the end (a :class:`RepositoryError` if it does not match)."""
+    the end (a :class:`RepositoryError` if it does not match).
+
+    Two stages overlap (issue 25): this thread assembles and checks chunk ``i`` (fetch, source
+    reads, decompression, its sha256 against the chunk table) while a writer thread writes chunk
+    ``i-1`` to the slot, adds it to the whole image's sha256 and calls ``on_chunk``, in order."""
     if image.size > slot.capacity:
         raise DeviceError(f"the image decompresses to {image.size} bytes; slot {slot.name} holds only {slot.capacity}",
                           hint="this release does not fit this device's slots")
     stats = stats or DeltaStats()
-    i, h = verified_prefix(image, slot, chunks_done)
+    first, h = verified_prefix(image, slot, chunks_done)
     bufs = _Writer(image, delta)
-    while i < len(image.chunks):
-        ch, op = image.chunks[i], delta.ops[i]
-        view = None
-        if not op.full:
-            try:
-                view, kind = _from_delta(i, op, ch, bufs, source, data_opener, retries, backoff, stats)
-                stats.chunks[kind] += 1
-            except _Fallback as f:
-                stats.chunks["fallback"] += 1
-                if len(stats.fallbacks) < 8:
-                    stats.fallbacks.append(str(f))
-        if view is None:
-            if op.full:
-                stats.chunks["full"] += 1
-            view = _from_full(i, image, slot, bufs, full_opener, retries, backoff, stats)
-        slot.pwrite(ch.out_offset, view)
-        h.update(view)
-        del view
-        if on_chunk:
-            on_chunk(i, stats.downloaded)
-        i += 1
+    writes: list[Future | None] = [None, None]  # the write of the chunk that last used out[0], out[1]
+
+    failed: list[BaseException] = []
+
+    def write(i: int, view: memoryview, downloaded: int) -> None:
+        if failed:  # a write before this one failed: nothing after it may be written or counted
+            raise failed[0]
+        try:
+            ch = image.chunks[i]
+            slot.pwrite(ch.out_offset, view)
+            slot.start_writeback(ch.out_offset, ch.out_length)  # as the full image's stream: dirty pages stay few
+            h.update(view)
+            if on_chunk:
+                on_chunk(i, downloaded)
+        except BaseException as e:
+            failed.append(e)
+            raise
+
+    def wait(*which: int) -> None:
+        for k in which:
+            if (f := writes[k]) is not None:
+                writes[k] = None
+                f.result()  # a write that failed raises here
+
+    with ThreadPoolExecutor(1, thread_name_prefix="abflip-delta-write") as writer:
+        try:
+            for i in range(first, len(image.chunks)):
+                if failed:
+                    raise failed[0]
+                ch, op = image.chunks[i], delta.ops[i]
+                wait(i % 2)  # out[i % 2] held chunk i-2: written?
+                bufs.out = bufs.outs[i % 2]
+                view = None
+                if not op.full:
+                    try:
+                        view, kind = _from_delta(i, op, ch, bufs, source, data_opener, retries, backoff, stats)
+                        stats.chunks[kind] += 1
+                    except _Fallback as f:
+                        stats.chunks["fallback"] += 1
+                        if len(stats.fallbacks) < 8:
+                            stats.fallbacks.append(str(f))
+                if view is None:
+                    if op.full:
+                        stats.chunks["full"] += 1
+                    wait(0, 1)  # its window is read back from the slot: every chunk before it written
+                    view = _from_full(i, image, slot, bufs, full_opener, retries, backoff, stats)
+                writes[i % 2] = writer.submit(write, i, view, stats.downloaded)
+                del view
+            wait(0, 1)
+        finally:
+            for f in writes:  # an error above: the write in flight ends before this returns
+                if f is not None:
+                    f.cancel() or f.exception()
     slot.sync()
-    if h.hexdigest() != image.sha256:
-        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)")
+    check_image(image, slot, h, len(image.chunks))  # every chunk was checked on its own: only the table is left
     return stats
 
 

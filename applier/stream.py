@@ -1,13 +1,21 @@
 """Stream a compressed image into a slot: fetch + verify -> decompress -> write + hash.
 
-The order is the invariant (DESIGN.md 4): compressed bytes are hashed and compared with the
-signed manifest *before* the decompressor sees them, a piece (``compression.piece_size``) at
-a time, or a whole chunk in manifests without pieces. Chunk ``i > 0`` needs the ``window``
-image bytes before it as its dictionary; they are taken from the chunk just decompressed, or
-read back from the slot, where they were written (and verified) before. Every chunk's output
-is checked against the signed chunk table, which tiles the image: the whole image verified.
+The order is the invariant (docs/invariants.md 4): compressed bytes are hashed and compared with
+the signed manifest *before* the decompressor sees them, a piece (``compression.piece_size``) at
+a time, or a whole chunk in manifests without pieces. Chunk ``i > 0`` needs the ``window`` image
+bytes before it as its dictionary; they are taken from the chunk just decompressed, or read back
+from the slot, where they were written before.
 
-:func:`write_image` overlaps them in threads (issue 14). It decodes with the system's libzstd
+Each decompressed byte is hashed once (issue 25): into the whole image's sha256, beside the write,
+compared with the signed ``image.sha256`` before anything is staged (invariant 3; :func:`check_image`
+says which chunk is wrong when it fails). On the way, each chunk must decode as exactly one frame
+of exactly its ``out_length`` bytes, and zstd checks the frame's content checksum (XXH64, which
+releases carry since issue 25) as it decodes: a chunk that decodes wrongly fails there, before it
+counts as written. The chunk table's ``out_sha256`` judges a chunk alone where one must: a resume
+re-hashes the chunks it counts as done (:func:`verified_prefix`), the delta path checks each chunk
+it assembles, ``verify --deep`` checks them all.
+
+:func:`write_image` overlaps the stages in threads (issue 14). It decodes with the system's libzstd
 (:mod:`metadata.zstdlib`: straight into its output buffer, the dictionary referenced where it
 lies), else with python-zstandard (which copies the dictionary and keeps a window buffer of its
 own); the bytes written are the same either way. Memory is bounded
@@ -27,6 +35,7 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 from tuf.api import exceptions as tuf_exc
@@ -38,7 +47,8 @@ from metadata.manifest import Chunk, Image
 from .fetch import READ_SIZE, transport_hint
 from .slots import SlotDevice, libc
 
-__all__ = ["verify_chunk", "decompress_chunk", "write_image", "memory_needed", "ChunkError", "Opener", "FrameBounds"]
+__all__ = ["verify_chunk", "decompress_chunk", "write_image", "check_image", "memory_needed", "page_cache_needed",
+           "ChunkError", "Opener", "FrameBounds"]
 
 # Opener(start, end) -> an iterable of byte pieces of the compressed image from ``start``.
 Opener = Callable[[int, int], Iterable[bytes]]
@@ -235,44 +245,88 @@ class _Reader:
 
 def verified_prefix(image: Image, slot: SlotDevice, chunks_done: int) -> tuple[int, hashlib._Hash]:
     """Re-read what an earlier run wrote; return how many chunks are still intact, and the
-    running image hash over them. A chunk changed behind our back is written again."""
+    running image hash over them. A chunk changed behind our back is written again.
+
+    Each byte read goes through two hashes, its chunk's (against the chunk table) and the
+    image's, computed side by side on two threads (hashlib releases the GIL), a ``SLICE`` at a
+    time from one reused buffer (measured on the apply benchmark's 1 GiB image, warm: 2.6 s of
+    CPU one after the other; docs/transport.md)."""
     h = hashlib.sha256()
-    for i in range(min(chunks_done, len(image.chunks))):
-        ch = image.chunks[i]
-        data = slot.pread(ch.out_offset, ch.out_length)
-        if hashlib.sha256(data).hexdigest() != ch.out_sha256:
-            return i, h
-        h.update(data)
-    return min(chunks_done, len(image.chunks)), h
+    done = min(chunks_done, len(image.chunks))
+    if not done:
+        return 0, h
+    buf = memoryview(bytearray(min(SLICE, max(c.out_length for c in image.chunks[:done]))))
+    with ThreadPoolExecutor(1, thread_name_prefix="abflip-resume-hash") as beside:
+        for i in range(done):
+            ch, chunk, before = image.chunks[i], hashlib.sha256(), h.copy()
+            for at in range(ch.out_offset, ch.out_offset + ch.out_length, len(buf)):
+                view = buf[:min(len(buf), ch.out_offset + ch.out_length - at)]
+                slot.pread_into(at, view)
+                both = beside.submit(chunk.update, view)
+                h.update(view)
+                both.result()
+            if chunk.hexdigest() != ch.out_sha256:
+                return i, before
+    return done, h
 
 
 def memory_needed(image: Image) -> int:
-    """The peak bytes :func:`write_image` holds for ``image`` (pure; the agent compares it with
-    ``limits.memory`` before it downloads anything). Apart from the interpreter itself:
+    """The peak memory :func:`write_image` holds for ``image`` that the kernel cannot reclaim
+    (anonymous memory; pure: the agent compares it with ``limits.memory`` before it downloads
+    anything). Apart from the interpreter itself:
 
     - the output buffers of the largest decompressed chunk: two with libzstd
       (:mod:`metadata.zstdlib`: chunk ``i`` decodes into one, straight from zstd, while the
       write stage writes chunk ``i-1`` from the other, whose tail is chunk ``i``'s dictionary,
-      referenced in place); one, used as a ring, with python-zstandard;
+      referenced in place), one when the window is wider than a chunk (:func:`_out_buffers`);
+      one, used as a ring, with python-zstandard;
     - the compressed pieces in flight: ``POOL`` buffers of the largest verification unit (one
       being downloaded, one queued, one being decompressed; two without pieces);
-    - a window wider than the output buffer: read in place from the slot's page cache,
-      mapped while the chunk decodes: clean, reclaimable pages, but resident then, so counted;
     - python-zstandard only: its copy of the dictionary, and the decoder's own window (at most
       the chunk, at most ``2**MAX_WINDOW_LOG``);
     - the decoder's context and input block (``DECODER_OVERHEAD``) and one network read (``READ_SIZE``).
+
+    Not counted: a window wider than the output buffer, read in place from the slot's page cache
+    (:func:`page_cache_needed`: file-backed pages the kernel can drop and read again).
     """
     chunks = image.chunks
     if not chunks:
         return 0
     out = max(c.out_length for c in chunks)
-    window = min(image.compression.window, max(c.out_offset for c in chunks))
-    mapped = window if window > out else 0
     piece, pool = _units(image)
     if zstdlib.LIB is not None:
-        return 2 * out + pool * piece + mapped + DECODER_OVERHEAD + READ_SIZE
+        return _out_buffers(image) * out + pool * piece + DECODER_OVERHEAD + READ_SIZE
     decoder = min(out, 1 << MAX_WINDOW_LOG) + DECODER_OVERHEAD
-    return out + pool * piece + window + mapped + decoder + READ_SIZE
+    return out + pool * piece + _window(image) + decoder + READ_SIZE
+
+
+def page_cache_needed(image: Image) -> int:
+    """The most of the slot's page cache :func:`write_image` maps at once: a window wider than
+    the output buffer, mapped while a chunk decodes (libzstd references it in place,
+    python-zstandard copies it). File-backed and clean (written back chunk by chunk): the
+    kernel reclaims these pages under pressure and faults them in again from the slot, so they
+    are resident set (RssFile), not a budget to refuse a release for; the decoder touches only
+    the pages its matches reach (docs/device.md has the figures)."""
+    if not image.chunks:
+        return 0
+    window = _window(image)
+    return window if window > max(c.out_length for c in image.chunks) else 0
+
+
+def _out_buffers(image: Image) -> int:
+    """Output buffers of the largest chunk: with libzstd two (chunk ``i`` decodes into one while
+    chunk ``i-1`` is written from the other, its tail chunk ``i``'s dictionary), or one when the
+    window is wider than a chunk: every chunk's dictionary then reaches into chunks already
+    written, read in place from the slot, so chunk ``i`` starts once chunk ``i-1`` is written
+    whatever the buffers (the second one would only cost memory). python-zstandard: one, a ring."""
+    if zstdlib.LIB is None or page_cache_needed(image):
+        return 1
+    return 2
+
+
+def _window(image: Image) -> int:
+    """The widest dictionary any chunk of ``image`` has: the window, or the image before its last chunk."""
+    return min(image.compression.window, max(c.out_offset for c in image.chunks))
 
 
 def _units(image: Image) -> tuple[int, int]:
@@ -301,17 +355,18 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
        bytes, or a whole chunk in manifests without pieces) exactly, and compare its sha256
        with the signed manifest; only verified bytes go on;
     2. *decompress*: feed a chunk's verified pieces to zstd as they arrive, with the
-       ``window`` image bytes before the chunk as its dictionary, into an output buffer, hash
-       each slice as the write stage writes it, and at the chunk's end compare its sha256 with
-       the chunk table;
+       ``window`` image bytes before the chunk as its dictionary, into an output buffer (zstd
+       checks the frame's content checksum and the chunk must decode to exactly its length);
     3. *write* (this thread): write each decompressed slice to the slot; beside it a *hash* stage
        adds each written slice to the whole image's sha256, compared with the manifest's at the
-       end (before anything is staged), and only then lets its buffer region be reused;
+       end (before anything is staged: :func:`check_image`), and only then lets its buffer
+       region be reused;
     4. *progress*: ``on_chunk(i, downloaded_bytes)`` for each chunk written, in order (the
        caller persists progress there, with an fsync that no longer holds up the writing).
 
-    The chunk table is signed and tiles the image exactly (the manifest parser checks it), so
-    every chunk verified is the whole image verified; each decompressed byte is hashed once.
+    Each decompressed byte is hashed once, into the whole image's sha256 (the signed
+    ``image.sha256``); the chunk table (signed, tiling the image exactly) re-checks a resumed
+    prefix, and says which chunk is wrong if the image's hash fails.
     The download never runs more than :func:`read_ahead` bytes past the end of the first
     chunk whose progress is not saved yet: a kill costs at most that chunk and the read-ahead.
     The slot is flushed once at the end; a resume re-verifies the chunks it counts as done. A
@@ -330,13 +385,35 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
         finally:
             _give_back()  # the pipeline's buffers are gone: return the heap they were on
     slot.sync()
-    # Every chunk matched the chunk table; the table must add up to the image it names too, or a
-    # slot would be recorded good under a hash it does not have (issue 21): the signer's fault.
-    if whole.hexdigest() != image.sha256:
-        raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)",
-                              hint="its chunks are verified but do not make the image it names; nothing was flipped "
-                                   "and the slot is not recorded good. Tell the publisher")
+    check_image(image, slot, whole, first)
     return downloaded
+
+
+def check_image(image: Image, slot: SlotDevice, whole: hashlib._Hash, first: int) -> None:
+    """The written image's sha256 (``whole``) against the manifest's: the check every decompressed
+    byte of a stream goes through, once (issue 25; docs/transport.md). When it fails, say why: the
+    first chunk from ``first`` (the chunks before it were checked one by one by
+    :func:`verified_prefix`) whose bytes in the slot do not match the chunk table is a
+    :class:`ChunkError`; if every chunk matches, the table does not add up to the image it names (a
+    manifest that is inconsistent, issue 21). Either way it is the repository's fault, and nothing
+    may be recorded good under a hash the slot does not have."""
+    if whole.hexdigest() == image.sha256:
+        return
+    buf = bytearray(min(SLICE, max(c.out_length for c in image.chunks)))
+    for i in range(first, len(image.chunks)):
+        ch, h = image.chunks[i], hashlib.sha256()
+        for at in range(ch.out_offset, ch.out_offset + ch.out_length, len(buf)):
+            view = memoryview(buf)[:min(len(buf), ch.out_offset + ch.out_length - at)]
+            slot.pread_into(at, view)
+            h.update(view)
+        if h.hexdigest() != ch.out_sha256:
+            raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says",
+                             hint="its compressed bytes matched the signed manifest; the release is broken or "
+                                  "was made with another window. Nothing was flipped and the slot is not recorded "
+                                  "good; the next run starts again at this chunk")
+    raise RepositoryError("the written image's sha256 does not match the manifest (the manifest is inconsistent)",
+                          hint="its chunks are verified but do not make the image it names; nothing was flipped "
+                               "and the slot is not recorded good. Tell the publisher")
 
 
 def _heap_for_large_blocks() -> None:
@@ -384,10 +461,12 @@ class _Pipeline:
         self.pieces: queue.SimpleQueue = queue.SimpleQueue()  # fetch -> decompress: (chunk, view, buffer)
         self.slices: queue.SimpleQueue = queue.SimpleQueue()  # decompress -> write: (chunk, start, end)
         # libzstd: two output buffers, chunk i decoding into bufs[i % 2] while the write stage
-        # writes chunk i-1 from the other. python-zstandard: one, used as a ring: every chunk
-        # decompresses from its start, and a region is overwritten only once it is written.
+        # writes chunk i-1 from the other; one with a window wider than a chunk (_out_buffers).
+        # python-zstandard: one, used as a ring: every chunk decompresses from its start, and a
+        # region is overwritten only once it is written.
         out = max(c.out_length for c in self.chunks)
-        self.bufs = [bytearray(out) for _ in range(2 if zstdlib.LIB is not None else 1)]
+        self.bufs = [bytearray(out) for _ in range(_out_buffers(image))]
+        self.in_place = zstdlib.LIB is not None and len(self.bufs) == 1  # every dictionary mapped from the slot
         # image bytes written to the slot *and* hashed into ``whole``: until then their buffer is not reused
         self.written = self.chunks[first].out_offset
         self.hashing: queue.SimpleQueue = queue.SimpleQueue()  # write -> hash: (chunk, start, end) written
@@ -565,12 +644,12 @@ class _Pipeline:
             return
         lo = max(0, ch.out_offset - window)
         need = ch.out_offset - lo
-        if prev is not None and len(prev) >= need:
+        if prev is not None and len(prev) >= need and not self.in_place:
             yield prev[len(prev) - need:]
             return
         # every byte before chunk i is in the slot, and hashed: the buffer read into below is free
         self._wait(lambda: self.committed >= i and self.written >= ch.out_offset)
-        if need <= len(self.bufs[0]):
+        if need <= len(self.bufs[0]) and not self.in_place:
             into = memoryview(self.bufs[(i + 1) % len(self.bufs)])[:need]
             self.slot.pread_into(lo, into)
             yield into
@@ -610,8 +689,7 @@ class _Pipeline:
             except zstandard.ZstdError as e:
                 raise ChunkError(f"chunk {i} does not decompress: {e}") from None
             del reader, dictionary, kwargs
-            # the whole chunk is still in the buffer (the next one's dictionary): hashed while it is written
-            if done != ch.out_length or extra or hashlib.sha256(out[:done]).hexdigest() != ch.out_sha256:
+            if done != ch.out_length or extra:
                 raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
             source.drain()
             self.slices.put((i, None, None))
@@ -626,25 +704,25 @@ class _Pipeline:
         try:
             for i in range(self.first, len(self.chunks)):
                 ch = self.chunks[i]
-                if i >= self.first + 2:  # bufs[i % 2] held chunk i-2: written yet?
-                    self._wait(lambda: self.written >= self.chunks[i - 1].out_offset)
-                out = memoryview(self.bufs[i % 2])[:ch.out_length]
+                n = len(self.bufs)
+                if i >= self.first + n:  # bufs[i % n] held chunk i-n: written (and hashed) yet?
+                    self._wait(lambda: self.written >= self.chunks[i - n + 1].out_offset)
+                out = memoryview(self.bufs[i % n])[:ch.out_length]
                 source = _Pieces(self, i)
                 _check_header(i, ch, source.peek())
                 with self._prefix(i, prev) as prefix:
                     decoder.start(out, prefix)
-                    done, h = 0, hashlib.sha256()
+                    done = 0
                     try:
                         while data := source.read(READ_IN):
                             if (n := decoder.feed(data)) > done:
                                 self.slices.put((i, done, n))
-                                h.update(out[done:n])  # while the write stage writes it
                                 done = n
-                    except zstdlib.ZstdLibError as e:
+                    except zstdlib.ZstdLibError as e:  # a frame's checksum that fails is one of these
                         raise ChunkError(f"chunk {i} does not decompress: {e}") from None
                     finally:
                         decoder.end()
-                if done != ch.out_length or not decoder.done() or h.hexdigest() != ch.out_sha256:
+                if done != ch.out_length or not decoder.done():
                     raise ChunkError(f"chunk {i} decompresses to other bytes than the manifest says")
                 source.drain()
                 self.slices.put((i, None, None))

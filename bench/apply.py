@@ -30,8 +30,8 @@ Method
    ``builder.image.build_image`` turns the tree into an (uncompressed) erofs image; the
    distances the repeats really got are read back with ``dump.erofs`` and reported. A tiny
    second image is built for the device's factory slot.
-2. **Compression.** ``builder.release.create_release`` (default level 9, 32 MiB chunks;
-   ``--window`` sets the dictionary window, default the builder's) makes the abflip stream;
+2. **Compression.** ``builder.release.create_release`` (default level 9, 64 MiB chunks,
+   128 MiB window; ``--window`` sets the dictionary window) makes the abflip stream;
    the zstd CLI (``zstd -T0 -<level> --long=27``) compresses the same image for the
    baseline. The abflip stream cannot be the baseline's input: every frame after the first
    needs the previous ``window`` bytes of *image* as a raw-content dictionary, which
@@ -99,6 +99,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,12 +109,13 @@ import rootfs  # bench/rootfs.py (bench/ is on sys.path: this script's directory
 from abflip.sim import SimDevice
 from applier.agent import Device
 from applier.config import DEFAULT_MEMORY, parse_size
-from applier.stream import memory_needed
-from builder.compress import DEFAULT_PIECE
+from applier.stream import memory_needed, page_cache_needed
+from builder.compress import DEFAULT_CHUNK, DEFAULT_PIECE, DEFAULT_WINDOW, LDM_RATE_LOG
 from builder.image import ImageInfo, build_image
 from builder.publish import publish_release, write_signed
 from builder.release import ReleaseFiles, create_release
 from builder.storage.local import LocalStorage
+from metadata import zstdlib
 from metadata.errors import Error
 from metadata.keys import KeyConfig
 from metadata.manifest import Release
@@ -128,6 +130,10 @@ DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / ".bench" / "apply"
 DEFAULT_REPEATS = 0.25  # share of the image's file content that is long-range repeats
 MEMORY_MARGIN = 16 * MIB  # over memory_needed: install adds a boot-file piece, the interpreter is not counted
 CLI_STREAM = "rootfs.erofs.cli.zst"
+SAMPLE_S = 0.005  # how often Sampler reads /proc/PID/status
+# a cached release made otherwise is made again
+BUILDER = (f"chunk {DEFAULT_CHUNK}, window {DEFAULT_WINDOW}, ldm rate {LDM_RATE_LOG}, checksums, "
+           f"libzstd {zstdlib.compressor_version()} by ctypes")
 TIME = "/usr/bin/time"
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
 LINKSERVER = [sys.executable, str(Path(__file__).resolve().parent / "linkserver.py")]
@@ -215,7 +221,8 @@ def ensure_release(work: Path, img: ImageInfo, level: int, window: int | None, c
         rel = Release.from_bytes((rdir / "release.json").read_bytes())
         comp = rel.image.compression
         if (rel.image.sha256 == img.sha256 and comp.level == level and (rdir / "rootfs.img.zst").is_file()
-                and cache.data.get("release", {}).get("window") == window and comp.piece_size == DEFAULT_PIECE):
+                and cache.data.get("release", {}).get("window") == window and comp.piece_size == DEFAULT_PIECE
+                and cache.data["release"].get("builder") == BUILDER):
             log(f"release: cached {rdir} ({rel.image.compressed_size} bytes compressed)")
             return ReleaseFiles(rdir, rel)
     except (OSError, Error):  # missing or unreadable: rebuild
@@ -233,7 +240,7 @@ def ensure_release(work: Path, img: ImageInfo, level: int, window: int | None, c
                         **({} if window is None else {"window": window}))
     dt = time.monotonic() - t0
     cache.data["release"] = {"seconds": round(dt, 2), "level": level, "window": window,
-                             "compressed": rf.release.image.compressed_size}
+                             "compressed": rf.release.image.compressed_size, "builder": BUILDER}
     cache.save()
     log(f"release: {rf.release.image.compressed_size} bytes in {len(rf.release.image.chunks)} chunks, {dt:.1f} s")
     return rf
@@ -321,9 +328,11 @@ class ProcStats:
     max_rss: int  # bytes
     fs_out: int  # bytes, kernel I/O accounting (write_bytes)
     cpu: float  # user + system seconds
+    max_anon: int = 0  # bytes, sampled (Sampler): RssAnon, what the kernel cannot reclaim
+    max_file: int = 0  # bytes, sampled: RssFile, file-backed pages (the slot's page cache mapped, the binaries)
 
 
-def _timev(path: Path, name: str) -> ProcStats:
+def _timev(path: Path, name: str, sampler: Sampler | None = None) -> ProcStats:
     vals = {}
     for line in path.read_text().splitlines():
         k, sep, v = line.strip().rpartition(": ")
@@ -331,7 +340,49 @@ def _timev(path: Path, name: str) -> ProcStats:
             vals[k] = v
     return ProcStats(name, int(vals["Maximum resident set size (kbytes)"]) * 1024,
                      int(vals["File system outputs"]) * 512,
-                     float(vals["User time (seconds)"]) + float(vals["System time (seconds)"]))
+                     float(vals["User time (seconds)"]) + float(vals["System time (seconds)"]),
+                     sampler.peak["RssAnon"] if sampler else 0, sampler.peak["RssFile"] if sampler else 0)
+
+
+class Sampler(threading.Thread):
+    """The peaks of ``RssAnon`` and ``RssFile`` of the process a ``/usr/bin/time`` wrapper runs,
+    sampled from ``/proc/PID/status`` every ``SAMPLE_S`` (the kernel keeps the peak of the whole
+    resident set only, ``VmHWM``). The buffers that make the peak live as long as the stream."""
+
+    FIELDS = ("RssAnon", "RssFile")
+
+    def __init__(self, wrapper: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.wrapper, self.pid = wrapper.pid, 0
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self.done = threading.Event()
+        self.start()
+
+    def _child(self) -> int:
+        try:
+            kids = Path(f"/proc/{self.wrapper}/task/{self.wrapper}/children").read_text().split()
+        except OSError:
+            return 0
+        return int(kids[0]) if kids else 0
+
+    def run(self) -> None:
+        while not self.done.wait(SAMPLE_S):
+            self.pid = self.pid or self._child()
+            if not self.pid:
+                continue
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                k, _, v = line.partition(":")
+                if k in self.peak:
+                    self.peak[k] = max(self.peak[k], int(v.split()[0]) * 1024)
+
+    def stop(self) -> Sampler:
+        self.done.set()
+        self.join()
+        return self
 
 
 @dataclass
@@ -346,6 +397,7 @@ class Run:
     dropped: bool
     startup: float | None = None  # abflip only: wall time of a cold ``abflip status``
     slot_sha: str | None = None
+    verify: float = 0.0  # pipeline only: CPU s of sha256 over the abflip stream and the image (verify_cost)
 
     @property
     def outside_total(self) -> int:
@@ -370,6 +422,15 @@ class Run:
 
     def rss_of(self, name: str) -> int:
         return next(p.max_rss for p in self.procs if p.name == name)
+
+    @property
+    def anon(self) -> int:
+        """The sampled peak RssAnon of the measured process (abflip; the pipeline's ``zstd -d``)."""
+        return max(p.max_anon for p in self.procs)
+
+    @property
+    def file(self) -> int:
+        return max(p.max_file for p in self.procs)
 
 
 def slot_sha256(path: Path, size: int) -> str:
@@ -409,6 +470,7 @@ def run_pipeline(run_dir: Path, url: str, img: ImageInfo, slot_size: int) -> Run
                                  url], stdout=subprocess.PIPE, stderr=e0)
         zstd = subprocess.Popen([TIME, "-v", "-o", str(tv[1]), "zstd", "-d", "-q", "-c", "--long=27"],
                                 stdin=curl.stdout, stdout=subprocess.PIPE, stderr=e1)
+        sampler = Sampler(zstd)
         curl.stdout.close()
         dd = subprocess.Popen([TIME, "-v", "-o", str(tv[2]), "dd", f"of={slot}", "bs=1M", "conv=fsync,notrunc"],
                               stdin=zstd.stdout, stderr=e2)
@@ -418,10 +480,26 @@ def run_pipeline(run_dir: Path, url: str, img: ImageInfo, slot_size: int) -> Run
     if any(codes):
         raise RuntimeError(f"pipeline failed {codes}: " + " | ".join(e.read_text().strip() for e in errs))
     downloaded = int(errs[0].read_text().split()[-1])
-    procs = [_timev(t, n) for t, n in zip(tv, ("curl", "zstd -d", "dd"))]
+    sampler.stop()
+    procs = [_timev(t, n, sampler if n == "zstd -d" else None) for t, n in zip(tv, ("curl", "zstd -d", "dd"))]
     ok = slot_sha256(slot, img.size) == img.sha256
     slot.unlink()
     return Run("pipeline", wall, procs, {}, downloaded, img.size, ok, dropped)
+
+
+def verify_cost(paths: list[Path]) -> float:
+    """CPU seconds of one sha256 pass over each file, in 1 MiB pieces (as abflip hashes pieces and
+    slices): the verification the pipeline skips. Only the hashing is timed (the reads are not:
+    the files may have left the page cache, and abflip reads its bytes off the socket anyway)."""
+    buf, spent = bytearray(MIB), 0.0
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                t = time.thread_time()
+                h.update(memoryview(buf)[:n])
+                spent += time.thread_time() - t
+    return spent
 
 
 def memory_budget(rel: Release) -> int | None:
@@ -452,13 +530,16 @@ def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: I
     tv = run_dir / "time-abflip.txt"
     dropped = drop_caches()
     t0 = time.perf_counter()
-    proc = subprocess.run([TIME, "-v", "-o", str(tv), *ABFLIP, "install", "--config", str(dev.config_path), "--json"],
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([TIME, "-v", "-o", str(tv), *ABFLIP, "install", "--config", str(dev.config_path), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc)
+    out, err = proc.communicate()
     wall = time.perf_counter() - t0
+    sampler.stop()
     if proc.returncode:
-        raise RuntimeError(f"abflip install failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise RuntimeError(f"abflip install failed ({proc.returncode}): {err.strip()}")
     # `install --json` prints JSON lines: progress events, then {"event": "result", "result": {...}}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])["result"]
+    result = json.loads(out.strip().splitlines()[-1])["result"]
     after = tree_bytes(dev.root, SLOTS)
     outside = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))}
     sha = slot_sha256(dev.slot_path(result["slot"]), img.size)
@@ -470,7 +551,7 @@ def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: I
     subprocess.run([*ABFLIP, "status", "--config", str(dev.config_path), "--json"], check=True, capture_output=True)
     startup = time.perf_counter() - t1
     shutil.rmtree(dev.root)
-    return Run("abflip", wall, [_timev(tv, "abflip")], {k: v for k, v in outside.items() if v}, result["bytes_downloaded"],
+    return Run("abflip", wall, [_timev(tv, "abflip", sampler)], {k: v for k, v in outside.items() if v}, result["bytes_downloaded"],
                img.size, ok, dropped, startup, sha)
 
 
@@ -548,17 +629,26 @@ def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, ca
              f"{'yes' if all(r.dropped for r in runs) else 'NO (not permitted)'}\n"]
     if rt := repeats_table(im):
         lines += [*rt, ""]
-    lines += ["| variant | wall s | wall ratio | CPU s (user+sys) | CPU ratio | peak RSS MiB | bytes outside slot | "
-              "download bytes | extra bytes written (I/O acct.) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| variant | wall s | wall ratio | CPU s (user+sys) | CPU ratio | peak RSS MiB | RssAnon / RssFile MiB | "
+              "bytes outside slot | download bytes | extra bytes written (I/O acct.) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"pipeline": "curl \\| zstd -d --long=27 \\| dd (zstd CLI stream)",
              "abflip": "abflip install (chunked stream)"}
     for v, rs in by.items():
         rss = (f"{_mib(_median(rs, lambda r: r.rss_max))} max (zstd -d {_mib(_median(rs, lambda r: r.rss_of('zstd -d')))}) / "
                f"{_mib(_median(rs, lambda r: r.rss_sum))} sum" if v == "pipeline" else _mib(_median(rs, lambda r: r.rss_max)))
         lines.append(f"| {names[v]} | {wall[v]:.2f} | {wall[v] / wall['pipeline']:.2f}x | {cpu[v]:.2f} | "
-                     f"{cpu[v] / cpu['pipeline']:.2f}x | {rss} | {int(_median(rs, lambda r: r.outside_total))} | "
+                     f"{cpu[v] / cpu['pipeline']:.2f}x | {rss} | {_mib(_median(rs, lambda r: r.anon))} / "
+                     f"{_mib(_median(rs, lambda r: r.file))}{' (zstd -d)' if v == 'pipeline' else ''} | "
+                     f"{int(_median(rs, lambda r: r.outside_total))} | "
                      f"{int(_median(rs, lambda r: r.downloaded))} | {int(_median(rs, lambda r: r.written_extra))} |")
+    pl = by["pipeline"]
+    vf = _median(pl, lambda r: r.verify)
+    floor = _median(pl, lambda r: r.cpu + r.verify)
+    lines += ["",
+              f"verify floor: the pipeline's CPU plus one sha256 pass over the compressed stream abflip downloads "
+              f"and one over the image (measured after each pipeline run, warm: {vf:.2f} s) = {floor:.2f} s; "
+              f"abflip's CPU {cpu['abflip']:.2f} s = {cpu['abflip'] / floor:.2f}x the floor"]
     ab = rel.release.image.compressed_size
     used = f"{comp.window >> 20} MiB window" + (" (the default)" if window_asked is None else
                                                  f" (asked {window_asked >> 20} MiB)" if comp.window != window_asked else "")
@@ -595,15 +685,18 @@ def report(runs: list[Run], img: ImageInfo, rel: ReleaseFiles, cli_size: int, ca
 
 
 def summary(runs: list[Run], rel: ReleaseFiles, cli_size: int) -> str:
-    """The last line: abflip over the pipeline."""
+    """The last line: abflip over the pipeline, and abflip's CPU over the verify floor."""
     ab = [r for r in runs if r.variant == "abflip"]
     pl = [r for r in runs if r.variant == "pipeline"]
     w = _median(ab, lambda r: r.wall) / _median(pl, lambda r: r.wall)
     c = _median(ab, lambda r: r.cpu) / _median(pl, lambda r: r.cpu)
     n = round(_median(ab, lambda r: r.rss_max) / MIB)
+    a = round(_median(ab, lambda r: r.anon) / MIB)
     m = round(_median(pl, lambda r: r.rss_of("zstd -d")) / MIB)
     s = rel.release.image.compressed_size / cli_size
-    return f"apply/pipeline: {w:.2f}x wall, {c:.2f}x cpu; peak RSS {n} MiB (zstd -d {m} MiB); size {s:.3f}x CLI"
+    f = _median(ab, lambda r: r.cpu) / _median(pl, lambda r: r.cpu + r.verify)
+    return (f"apply/pipeline: {w:.2f}x wall, {c:.2f}x cpu; peak RSS {n} MiB, anon {a} MiB (zstd -d {m} MiB); "
+            f"size {s:.3f}x CLI; cpu {f:.2f}x verify floor")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     cli_size = cli_stream.stat().st_size
     memory = memory_budget(rel.release)
     log(f"device memory budget: {(memory or DEFAULT_MEMORY) >> 20} MiB "
-        f"({'set: ' if memory else 'default; '}memory_needed {_mib(memory_needed(rel.release.image))} MiB)")
+        f"({'set: ' if memory else 'default; '}memory_needed {_mib(memory_needed(rel.release.image))} MiB; the window "
+        f"read in place from the slot's page cache: page_cache_needed {_mib(page_cache_needed(rel.release.image))} MiB)")
     if args.build_only:
         log(f"built: image {img.size} bytes, abflip stream {rel.release.image.compressed_size} bytes, "
             f"CLI stream {cli_size} bytes (abflip / CLI = {rel.release.image.compressed_size / cli_size:.4f})")
@@ -658,10 +752,12 @@ def main(argv: list[str] | None = None) -> int:
                 d.mkdir(parents=True)
                 if variant == "pipeline":
                     r = run_pipeline(d, f"{server.url}/{cli_key}", img, slot_size)
+                    r.verify = verify_cost([rel.dir / "rootfs.img.zst", img.path])
                 else:
                     r = run_abflip(d, server.url, repo, factory, img, slot_size, memory)
                 log(f"run {i + 1}/{args.runs} {variant}: {r.wall:.2f} s, cpu {r.cpu:.2f} s, "
-                    f"peak RSS {_mib(r.rss_max)} MiB, slot sha256 {'ok' if r.sha_ok else 'MISMATCH'}")
+                    f"peak RSS {_mib(r.rss_max)} MiB (anon {_mib(r.anon)}, file {_mib(r.file)}), "
+                    f"slot sha256 {'ok' if r.sha_ok else 'MISMATCH'}")
                 runs.append(r)
         run_seconds = time.monotonic() - t0
         prof = ""

@@ -1,26 +1,34 @@
 #!/usr/bin/env python3
 """Compression at CLI parity: abflip's chunked stream vs ``zstd -T0 --long=27 -<level>``.
 
-    python3 bench/compress.py [--image IMG] [--level 9] [--variant CHUNK:WINDOW[:THREADS[:ldm]] ...] [--runs 1]
-                              [--verity]
+    python3 bench/compress.py [--image IMG] [--level 9] [--cli-level N] [--runs 1]
+                              [--variant CHUNK:WINDOW[:THREADS[:ldm]][@system|@api] ...] [--verity]
 
 Both compress the same image from the page cache (one untimed read first), in the same run,
-on all cores, runs interleaved (CLI, each variant, then again); medians are reported. Reported per variant: compressed size and wall time, and each as a ratio to
-the zstd CLI (goals: size <= 1.01x, time <= 1.10x). The default image is the erofs image
-``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs``: when absent, it is built with
-apply's defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); when
-present, it is whatever apply last built there (its ``cache.json`` says what).
+on all cores, runs interleaved (CLI, each variant, then again); medians are reported. Reported
+per variant: compressed size, wall time and CPU time (user + system), each as a ratio to the
+zstd CLI's (issue 25's goals, 2 cores: size <= 1.01x; time <= 0.8x with the defaults, <= 1.0x
+with the wide window), and the process's peak RSS so far. ``default`` is the shipped defaults
+(``builder.compress``: 64 MiB chunks, 128 MiB window). Each variant compresses through
+``metadata.zstdlib.compress`` with the libzstd ``backports.zstd`` bundles (ctypes, the prefix
+referenced in place); ``@system`` with the system's libzstd (Debian 12: 1.5.4) through the same
+binding, as abflip did before issue 25; ``@api`` through ``backports.zstd``'s own API (Python
+3.14's ``compression.zstd``: the prefix copied into a ``ZstdDict``). Without ``--variant`` the
+defaults run with each of the three (issue 25, part 3). The default image is the erofs image
+``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs``: when absent, it is built with apply's
+defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); when present, it is
+whatever apply last built there (its ``cache.json`` says what).
 
-``--verity`` (issue 22) also runs each variant as ``release create --verity`` does it: the dm-verity hash tree
-(builder/verity.py) and then the image and the tree compressed as one stream; reported as the time ratio to the
-same variant without the tree (goal: <= 1.10x), in wall time and in CPU time (all threads: the machine is shared,
-and CPU time is what a loaded machine stretches least).
+``--verity`` (issue 22) also runs each variant as ``release create --verity`` does it, right after it: the dm-verity
+hash tree (builder/verity.py), then the image and the tree compressed as one stream; a last line per variant gives
+its wall and CPU time as a ratio to the same variant without the tree (goal: <= 1.10x).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from builder.compress import compress_image  # noqa: E402
+from metadata import zstdlib  # noqa: E402
 
 MIB = 1 << 20
 
@@ -61,41 +70,84 @@ def warm(path: Path) -> None:
             pass
 
 
-def run_cli(image: Path, level: int, out: Path) -> tuple[float, int]:
-    t0 = time.monotonic()
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def run_cli(image: Path, level: int, out: Path) -> tuple[float, float, int]:
+    t0, c0 = time.monotonic(), _cpu(resource.RUSAGE_CHILDREN)
     subprocess.run(["zstd", "-q", "-f", "-T0", f"-{level}", "--long=27", str(image), "-o", str(out)], check=True)
-    return time.monotonic() - t0, out.stat().st_size
+    return time.monotonic() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0, out.stat().st_size
 
 
-def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, out: Path,
-               verity: bool = False) -> tuple[float, int, int, float]:
+def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, library: str,
+               out: Path, verity: bool = False) -> tuple[float, float, int, int]:
     from builder.verity import default_salt, make_tree
 
     tail = out.with_name("rootfs.verity")
     tail.unlink(missing_ok=True)
-    t0, c0 = time.monotonic(), time.process_time()
-    if verity:
-        make_tree(image, tail, default_salt("bench"), threads=threads)
-    r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm,
-                       tail=tail if verity else None)
-    return time.monotonic() - t0, r.compressed_size, r.compression.window, time.process_time() - c0
+    zstdlib.compress = LIBRARIES[library][1]
+    t0, c0 = time.monotonic(), _cpu(resource.RUSAGE_SELF)
+    try:
+        if verity:
+            make_tree(image, tail, default_salt("bench"), threads=threads)
+        r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm,
+                           tail=tail if verity else None)
+    finally:
+        zstdlib.compress = ORIGINAL
+    return time.monotonic() - t0, _cpu(resource.RUSAGE_SELF) - c0, r.compressed_size, r.compression.window
+
+
+def system_compress(data, prefix=None, **kw) -> bytearray:
+    """:func:`metadata.zstdlib.compress` with the system's libzstd, as before issue 25."""
+    if zstdlib.LIB is None:
+        raise SystemExit("no system libzstd (libzstd.so.1) for an @system variant")
+    return ORIGINAL(data, prefix, lib=zstdlib.with_compression(zstdlib.LIB), **kw)
+
+
+def api_compress(data, prefix=None, *, level: int, window_log: int, ldm: bool = False, ldm_rate_log: int = 0,
+                 checksum: bool = False) -> bytes:
+    """The same frame through ``backports.zstd``'s own API (Python 3.14's ``compression.zstd``):
+    the prefix copied into a ``ZstdDict`` per frame."""
+    from backports import zstd
+
+    p = zstd.CompressionParameter
+    options = {p.compression_level: level, p.window_log: window_log, p.enable_long_distance_matching: int(ldm),
+               p.content_size_flag: 1, p.checksum_flag: int(checksum)}
+    if ldm and ldm_rate_log:
+        options[p.ldm_hash_rate_log] = ldm_rate_log
+    zd = zstd.ZstdDict(prefix, is_raw=True).as_prefix if prefix is not None and len(prefix) else None
+    c = zstd.ZstdCompressor(options=options, zstd_dict=zd)
+    c.set_pledged_input_size(len(data))
+    return c.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
+
+
+ORIGINAL = zstdlib.compress
+LIBRARIES = {"": ("the bundled libzstd (ctypes)", ORIGINAL), "system": ("the system's libzstd (ctypes)", system_compress),
+             "api": ("backports.zstd's API", api_compress)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", type=Path)
     ap.add_argument("--level", type=int, default=9)
+    ap.add_argument("--cli-level", type=int, default=None, help="the CLI's level (default: --level)")
     ap.add_argument("--variant", action="append", default=[],
-                    help="CHUNK:WINDOW[:THREADS[:ldm]], e.g. 32M:32M or 64M:32M:0:ldm (default: the shipped defaults)")
+                    help="CHUNK:WINDOW[:THREADS[:ldm]][@system|@api], e.g. 32M:16M or 64M:128M:0 or default@system "
+                         "(default: the shipped defaults with each library)")
     ap.add_argument("--runs", type=int, default=1, help="timed runs of each (median)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the outputs go (default: next to the image)")
     ap.add_argument("--verity", action="store_true", help="also each variant with the dm-verity tree (release create "
-                                                         "--verity): time ratio to the variant without")
+                                                         "--verity): its time as a ratio to the variant's without")
     args = ap.parse_args()
     image = args.image or default_image()
-    variants = args.variant or ["default"]
+    cli_level = args.level if args.cli_level is None else args.cli_level
+    variants = args.variant or ["default", "default@api", "default@system"]
     size = image.stat().st_size
-    print(f"image {image} ({size} bytes, {size / MIB:.0f} MiB), level {args.level}, {os.cpu_count()} CPUs", flush=True)
+    print(f"image {image} ({size} bytes, {size / MIB:.0f} MiB), level {args.level}, {os.cpu_count()} CPUs; "
+          f"libzstd: compressor {zstdlib.compressor_version()}, system "
+          f"{'none' if zstdlib.LIB is None else zstdlib.LIB.ZSTD_versionNumber()}", flush=True)
     warm(image)
     with tempfile.TemporaryDirectory(dir=args.tmp or image.parent, prefix=".bench-compress-") as tmp:
         out = Path(tmp) / "out.zst"
@@ -103,59 +155,56 @@ def main() -> int:
 
         specs = []
         for v in variants:
+            v, _, lib = v.partition("@")
             chunk, window, threads, ldm = DEFAULT_CHUNK, DEFAULT_WINDOW, DEFAULT_THREADS, DEFAULT_LDM
             if v != "default":
                 parts = v.split(":")
                 chunk, window = parse_size(parts[0]), parse_size(parts[1])
                 threads = int(parts[2]) if len(parts) > 2 else 0
                 ldm = len(parts) > 3 and parts[3] == "ldm"
-            specs.append((chunk, window, threads, ldm))
+            if lib not in LIBRARIES:
+                ap.error(f"unknown library @{lib}: use @system or @api")
+            specs.append((chunk, window, threads, ldm, lib, False))
+            if args.verity:
+                specs.append((chunk, window, threads, ldm, lib, True))
+        if args.verity:
+            variants = [v + suffix for v in variants for suffix in ("", " --verity")]
         # interleaved runs (cli, variant 1, variant 2, ... then again), so load changes hit all alike
         cli_t: list[float] = []
+        cli_c: list[float] = []
         cli_n = 0
         var_t: list[list[float]] = [[] for _ in specs]
+        var_c: list[list[float]] = [[] for _ in specs]
         var_n = [0] * len(specs)
         var_used = [0] * len(specs)
-        ver_t: list[list[float]] = [[] for _ in specs]
-        var_cpu: list[list[float]] = [[] for _ in specs]  # CPU seconds, all threads (a loaded machine stretches wall)
-        ver_cpu: list[list[float]] = [[] for _ in specs]
-        ver_n = [0] * len(specs)
         for r in range(args.runs):
-            t, cli_n = run_cli(image, args.level, out)
+            t, c, cli_n = run_cli(image, cli_level, out)
             cli_t.append(t)
-            print(f"  run {r + 1} cli: {cli_n} bytes, {t:.2f} s", flush=True)
-            for i, (chunk, window, threads, ldm) in enumerate(specs):
-                t, var_n[i], var_used[i], cpu = run_abflip(image, args.level, chunk, window, threads, ldm, out)
+            cli_c.append(c)
+            print(f"  run {r + 1} cli: {cli_n} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
+            for i, (chunk, window, threads, ldm, lib, verity) in enumerate(specs):
+                t, c, var_n[i], var_used[i] = run_abflip(image, args.level, chunk, window, threads, ldm, lib, out,
+                                                         verity)
                 var_t[i].append(t)
-                var_cpu[i].append(cpu)
-                print(f"  run {r + 1} abflip {chunk // MIB}:{window // MIB}: {var_n[i]} bytes, {t:.2f} s, CPU {cpu:.2f} s",
-                      flush=True)
-                if args.verity:
-                    t, ver_n[i], _, cpu = run_abflip(image, args.level, chunk, window, threads, ldm, out, verity=True)
-                    ver_t[i].append(t)
-                    ver_cpu[i].append(cpu)
-                    print(f"  run {r + 1} abflip {chunk // MIB}:{window // MIB} --verity: {ver_n[i]} bytes, {t:.2f} s, "
-                          f"CPU {cpu:.2f} s", flush=True)
-        cli = statistics.median(cli_t)
-        rows = [(f"zstd -T0 --long=27 -{args.level}", cli_n, cli)]
-        for i, (chunk, window, threads, ldm) in enumerate(specs):
-            name = (f"abflip chunk {chunk // MIB} MiB, window {window // MIB} MiB"
+                var_c[i].append(c)
+                print(f"  run {r + 1} abflip {variants[i]}: {var_n[i]} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
+        cli, clic = statistics.median(cli_t), statistics.median(cli_c)
+        rows = [(f"zstd -T0 --long=27 -{cli_level}", cli_n, cli, clic)]
+        for i, (chunk, window, threads, ldm, lib, verity) in enumerate(specs):
+            name = (f"abflip level {args.level}, chunk {chunk // MIB} MiB, window {window // MIB} MiB"
                     + (f" (used {var_used[i] // MIB} MiB)" if var_used[i] != window else "")
-                    + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else ""))
-            rows.append((name, var_n[i], statistics.median(var_t[i])))
-            if args.verity:
-                rows.append((name + ", --verity", ver_n[i], statistics.median(ver_t[i])))
+                    + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else "") + f", {LIBRARIES[lib][0]}"
+                    + (", --verity" if verity else ""))
+            rows.append((name, var_n[i], statistics.median(var_t[i]), statistics.median(var_c[i])))
     print()
-    print("| variant | compressed bytes | size ratio | wall s | time ratio |")
-    print("|---|---:|---:|---:|---:|")
-    for name, n, t in rows:
-        print(f"| {name} | {n:,} | {n / cli_n:.4f}x | {t:.2f} | {t / cli:.2f}x |")
-    if args.verity:
-        for i, (chunk, window, _, _) in enumerate(specs):
-            plain, ver = statistics.median(var_t[i]), statistics.median(ver_t[i])
-            plain_cpu, ver_c = statistics.median(var_cpu[i]), statistics.median(ver_cpu[i])
-            print(f"verity: chunk {chunk // MIB} MiB: {ver:.2f} s / {plain:.2f} s = {ver / plain:.3f}x the time, "
-                  f"CPU {ver_c:.2f} s / {plain_cpu:.2f} s = {ver_c / plain_cpu:.3f}x, {ver_n[i] / var_n[i]:.4f}x the bytes")
+    print("| variant | compressed bytes | size ratio | wall s | time ratio | CPU s | CPU ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n, t, c in rows:
+        print(f"| {name} | {n:,} | {n / cli_n:.4f}x | {t:.2f} | {t / cli:.2f}x | {c:.2f} | {c / clic:.2f}x |")
+    name, n, t, c = rows[1]
+    print(f"compress/cli: size {n / cli_n:.4f}x, time {t / cli:.2f}x, cpu {c / clic:.2f}x ({name})")
+    for (name, n, t, c), (_, vn, vt, vc) in zip(rows[1::2], rows[2::2]) if args.verity else ():
+        print(f"verity/plain: time {vt / t:.3f}x, cpu {vc / c:.3f}x, size {vn / n:.4f}x ({name})")
     return 0
 
 

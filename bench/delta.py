@@ -18,15 +18,19 @@ Method
    *Feature update*: the base with more packages added (numpy, scipy, ruby, mesa) and
    python3.11, libc6, git, perl and tzdata upgraded.
 2. **Images and releases**: erofs images (``builder.image``), releases with the defaults
-   (level 9, 32 MiB chunks); 1.1.0 (security) and 1.2.0 (feature) each with
+   (level 9, 64 MiB chunks, 128 MiB window); 1.1.0 (security) and 1.2.0 (feature) each with
    ``--delta-from`` 1.0.0. Delta creation is timed on its own.
 3. **Lower bound**: ``zstd -19 --patch-from=<1.0.0 image> <new image>`` (``--long`` as needed).
 4. **Device**: a simulated device over a real TUF repository and HTTP on 127.0.0.1 runs
    ``abflip install`` as a process: *full* (a device whose booted image's sha256 is not
-   recorded, so it takes the full image) and *delta* (provisioned: it takes the delta). Wall
-   time and peak RSS (``/usr/bin/time``) of that process.
+   recorded, so it takes the full image) and *delta* (provisioned: it takes the delta), of the
+   same target, alternated ``--runs`` times (median). Wall time, CPU time (user + system) and
+   peak RSS (``/usr/bin/time``) of that process, and the delta's over the full install's
+   (issue 25's goals: a security delta <= 0.5x the full install's wall time, a feature delta
+   <= 1.0x). After each pair, ``dd conv=fsync`` writes the target image into a fresh file: the
+   write both installs must do at least, on this disk at that moment.
 
-The last line is the issue's summary line.
+The last line is the issue's summary line, then the install ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -150,8 +155,10 @@ def patch_from(work: Path, old: Path, new: Path) -> int:
     if not out.exists():
         size = max(old.stat().st_size, new.stat().st_size)
         long = max(27, (size - 1).bit_length())
+        tmp = out.with_name(out.name + ".tmp")  # a killed run leaves no partial stream to be taken for the result
         subprocess.run(["zstd", "-q", "-f", "-19", "-T2", f"--long={long}", f"--patch-from={old}", str(new),
-                        "-o", str(out)], check=True)
+                        "-o", str(tmp)], check=True)
+        tmp.rename(out)
     return out.stat().st_size
 
 
@@ -176,21 +183,39 @@ def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, 
     t0 = time.monotonic()
     # /usr/bin/time: the RSS of the install alone (a child's ru_maxrss would include this
     # process's own RSS at fork time, which survives the exec).
-    p = subprocess.run(["/usr/bin/time", "-f", "maxrss %M", sys.executable, "-m", "abflip.cli", "install", "--config",
-                        str(sim.config_path), "--json"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(["/usr/bin/time", "-f", "maxrss %M cpu %U %S", sys.executable, "-m", "abflip.cli", "install",
+                        "--config", str(sim.config_path), "--json"], cwd=ROOT, capture_output=True, text=True)
     seconds = time.monotonic() - t0
     if p.returncode != 0:
         raise SystemExit(f"abflip install failed: {p.stderr[-2000:]}")
     result = json.loads(p.stdout.splitlines()[-1])["result"]
-    rss = int(p.stderr.strip().splitlines()[-1].split()[-1]) * 1024
+    _, rss, _, user, system = p.stderr.strip().splitlines()[-1].split()
     shutil.rmtree(run, ignore_errors=True)
-    return {"result": result, "seconds": seconds, "rss": rss}
+    return {"result": result, "seconds": seconds, "rss": int(rss) * 1024, "cpu": float(user) + float(system)}
+
+
+def write_floor(work: Path, img: Path) -> float:
+    """Seconds ``dd`` takes to write ``img`` into a fresh file and fsync it: what any install of
+    that image costs at least on this disk (both kinds of install write the whole slot)."""
+    out = work / "write-floor.img"
+    out.unlink(missing_ok=True)
+    with open(img, "rb") as f:  # read once, so only the write is timed
+        while f.read(16 << 20):
+            pass
+    t0 = time.monotonic()
+    subprocess.run(["dd", f"if={img}", f"of={out}", "bs=1M", "conv=fsync", "status=none"], check=True)
+    seconds = time.monotonic() - t0
+    out.unlink()
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--tier", choices=sorted(BASE), default="large")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--runs", type=int, default=3, help="installs of each kind (median)")
+    ap.add_argument("--no-patch-from", action="store_true",
+                    help="skip the zstd --patch-from lower bound (minutes at level 19 on a loaded machine)")
     a = ap.parse_args(argv)
     work = a.workdir or Path.home() / ".cache" / "abflip-bench" / f"delta-{a.tier}"
     work.mkdir(parents=True, exist_ok=True)
@@ -209,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     rs, ts = release(work, "1.1.0", imgs["1.1.0"], [r1])
     rf, tf = release(work, "1.2.0", imgs["1.2.0"], [r1])
     log("zstd --patch-from")
-    pf = {"security": patch_from(work, imgs["1.0.0"], imgs["1.1.0"]),
-          "feature": patch_from(work, imgs["1.0.0"], imgs["1.2.0"])}
+    pf = {"security": 0, "feature": 0} if a.no_patch_from else {
+        "security": patch_from(work, imgs["1.0.0"], imgs["1.1.0"]), "feature": patch_from(work, imgs["1.0.0"], imgs["1.2.0"])}
 
     from abflip.httpserver import Server
     from builder.publish import publish_release, write_signed
@@ -229,16 +254,23 @@ def main(argv: list[str] | None = None) -> int:
     publish_release(rf, storage, keys, channel="feature")
     rel = {k: Release.from_bytes((d / "release.json").read_bytes()) for k, d in (("security", rs), ("feature", rf))}
     slot_size = max(p.stat().st_size for p in imgs.values()) + (64 << 20)
-    rows = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
     with Server(repo) as server:
         for kind, channel in (("security", "security"), ("feature", "feature")):
-            for mode in ("full", "delta"):
-                log(f"device: {kind} update, {mode}")
-                rows[(kind, mode)] = install(work / "run", server.url, repo, channel, (imgs["1.0.0"], r1), slot_size,
-                                             delta=mode == "delta")
-                got = rows[(kind, mode)]["result"]
-                if got["kind"] != mode:
-                    raise SystemExit(f"{kind} {mode}: the device used {got['kind']}")
+            for i in range(a.runs):
+                for mode in ("full", "delta"):
+                    got = install(work / "run", server.url, repo, channel, (imgs["1.0.0"], r1), slot_size,
+                                  delta=mode == "delta")
+                    log(f"device: {kind} update, {mode}, run {i + 1}: {got['seconds']:.2f} s, cpu {got['cpu']:.2f} s")
+                    if got["result"]["kind"] != mode:
+                        raise SystemExit(f"{kind} {mode}: the device used {got['result']['kind']}")
+                    runs.setdefault((kind, mode), []).append(got)
+                runs.setdefault((kind, "write"), []).append({"seconds": write_floor(work, imgs["1.1.0" if kind == "security"
+                                                                                              else "1.2.0"]),
+                                                           "cpu": 0.0, "rss": 0, "result": {}})
+    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    rows = {km: {**rs[0], "seconds": med(rs, "seconds"), "cpu": med(rs, "cpu"), "rss": int(med(rs, "rss"))}
+            for km, rs in runs.items()}
     mib = lambda n: f"{n / (1 << 20):9.2f} MiB"  # noqa: E731
     print(f"tier {a.tier}: image 1.0.0 {mib(imgs['1.0.0'].stat().st_size)}, 1.1.0 {mib(imgs['1.1.0'].stat().st_size)}, "
           f"1.2.0 {mib(imgs['1.2.0'].stat().st_size)}; {os.cpu_count()} CPUs")
@@ -252,13 +284,29 @@ def main(argv: list[str] | None = None) -> int:
         dbytes = ref.data.length + ref.manifest.length
         pct[kind] = (100 * dbytes / full, 100 * pf[kind] / full)
         f, d = rows[(kind, "full")], rows[(kind, "delta")]
-        print(f"{kind:10} {mib(full)} {mib(dbytes)} {mib(pf[kind])} {made:9.1f}s {f['seconds']:9.1f}s "
+        lower = mib(pf[kind]) if pf[kind] else f"{'skipped':>13}"
+        print(f"{kind:10} {mib(full)} {mib(dbytes)} {lower} {made:9.1f}s {f['seconds']:9.1f}s "
               f"{d['seconds']:10.1f}s {f['rss'] >> 20:5d} MiB {d['rss'] >> 20:5d} MiB")
         print(f"{'':10} device downloaded: full {f['result']['bytes_downloaded']} B, delta "
               f"{d['result']['bytes_downloaded']} B")
-    peak = max(rows[(k, "delta")]["rss"] for k in ("security", "feature")) >> 20
-    print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; patch-from: security "
-          f"{pct['security'][1]:.2f}%, feature {pct['feature'][1]:.2f}%; peak RSS delta {peak} MiB")
+    print()
+    print(f"install, median of {a.runs} (the same target, full image vs delta, alternated):")
+    print("| update | full wall s | delta wall s | wall ratio | full CPU s | delta CPU s | CPU ratio | "
+          "dd + fsync of the image s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    ratio = {}
+    for kind in ("security", "feature"):
+        f, d, w = rows[(kind, "full")], rows[(kind, "delta")], rows[(kind, "write")]
+        ratio[kind] = (d["seconds"] / f["seconds"], d["cpu"] / f["cpu"])
+        print(f"| {kind} | {f['seconds']:.2f} | {d['seconds']:.2f} | {ratio[kind][0]:.2f}x | {f['cpu']:.2f} | "
+              f"{d['cpu']:.2f} | {ratio[kind][1]:.2f}x | {w['seconds']:.2f} |")
+    peak = int(max(rows[(k, "delta")]["rss"] for k in ("security", "feature"))) >> 20
+    patch = (f"patch-from: security {pct['security'][1]:.2f}%, feature {pct['feature'][1]:.2f}%" if not a.no_patch_from
+             else "patch-from: skipped")
+    print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; {patch}; "
+          f"peak RSS delta {peak} MiB")
+    print(f"install delta/full: security {ratio['security'][0]:.2f}x wall ({ratio['security'][1]:.2f}x cpu), "
+          f"feature {ratio['feature'][0]:.2f}x wall ({ratio['feature'][1]:.2f}x cpu)")
     return 0
 
 

@@ -1,24 +1,27 @@
 """Compress an image into the chunked zstd stream of the release manifest.
 
-Each chunk is one zstd frame over ``chunk_size`` image bytes. Chunk ``i > 0`` uses the
-``window`` image bytes before it as a raw-content dictionary (zstd's "prefix" idea), so
-matches reach back across chunk boundaries as they would in one long stream. Measured on
-a 540 MB erofs image at level 9: one stream 159.6 MB, zstd CLI (-T0 --long=27) 161.3 MB,
-32 MiB chunks without a dictionary 167.0 MB (+3.5 %), 32 MiB chunks with a 32 MiB
-dictionary 161.2 MB (0.999x the CLI). Frames compress in parallel threads (zstandard
-releases the GIL), and at most ``2 * threads`` compressed frames are held in memory.
-The window is clamped to what zstd indexes at the level (:func:`indexable_window`: 16 MiB at
-level 9), which changes no output byte and saves loading the rest.
+Each chunk is one zstd frame over ``chunk_size`` image bytes, with its content size and its
+content checksum (XXH64) in the frame: the device's decoder checks it as it decodes (the bytes it
+covers are the signed compressed bytes themselves; docs/transport.md). Chunk ``i > 0`` matches
+back into the ``window`` image bytes before it, given to zstd as a raw *prefix*, so matches reach
+back across chunk boundaries as in one long stream.
 
-Long-range mode (issue 14): a window larger than the chunk (``--window 128M``, 32 MiB chunks)
-is searched as by ``zstd --long=27``: with libzstd (:func:`long_range`) by long-distance matching
-over the window referenced as a prefix, else (python-zstandard) by raising zstd's hash table until
-the whole window is indexed. Measured on a 160 MiB image whose halves repeat 96 MiB apart, level 9,
-32 MiB chunks: 16 MiB (clamped) window 87.08 MB, 128 MiB window 52.28 MB (hash table),
-``zstd -T0 -9 --long=27`` 52.25 MB (1.0005x); on the apply benchmark's 1 GiB image: libzstd 29.9 s
-and 0.923x the CLI's size, the hash table 52.5 s and 0.890x (docs/producer.md). The device reads
-the window in place from its slot (``applier.stream.memory_needed``): a device whose
-``limits.memory`` is too small refuses such a release before downloading it.
+The default (issue 25) is the smallest stream: a 128 MiB window, searched as ``zstd --long=27``
+searches it, by long-distance matching (LDM) over the prefix, so repeats up to 128 MiB apart
+cost almost nothing. Measured on the apply benchmark's 1 GiB image (docs/producer.md): within
+the zstd CLI's size (``zstd -T0 -9 --long=27``) where the 16 MiB window of before was 1.29x. A
+window no wider than the chunk is clamped to what zstd indexes at the level
+(:func:`indexable_window`: 16 MiB at level 9), which changes no output byte and saves the device
+loading the rest.
+
+Frames compress in parallel threads, one frame per worker (each is independent: its prefix is
+image bytes known up front, referenced where they lie in the mapped image; zstd releases the
+GIL); each worker also hashes its chunk and its frame. The main thread writes the frames in
+order and keeps the image's sha256. Memory per worker: zstd's context (its tables at level 9 with
+long-distance matching) and the frame being made (a chunk's compress bound at first); at most
+``2 * threads`` frames are held; the image is mapped, not read (docs/producer.md has the figures).
+Compression is :func:`metadata.zstdlib.compress`, with the libzstd ``backports.zstd`` bundles
+(>= 1.5.7: how fast a wide window is depends on its prefix loading).
 """
 
 from __future__ import annotations
@@ -43,11 +46,15 @@ __all__ = ["compress_image", "CompressResult", "Joined", "DEFAULT_LEVEL", "DEFAU
            "DEFAULT_LDM", "DEFAULT_PIECE"]
 
 DEFAULT_LEVEL = 9
-DEFAULT_CHUNK = 32 << 20
-DEFAULT_WINDOW = 32 << 20
+DEFAULT_CHUNK = 64 << 20  # abflip/commands/producer.py repeats the defaults (tests/test_producer.py)
+DEFAULT_WINDOW = 128 << 20  # the most a device accepts (limits.max_window), as zstd --long=27
 DEFAULT_THREADS = 0  # one per CPU
 DEFAULT_LDM = False
 DEFAULT_PIECE = 4 << 20  # compressed bytes per verification unit (the device's read-ahead is two)
+# Long-distance matching hashes one position in 2**LDM_RATE_LOG, of the chunk and of the whole window
+# before it (again for every chunk: the frames are independent). zstd's default with a 2**27 window
+# is 7; 8 halves that work for 1.5 % more bytes on the apply benchmark's image (docs/producer.md).
+LDM_RATE_LOG = 8
 
 
 @dataclass(frozen=True)
@@ -60,50 +67,59 @@ class CompressResult:
 
 
 def _params(level: int, chunk_size: int, window: int, ldm: bool = False) -> zstandard.ZstdCompressionParameters:
+    """zstd's parameters at ``level`` (python-zstandard's table of them), the window log raised
+    to reach across the window (at most 2**27, what a device decodes)."""
     window_log = max(10, (chunk_size + window - 1).bit_length())
     base = zstandard.ZstdCompressionParameters.from_level(level)
-    extra: dict = {"enable_ldm": True} if ldm else {}
-    if window > chunk_size and not ldm and not long_range(chunk_size, window):
-        # Long-range mode (issue 14): a window larger than the chunk is meant to be searched
-        # whole. zstd indexes only ``1 << max(hashLog + 3, chainLog + 1)`` dictionary bytes and
-        # LDM never sees a dictionary (the CDict is built without it), so the hash table grows
-        # until the whole window is indexed (2**26 entries at most: 512 MiB).
-        extra["hash_log"] = max(base.hash_log, min(26, (window - 1).bit_length() - 3))
     return zstandard.ZstdCompressionParameters.from_level(level, window_log=max(base.window_log, min(window_log, 27)),
-                                                         **extra)
+                                                         **({"enable_ldm": True} if ldm else {}))
 
 
 def indexable_window(params: zstandard.ZstdCompressionParameters, chunk_size: int = 0, window: int = 0) -> int:
-    """The most dictionary bytes zstd (1.5.x) indexes at these parameters: it loads only the last
-    ``1 << max(hashLog + 3, chainLog + 1)`` bytes of a raw-content dictionary (without LDM)
-    (``ZSTD_loadDictionaryContent``). A larger window costs copy time here and on the device
-    and changes no output byte: measured at level 9 (16 MiB), 32 and 16 MiB windows give
-    byte-identical streams, the 16 MiB one 30 % faster."""
+    """The most prefix bytes zstd (1.5.x) uses at these parameters: its regular match finder loads
+    only the last ``1 << max(hashLog + 3, chainLog + 1)`` bytes (``ZSTD_loadDictionaryContent``);
+    long-distance matching (a window wider than the chunk, or ``ldm``) hashes all of it. A larger
+    window costs copy time here and on the device and changes no output byte: measured at level 9
+    (16 MiB), 32 and 16 MiB windows give byte-identical streams, the 16 MiB one 30 % faster."""
     if params.enable_ldm or long_range(chunk_size, window):
         return 1 << 31
     return 1 << min(max(params.hash_log + 3, params.chain_log + 1), 31)
 
 
 def long_range(chunk_size: int, window: int) -> bool:
-    """A window wider than the chunk is searched with libzstd's long-distance matching over a
-    referenced prefix (:mod:`metadata.zstdlib`) where libzstd is there: LDM hashes the whole
-    window, the regular match finder what it indexes, and nothing is copied. Measured on 128 MiB
-    of the apply benchmark's image, 32 MiB chunks, 128 MiB window, level 9, one core: 6.1 s and
-    31.2 MB, against 12.1 s and 30.3 MB with the hash table raised (python-zstandard, below)."""
-    return window > chunk_size and zstdlib.LIB is not None
+    """A window wider than the chunk is searched with long-distance matching over the prefix, as
+    ``zstd --long`` searches its window: LDM hashes the whole window, the regular match finder
+    what it indexes."""
+    return window > chunk_size
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A compressed chunk and its hashes (made by a worker)."""
+
+    data: bytes
+    sha256: str
+    out_sha256: str
+    pieces: tuple[str, ...]
 
 
 def compress_chunk(image: bytes | memoryview, offset: int, chunk_size: int, window: int,
-                   params: zstandard.ZstdCompressionParameters, level: int = DEFAULT_LEVEL) -> bytes | bytearray:
-    """Compress one frame; the dictionary is the ``window`` bytes before ``offset``."""
-    if long_range(chunk_size, window):
-        return zstdlib.compress(image[offset:offset + chunk_size], image[max(0, offset - window):offset],
-                                level=level, window_log=params.window_log, ldm=True)
-    kwargs = {}
-    if window and offset:
-        kwargs["dict_data"] = zstandard.ZstdCompressionDict(
-            bytes(image[max(0, offset - window):offset]), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    return zstandard.ZstdCompressor(compression_params=params, **kwargs).compress(image[offset:offset + chunk_size])
+                   params: zstandard.ZstdCompressionParameters, level: int = DEFAULT_LEVEL) -> bytes:
+    """Compress one frame; its prefix is the ``window`` bytes before ``offset``."""
+    return zstdlib.compress(image[offset:offset + chunk_size], image[max(0, offset - window):offset] if window else None,
+                            level=level, window_log=params.window_log,
+                            ldm=params.enable_ldm or long_range(chunk_size, window), ldm_rate_log=LDM_RATE_LOG,
+                            checksum=True)
+
+
+def _frame(image: memoryview, offset: int, chunk_size: int, window: int, params: zstandard.ZstdCompressionParameters,
+           level: int, piece_size: int) -> _Frame:
+    frame = compress_chunk(image, offset, chunk_size, window, params, level)
+    fv = memoryview(frame)
+    pieces = tuple(hashlib.sha256(fv[k:k + piece_size]).hexdigest()
+                   for k in range(0, len(frame), piece_size)) if piece_size else ()
+    return _Frame(frame, hashlib.sha256(frame).hexdigest(),
+                  hashlib.sha256(image[offset:offset + chunk_size]).hexdigest(), pieces)
 
 
 class Joined:
@@ -166,13 +182,12 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
         pool = ThreadPoolExecutor(threads)
         pending: deque = deque()
         starts = iter(range(0, size, chunk_size))
-        raw = fv = None
 
         def submit() -> bool:
             start = next(starts, None)
             if start is None:
                 return False
-            pending.append((start, pool.submit(compress_chunk, view, start, chunk_size, window, params, level)))
+            pending.append((start, pool.submit(_frame, view, start, chunk_size, window, params, level, piece_size)))
             return True
 
         try:
@@ -180,19 +195,15 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
                 submit()
             while pending:
                 start, fut = pending.popleft()
-                frame = fut.result()
-                raw = view[start:start + chunk_size]
-                whole.update(raw)
-                fv = memoryview(frame)
-                pieces = tuple(hashlib.sha256(fv[k:k + piece_size]).hexdigest()
-                               for k in range(0, len(frame), piece_size)) if piece_size else ()
-                chunks.append(Chunk(offset, len(frame), hashlib.sha256(frame).hexdigest(), start, len(raw),
-                                    hashlib.sha256(raw).hexdigest(), pieces))
-                raw = fv = None
-                out.write(frame)
-                offset += len(frame)
+                fr = fut.result()
+                n = min(chunk_size, size - start)
+                whole.update(view[start:start + n])  # in order, while the workers compress what follows
+                chunks.append(Chunk(offset, len(fr.data), fr.sha256, start, n, fr.out_sha256, fr.pieces))
+                out.write(fr.data)
+                offset += len(fr.data)
+                fr = None
                 if progress:
-                    progress(start + chunk_size if start + chunk_size < size else size, size)
+                    progress(start + n, size)
                 submit()
         finally:
             # Also when interrupted (Ctrl-C, SIGTERM, an error): no worker may still read the
@@ -200,7 +211,7 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
             # real exception (tests/test_daily_use.py).
             pool.shutdown(wait=True, cancel_futures=True)
             pending.clear()
-            raw = fv = None
+            view.release()
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, out_path)

@@ -31,14 +31,18 @@ CHUNK, PIECE = 256 << 10, 64 << 10
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, params=["libzstd", "python"])
+@pytest.fixture(autouse=True, params=["libzstd", "bundled", "python"])
 def decoder(request, monkeypatch) -> str:
-    """Every stream test runs with both decoders: libzstd (metadata.zstdlib) and the
-    python-zstandard fallback a device without libzstd uses."""
+    """Every stream test runs with each decoder: the system's libzstd (metadata.zstdlib), the one
+    backports.zstd bundles through the same binding (a device without the system's), and the
+    python-zstandard fallback a device without either uses."""
     if request.param == "python":
         monkeypatch.setattr(zstdlib, "LIB", None)
+    elif request.param == "bundled":
+        monkeypatch.setattr(zstdlib, "LIB", zstdlib.load("bundled"))
+        assert zstdlib.LIB is not None and zstdlib.LIB.ZSTD_versionNumber() >= 10507
     elif zstdlib.LIB is None:
-        pytest.skip("no libzstd on this machine")
+        pytest.fail("no libzstd on this machine (Debian's libzstd1)")
     return request.param
 
 
@@ -145,6 +149,66 @@ def test_the_stream_writes_the_image(release, tmp_path):
     assert n == rel.image.compressed_size
     assert [i for i, _ in seen] == list(range(6))
     assert hashlib.sha256(slot.read_bytes()).hexdigest() == rel.image.sha256
+
+
+class _Counting:
+    """hashlib for applier.stream, counting the bytes that go through sha256."""
+
+    def __init__(self) -> None:
+        self.hashed = 0
+
+    def sha256(self, data=b"", h=None):
+        outer, h = self, h or hashlib.sha256()
+
+        class Counted:
+            def update(self, b) -> None:
+                outer.hashed += memoryview(b).nbytes
+                h.update(b)
+
+            def hexdigest(self) -> str:
+                return h.hexdigest()
+
+            def copy(self):
+                return outer.sha256(h=h.copy())
+
+        c = Counted()
+        c.update(data)
+        return c
+
+
+@pytest.mark.parametrize("chunks_done", [0, 2])
+def test_each_byte_is_hashed_once(release, tmp_path, monkeypatch, chunks_done):
+    """The verification the stream adds to a plain download: one sha256 pass over the compressed
+    bytes (its pieces) and one over the decompressed bytes (the whole image's), no more (issue 25).
+    A resume re-hashes the chunks it counts as done from the slot once more (each against the
+    chunk table), and adds them to the image's hash."""
+    import applier.stream as stream
+
+    d, rel = release
+    slot = _slot(tmp_path, rel.image.size)
+    with Server(d) as srv:
+        if chunks_done:
+            _write(f"{srv.url}/rootfs.img.zst", rel, slot)
+        counting = _Counting()
+        monkeypatch.setattr(stream, "hashlib", counting)
+        _write(f"{srv.url}/rootfs.img.zst", rel, slot, chunks_done=chunks_done)
+    done = rel.image.chunks[chunks_done].out_offset
+    fetched = rel.image.compressed_size - rel.image.chunks[chunks_done].offset
+    assert counting.hashed == fetched + rel.image.size + done
+    assert hashlib.sha256(slot.read_bytes()).hexdigest() == rel.image.sha256
+
+
+def test_a_chunk_that_decodes_to_other_bytes_is_named_at_the_end(tmp_path):
+    """A signed frame without a checksum that decodes to bytes other than the chunk table's (a
+    producer's mistake): nothing is hashed per chunk while streaming, so the image's sha256 fails at
+    the end, and the chunk is named from the slot; the slot is never recorded good."""
+    out = os.urandom(CHUNK // 4) * 4
+    other = bytearray(out)
+    other[1000] ^= 1
+    image, data = _frames(zstandard.ZstdCompressor(level=3, write_content_size=True).compress(bytes(other)), out)
+    with pytest.raises(ChunkError, match="chunk 1 decompresses to other bytes than the manifest says"):
+        _stream(tmp_path, image, data)
+    _no_stage_left()
 
 
 class _Tamper(RepoHandler):

@@ -174,3 +174,17 @@ def test_ci_release_script(tmp_path, built):
     assert r.returncode == 0, r.stdout + r.stderr
     repo = Repository.load(lambda n: LocalStorage(tmp_path / "repo").get(f"metadata/{n}"))
     assert "demo-os/releases/5.0.0/release.json" in repo.target_files
+
+
+def test_the_cli_defaults_are_the_builders():
+    """`release create`'s options repeat builder.compress's defaults (the CLI module does not import
+    the compressor: the device's commands start without it)."""
+    import inspect
+
+    from abflip.commands import producer
+    from builder import compress
+
+    params = inspect.signature(producer.release_create).parameters
+    for option, default in (("level", compress.DEFAULT_LEVEL), ("chunk_size", compress.DEFAULT_CHUNK),
+                            ("window", compress.DEFAULT_WINDOW), ("piece_size", compress.DEFAULT_PIECE)):
+        assert params[option].default.default == default, option

@@ -119,3 +119,34 @@ def test_plain_arguments_and_typer_give_the_same_output(world):
     bad = subprocess.run([*cli, "status", "--config", cfg, "--bogus"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error (user): abflip status: no such option: --bogus\n  hint: ")
+
+
+def test_boot_first_day_and_operator_verbs_run_without_typer(world, tmp_path):
+    """``mark-good`` (abflip-bless.service runs it on every boot), ``provision`` (a device's first
+    boot) and ``rollback`` (the operator) run on the fast path too: typer and its pydantic adapters
+    took 14 of mark-good's 22 s on the reference device under QEMU (tests/e2e/test_device_os.py).
+    And they print the same as through typer, refusals included."""
+    world.publish("1.0.0")
+    sim, _ = world.device()
+    cfg = str(sim.config.path)
+    release = str(world.built["1.0.0"])
+    for cmd in (["mark-good", "--no-health"], ["mark-good", "--json"], ["rollback", "--json"],
+                ["provision", release, "--json"], ["provision", release, "--slot", "a", "--force"]):
+        rc, stdout, mods = _loaded(tmp_path, *cmd, "--config", cfg)
+        assert _heavy(mods) == [] and _any_of(mods, ("typer",)) == [], cmd
+        assert "applier.agent" in mods, cmd
+    cli = [sys.executable, "-m", "abflip.cli"]
+    for cmd in (["mark-good", "--no-health"], ["mark-good", "--json"], ["rollback"], ["rollback", "--json"],
+                ["provision", release], ["provision", release, "--json"], ["provision", release, "--slot", "b"]):
+        fast = subprocess.run([*cli, *cmd, "--config", cfg], capture_output=True, text=True, timeout=120)
+        slow = subprocess.run([*cli, *cmd, f"--config={cfg}"], capture_output=True, text=True, timeout=120)
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr), cmd
+        assert fast.stdout or fast.stderr, cmd
+    refused = subprocess.run([*cli, "provision", release, "--config", cfg], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 6, refused  # provisioned already: the policy's refusal, from the fast path
+    forced = subprocess.run([*cli, "provision", release, "--slot", "a", "--force", "--config", cfg],
+                            capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0 and forced.stdout.startswith("provisioned demo-os 1.0.0 in slot a"), forced
+    # what the fast path does not parse goes to typer: a missing RELEASE is typer's usage error
+    bad = subprocess.run([*cli, "provision", "--config", cfg], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error (user): abflip provision: missing argument RELEASE")

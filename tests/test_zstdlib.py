@@ -54,3 +54,15 @@ def test_the_decoder_refuses_what_does_not_fit():
     with pytest.raises(zstdlib.ZstdLibError):
         d.feed(zstdlib.compress(data, prefix, level=3, window_log=21, checksum=True))
     d.close()
+
+
+def test_the_bundled_libzstd_is_there_for_both_sides():
+    """backports.zstd's extension module exports libzstd's functions: the producer compresses with
+    it (>= 1.5.5 loads only what its tables hold of a prefix), and a device without the system's
+    libzstd decodes with it. A build that hid them would make both fall back: caught here."""
+    bundled = zstdlib.load("bundled")
+    assert bundled is not None and bundled.ZSTD_versionNumber() >= 10505
+    assert zstdlib.compressor().ZSTD_versionNumber() == bundled.ZSTD_versionNumber()
+    prefix, data = _data()
+    frame = zstdlib.compress(data, prefix, level=9, window_log=27, ldm=True, ldm_rate_log=8, checksum=True)
+    assert zstandard.ZstdDecompressor(dict_data=_raw(prefix)).decompress(frame) == data

@@ -1,7 +1,8 @@
-"""The device commands a device runs on every boot and timer tick (status, boot-check, check, and
-run, download, apply, install without a terminal's progress bar), without typer: :mod:`abflip.cli`
-calls them directly when their arguments are plain, and :mod:`.device` registers the same
-functions with typer. Each returns its exit code.
+"""The device commands a device runs on every boot and timer tick (status, boot-check, mark-good,
+check, and run, download, apply, install without a terminal's progress bar), the first boot's
+provision, and the operator's rollback, without typer: :mod:`abflip.cli` calls them directly when
+their arguments are plain, and :mod:`.device` registers the same functions with typer. Each
+returns its exit code.
 
 Start-up (issue 14): nothing here, or in what these commands import, may pull in typer, the
 TUF client and the HTTP stack (check alone needs those, and imports them when it refreshes),
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from metadata.errors import Interrupted
 
 __all__ = ["DEFAULT_CONFIG", "STREAMING", "apply_call", "boot_check", "check", "download_call", "install_call",
-           "open_device", "render_check", "render_status", "run_call", "status", "window_line"]
+           "mark_good", "open_device", "provision_call", "render_check", "render_status", "rollback", "run_call",
+           "status", "window_line"]
 
 DEFAULT_CONFIG = Path("/etc/abflip/abflip.toml")
 
@@ -190,6 +192,14 @@ def boot_check(config: Path = DEFAULT_CONFIG, no_bless: bool = False, as_json: b
     return report(lambda: open_device(config).boot_check(bless=not no_bless), as_json, render_status)
 
 
+def mark_good(config: Path = DEFAULT_CONFIG, no_health: bool = False, as_json: bool = False) -> int:
+    return report(lambda: open_device(config).mark_good(health=not no_health), as_json, render_status)
+
+
+def rollback(config: Path = DEFAULT_CONFIG, as_json: bool = False) -> int:
+    return report(lambda: open_device(config).rollback(), as_json, render_status)  # its ``message`` says what it did
+
+
 # -- the commands that stream an image (printed by _output.stream_events)
 def render_download(r: dict) -> str:
     if r["already"]:
@@ -277,4 +287,18 @@ def install_call(config: Path, allow_downgrade: bool = False, retry_failed: bool
         where_stopped(config)
 
 
-STREAMING = {"download": download_call, "apply": apply_call, "run": run_call, "install": install_call}
+def render_provision(r: dict) -> str:
+    text = (f"provisioned {r['product']} {r['version']} in slot {r['slot']}: image verified ({r['image_size']} bytes, "
+            f"sha256 {r['sha256'][:16]}...), boot files in {r['boot_dir']}/, entry {r['entry']} (blessed), "
+            f"floor {r['floor']}")
+    if r["removed_entries"]:
+        text += f"\nremoved the slot's stale entries: {', '.join(r['removed_entries'])}"
+    return text
+
+
+def provision_call(config: Path, release: Path, slot: str | None = None, force: bool = False):
+    return (lambda p: open_device(config, p).provision(Path(release), slot=slot, force=force)), render_provision, None
+
+
+STREAMING = {"download": download_call, "apply": apply_call, "run": run_call, "install": install_call,
+             "provision": provision_call}

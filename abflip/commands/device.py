@@ -1,6 +1,7 @@
-"""Device commands: status, check, download, apply, run, install, boot-check, mark-good, rollback.
+"""Device commands: status, check, download, apply, run, install, boot-check, mark-good, rollback,
+history, reset-state, provision.
 
-status, check and boot-check are typer's wrappers over the plain functions of :mod:`._device`
+All but history and reset-state are typer's wrappers over the plain functions of :mod:`._device`
 (which the CLI's fast path calls without typer)."""
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ def mark_good(config: Path = CONFIG_OPT,
                                              "hooks (abflip-bless.service: they ran before boot-complete.target)"),
               as_json: bool = JSON_OPT) -> None:
     """Run the health-check hooks, bless the booted entry (drop its tries counter) and commit a trial update."""
-    run(lambda: open_device(config).mark_good(health=not no_health), as_json, render_status)
+    _exit(plain.mark_good(config, no_health, as_json))
 
 
 @app.command("rollback")
 def rollback(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """Boot the other (verified) slot next, or withdraw a pending update."""
-    run(lambda: open_device(config).rollback(), as_json, render_status)  # its ``message`` says what it did
+    _exit(plain.rollback(config, as_json))
 
 
 def _render_history(events: list[dict]) -> str:
@@ -163,15 +164,6 @@ def reset_state(config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     run(lambda: open_device(config).reset_state(), as_json, render_status)  # its ``message`` says what it did
 
 
-def _render_provision(r: dict) -> str:
-    text = (f"provisioned {r['product']} {r['version']} in slot {r['slot']}: image verified ({r['image_size']} bytes, "
-            f"sha256 {r['sha256'][:16]}...), boot files in {r['boot_dir']}/, entry {r['entry']} (blessed), "
-            f"floor {r['floor']}")
-    if r["removed_entries"]:
-        text += f"\nremoved the slot's stale entries: {', '.join(r['removed_entries'])}"
-    return text
-
-
 @app.command("provision")
 def provision(release: Path = typer.Argument(..., help="the release of the image in the slot: the directory 'abflip "
                                                       "release create' wrote, or its release.json"),
@@ -182,5 +174,4 @@ def provision(release: Path = typer.Argument(..., help="the release of the image
               config: Path = CONFIG_OPT, as_json: bool = JSON_OPT) -> None:
     """A device's first day: verify the factory image in the booted slot against its release, write its
     boot files and a blessed entry, and record it (slot good, version floor) in the state."""
-    _streaming((lambda p: open_device(config, p).provision(release, slot=slot, force=force), _render_provision,
-                None), as_json)
+    _streaming(plain.provision_call(config, release, slot, force), as_json)

@@ -108,8 +108,9 @@ def release_create(
                                            "device's and refused (root= and abflip.slot= are added on the device)"),
     fstype: str = typer.Option("erofs"),
     level: int = typer.Option(9, help="zstd level"),
-    chunk_size: int = typer.Option(32 << 20, help="image bytes per chunk (zstd frame)"),
-    window: int = typer.Option(32 << 20, help="bytes before a chunk used as its dictionary"),
+    chunk_size: int = typer.Option(64 << 20, help="image bytes per chunk (zstd frame)"),  # builder.compress.DEFAULT_CHUNK
+    window: int = typer.Option(128 << 20, help="bytes before a chunk its frame may match into (wider than a chunk: "
+                                               "searched as zstd --long does)"),  # builder.compress.DEFAULT_WINDOW
     threads: int = typer.Option(0, help="compression threads (0: one per CPU, at most 256)"),
     piece_size: int = typer.Option(4 << 20, help="compressed bytes per unit a device verifies before decompressing "
                                                  "(0: the whole chunk); a device reads ahead at most two"),

@@ -60,18 +60,17 @@ class Scenarios:
 
         self.timings: dict[str, float] = {}
         workers = max(1, int(os.environ.get("ABFLIP_E2E_VMS", "2")))
-        tmp.getbasetemp()  # made here, once: the threads' first mktemp calls would race to make it (and remove it)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="device")
-        self.futures = {name: self.pool.submit(self._run, name, images, tmp) for name in wanted}
+        # the directories are made here, in this thread: pytest's tmp_path_factory is not thread-safe (two threads
+        # making its base directory at once: one removed the other's)
+        self.futures = {name: self.pool.submit(self._run, name, images, tmp.mktemp(name)) for name in wanted}
 
-    def _device(self, name: str, images: d.Images, tmp: pytest.TempPathFactory) -> tuple[Callable[[d.Device], None],
-                                                                                         d.Device]:
+    def _device(self, name: str, images: d.Images, work: Path) -> tuple[Callable[[d.Device], None], d.Device]:
         fn, throttled, _ = SCENARIOS[name]
-        return fn, d.Device(tmp.mktemp(name), images,
-                            handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
+        return fn, d.Device(work, images, handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
 
-    def _run(self, name: str, images: d.Images, tmp: pytest.TempPathFactory) -> None:
-        fn, dev = self._device(name, images, tmp)
+    def _run(self, name: str, images: d.Images, work: Path) -> None:
+        fn, dev = self._device(name, images, work)
         t0 = time.monotonic()
         try:
             fn(dev)

@@ -179,11 +179,10 @@ class Runs(Scenarios):
         self.verified = verified
         super().__init__(images, tmp, wanted)
 
-    def _device(self, name: str, images: d.Images, tmp: pytest.TempPathFactory) -> tuple[Callable[[d.Device], None],
-                                                                                         d.Device]:
+    def _device(self, name: str, images: d.Images, work: Path) -> tuple[Callable[[d.Device], None], d.Device]:
         fn, secure = SCENARIOS[name]
         kw = dict(factory=secure, firmware=self.verified.firmware) if secure else dict(factory="v1-verity")
-        return fn, d.Device(tmp.mktemp(name[:40]), images, releases=self.verified.releases, **kw)
+        return fn, d.Device(work, images, releases=self.verified.releases, **kw)
 
 
 @pytest.fixture(scope="session")
