@@ -118,7 +118,8 @@ class Device:
     # -- the collaborators, made per call from the fields (a test may swap ``esp`` or ``ctx``) --
     @property
     def boot(self) -> Bootloader:
-        return SystemdBoot(self.esp, self.ctx, {n: s.partlabel for n, s in self.config.slots.items()})
+        return SystemdBoot(self.esp, self.ctx, {n: s.partlabel for n, s in self.config.slots.items()},
+                           {n: s.device for n, s in self.config.slots.items()})
 
     def session(self) -> Session:
         return Session(self.config, self.ctx, self.boot, self.limits, self.clock, self.progress, self.reboot)

@@ -25,6 +25,7 @@ class Context:
     partlabels: Path = Path("/dev/disk/by-partlabel")
     esp_candidates: tuple[Path, ...] = ESP_CANDIDATES
     root: Path = Path("/")  # the mounted root filesystem: boot-check confirms it is the slot the entry named
+    sys_block: Path = Path("/sys/dev/block")
 
     def root_device(self) -> int | None:
         """The device number (st_dev) the root filesystem is mounted from; None if unreadable."""
@@ -32,6 +33,23 @@ class Context:
             return os.stat(self.root).st_dev
         except OSError:
             return None
+
+    def lower_devices(self, dev: int) -> list[int]:
+        """The devices ``dev`` is stacked on (a device-mapper device's ``slaves``: a verity root's data and hash
+        device); [] when it is stacked on none, or that cannot be read."""
+        d = self.sys_block / f"{os.major(dev)}:{os.minor(dev)}" / "slaves"
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            try:
+                major, minor = (d / name / "dev").read_text().strip().split(":")
+                out.append(os.makedev(int(major), int(minor)))
+            except (OSError, ValueError):
+                return []
+        return out
 
     def dmi_field(self, name: str) -> str | None:
         """A DMI string (``product_name``, ``board_name``, ``sys_vendor`` …), stripped; None if unreadable/empty."""

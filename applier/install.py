@@ -374,10 +374,10 @@ def apply(session: Session, offer: Offer, *, now: bool = False,
 
 
 def boot_spec(session: Session, release: Release, version: str, slot: str) -> BootSpec:
-    """What ``slot``'s entry boots: the verified release's boot fields, the slot's label."""
+    """What ``slot``'s entry boots: the verified release's boot fields and verity tree, the slot's label."""
     return BootSpec(product=release.product, version=version, slot=slot,
                     partlabel=session.config.slots[slot].partlabel, options=release.boot.options,
-                    files=tuple(release.boot.files()))
+                    files=tuple(release.boot.files()), verity=release.image.verity)
 
 
 def discard(session: Session, state: State, booted: str) -> None:

@@ -54,8 +54,9 @@ class TrialWithdrawn(HookError):
 
 
 def _confirm_root(session: Session, slot: str) -> None:
-    """The root we run from is the slot the entry named. Only where both are real devices: a
-    slot that is a regular file (the simulated device) cannot be compared with a mount."""
+    """The root we run from is the slot the entry named, or a device-mapper device on that slot alone (a verity
+    root: /dev/mapper/abflip-root over the slot's data and tree). Only where both are real devices: a slot that is a
+    regular file (the simulated device) cannot be compared with a mount."""
     root_dev = session.ctx.root_device()
     try:
         st = os.stat(session.config.slots[slot].device)
@@ -63,11 +64,11 @@ def _confirm_root(session: Session, slot: str) -> None:
         return
     if root_dev is None or not stat.S_ISBLK(st.st_mode):
         return
-    if st.st_rdev != root_dev:
+    if st.st_rdev != root_dev and session.ctx.lower_devices(root_dev) != [st.st_rdev]:
         raise RootMismatch(f"the root filesystem ({session.ctx.root}, device {os.major(root_dev)}:"
                            f"{os.minor(root_dev)}) is not slot {slot} ({session.config.slots[slot].device}, device "
-                           f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}) that the boot entry named",
-                           hint="the kernel command line chose another root; the trial is not blessed")
+                           f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}) that the boot entry named, nor a mapping "
+                           "on it alone", hint="the kernel command line chose another root; the trial is not blessed")
 
 
 def _confirm_not_withdrawn(session: Session, version: str) -> None:

@@ -2,7 +2,7 @@
 """Compression at CLI parity: abflip's chunked stream vs ``zstd -T0 --long=27 -<level>``.
 
     python3 bench/compress.py [--image IMG] [--level 5] [--cli-level 9] [--runs 1]
-                              [--variant CHUNK:WINDOW[:THREADS[:ldm]][@system|@api] ...]
+                              [--variant CHUNK:WINDOW[:THREADS[:ldm]][@system|@api] ...] [--verity]
 
 Both compress the same image from the page cache (one untimed read first), in the same run,
 on all cores, runs interleaved (CLI, each variant, then again); medians are reported. Reported
@@ -18,6 +18,10 @@ defaults run with each of the three (issue 25, part 3). The default image is the
 ``bench/apply.py`` caches in ``.bench/apply/rootfs.erofs``: when absent, it is built with apply's
 defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); when present, it is
 whatever apply last built there (its ``cache.json`` says what).
+
+``--verity`` (issue 22) also runs each variant as ``release create --verity`` does it, right after it: the dm-verity
+hash tree (builder/verity.py), then the image and the tree compressed as one stream; a last line per variant gives
+its wall and CPU time as a ratio to the same variant without the tree (goal: <= 1.10x).
 """
 
 from __future__ import annotations
@@ -79,11 +83,18 @@ def run_cli(image: Path, level: int, out: Path) -> tuple[float, float, int]:
 
 
 def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, library: str,
-               out: Path) -> tuple[float, float, int, int]:
+               out: Path, verity: bool = False) -> tuple[float, float, int, int]:
+    from builder.verity import default_salt, make_tree
+
+    tail = out.with_name("rootfs.verity")
+    tail.unlink(missing_ok=True)
     zstdlib.compress = LIBRARIES[library][1]
     t0, c0 = time.monotonic(), _cpu(resource.RUSAGE_SELF)
     try:
-        r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm)
+        if verity:
+            make_tree(image, tail, default_salt("bench"), threads=threads)
+        r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm,
+                           tail=tail if verity else None)
     finally:
         zstdlib.compress = ORIGINAL
     return time.monotonic() - t0, _cpu(resource.RUSAGE_SELF) - c0, r.compressed_size, r.compression.window
@@ -128,6 +139,8 @@ def main() -> int:
                          "(default: the shipped defaults with each library)")
     ap.add_argument("--runs", type=int, default=1, help="timed runs of each (median)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the outputs go (default: next to the image)")
+    ap.add_argument("--verity", action="store_true", help="also each variant with the dm-verity tree (release create "
+                                                         "--verity): its time as a ratio to the variant's without")
     args = ap.parse_args()
     image = args.image or default_image()
     cli_level = args.cli_level
@@ -152,7 +165,11 @@ def main() -> int:
                 ldm = len(parts) > 3 and parts[3] == "ldm"
             if lib not in LIBRARIES:
                 ap.error(f"unknown library @{lib}: use @system or @api")
-            specs.append((chunk, window, threads, ldm, lib))
+            specs.append((chunk, window, threads, ldm, lib, False))
+            if args.verity:
+                specs.append((chunk, window, threads, ldm, lib, True))
+        if args.verity:
+            variants = [v + suffix for v in variants for suffix in ("", " --verity")]
         # interleaved runs (cli, variant 1, variant 2, ... then again), so load changes hit all alike
         cli_t: list[float] = []
         cli_c: list[float] = []
@@ -166,17 +183,19 @@ def main() -> int:
             cli_t.append(t)
             cli_c.append(c)
             print(f"  run {r + 1} cli: {cli_n} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
-            for i, (chunk, window, threads, ldm, lib) in enumerate(specs):
-                t, c, var_n[i], var_used[i] = run_abflip(image, args.level, chunk, window, threads, ldm, lib, out)
+            for i, (chunk, window, threads, ldm, lib, verity) in enumerate(specs):
+                t, c, var_n[i], var_used[i] = run_abflip(image, args.level, chunk, window, threads, ldm, lib, out,
+                                                         verity)
                 var_t[i].append(t)
                 var_c[i].append(c)
                 print(f"  run {r + 1} abflip {variants[i]}: {var_n[i]} bytes, {t:.2f} s, cpu {c:.2f} s", flush=True)
         cli, clic = statistics.median(cli_t), statistics.median(cli_c)
         rows = [(f"zstd -T0 --long=27 -{cli_level}", cli_n, cli, clic)]
-        for i, (chunk, window, threads, ldm, lib) in enumerate(specs):
+        for i, (chunk, window, threads, ldm, lib, verity) in enumerate(specs):
             name = (f"abflip level {args.level}, chunk {chunk // MIB} MiB, window {window // MIB} MiB"
                     + (f" (used {var_used[i] // MIB} MiB)" if var_used[i] != window else "")
-                    + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else "") + f", {LIBRARIES[lib][0]}")
+                    + f", threads {threads or os.cpu_count()}" + (", ldm" if ldm else "") + f", {LIBRARIES[lib][0]}"
+                    + (", --verity" if verity else ""))
             rows.append((name, var_n[i], statistics.median(var_t[i]), statistics.median(var_c[i])))
     print()
     print("| variant | compressed bytes | size ratio | wall s | time ratio | CPU s | CPU ratio |")
@@ -185,6 +204,8 @@ def main() -> int:
         print(f"| {name} | {n:,} | {n / cli_n:.4f}x | {t:.2f} | {t / cli:.2f}x | {c:.2f} | {c / clic:.2f}x |")
     name, n, t, c = rows[1]
     print(f"compress/cli: size {n / cli_n:.4f}x, time {t / cli:.2f}x, cpu {c / clic:.2f}x ({name})")
+    for (name, n, t, c), (_, vn, vt, vc) in zip(rows[1::2], rows[2::2]) if args.verity else ():
+        print(f"verity/plain: time {vt / t:.3f}x, cpu {vc / c:.3f}x, size {vn / n:.4f}x ({name})")
     return 0
 
 

@@ -27,6 +27,8 @@ Compression is :func:`metadata.zstdlib.compress`, with the libzstd ``backports.z
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import mmap
 import os
@@ -41,7 +43,7 @@ import zstandard
 from metadata import zstdlib
 from metadata.manifest import Chunk, Compression
 
-__all__ = ["compress_image", "CompressResult", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW", "DEFAULT_THREADS",
+__all__ = ["compress_image", "CompressResult", "Joined", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW", "DEFAULT_THREADS",
            "DEFAULT_LDM", "DEFAULT_PIECE"]
 
 # Level 5 over the 128 MiB window: 0.99x the bytes of `zstd -T0 -9 --long=27` in 0.64-0.68x its CPU time
@@ -123,13 +125,50 @@ def _frame(image: memoryview, offset: int, chunk_size: int, window: int, params:
                   hashlib.sha256(image[offset:offset + chunk_size]).hexdigest(), pieces)
 
 
+class Joined:
+    """Files read as one run of bytes, each memory-mapped (the image, then its verity tree: builder/verity.py).
+    A slice within one file is a view of its mapping; one across a seam is a copy (the chunk or dictionary that
+    spans it, no more)."""
+
+    def __init__(self, stack: contextlib.ExitStack, paths: list[Path]) -> None:
+        self.parts: list[memoryview] = []
+        for p in paths:
+            if os.path.getsize(p):
+                f = stack.enter_context(open(p, "rb"))
+                self.parts.append(memoryview(stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))))
+        stack.callback(self.release)  # before the mappings close (callbacks run last in, first out)
+        self.starts = [0]
+        for v in self.parts:
+            self.starts.append(self.starts[-1] + len(v))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, s: slice) -> memoryview | bytes:
+        lo, hi, _ = s.indices(len(self))
+        i = bisect.bisect_right(self.starts, lo) - 1
+        if i < len(self.parts) and hi <= self.starts[i + 1]:
+            return self.parts[i][lo - self.starts[i]:hi - self.starts[i]]
+        out = bytearray()
+        while lo < hi:
+            out += self.parts[i][lo - self.starts[i]:min(hi, self.starts[i + 1]) - self.starts[i]]
+            lo = self.starts[i + 1]
+            i += 1
+        return bytes(out)
+
+    def release(self) -> None:
+        for v in self.parts:
+            v.release()
+
+
 def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK,
                    window: int = DEFAULT_WINDOW, threads: int = DEFAULT_THREADS, ldm: bool = DEFAULT_LDM,
-                   piece_size: int = DEFAULT_PIECE,
+                   piece_size: int = DEFAULT_PIECE, tail: Path | None = None,
                    progress: Callable[[int, int], None] | None = None) -> CompressResult:
     """Write the chunked stream to ``out_path``; return its chunk table and the image digest.
     Each chunk also lists the sha256 of every ``piece_size`` slice of its frame: the unit the
-    device verifies before decompressing, so it can decompress a chunk while the rest arrives."""
+    device verifies before decompressing, so it can decompress a chunk while the rest arrives.
+    ``tail``: a file whose bytes follow the image's in the stream (a verity tree, builder/verity.py)."""
     threads = threads or os.cpu_count() or 1
     params = _params(level, chunk_size, window, ldm)
     window = min(window, indexable_window(params, chunk_size, window))  # the manifest records the window used
@@ -140,9 +179,9 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
     chunks: list[Chunk] = []
     offset = 0
     tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(image_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, \
-            open(tmp, "wb") as out:
-        view = memoryview(mm)
+    with contextlib.ExitStack() as stack, open(tmp, "wb") as out:
+        view = Joined(stack, [image_path] if tail is None else [image_path, tail])
+        size = len(view)
         pool = ThreadPoolExecutor(threads)
         pending: deque = deque()
         starts = iter(range(0, size, chunk_size))

@@ -4,6 +4,11 @@ Layout of the output directory (what ``abflip publish`` uploads)::
 
     release.json  rootfs.img.zst  vmlinuz  [initrd.img]     (kernel + initrd), or
     release.json  rootfs.img.zst  uki.efi                   (a unified kernel image)
+
+With ``verity`` the image carries its dm-verity hash tree (docs/formats.md "dm-verity"): the stream is the image,
+zeros to the next 4 KiB and the tree, and ``rootfs.verity`` (not published) holds what follows the image, for a
+factory that flashes ``cat IMAGE rootfs.verity`` into a slot. ``build_uki`` joins the kernel and initrd into
+``uki.efi`` whose command line carries the root hash, signed by ``signer`` for Secure Boot (:mod:`builder.uki`).
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ from metadata.manifest import (
 )
 from metadata.version import Version
 
+from metadata.verity import BLOCK, kernel_args, tree_bytes
+
+from . import uki as ukis
 from .delta import DEFAULT_DELTA_LEVEL, DEFAULT_DICTIONARY, make_deltas, read_delta_sources
 from .compress import DEFAULT_CHUNK, DEFAULT_LEVEL, DEFAULT_PIECE, DEFAULT_WINDOW, compress_image
 from .errors import BuildError
+from .verity import TAIL_NAME, default_salt, make_tree
 
 __all__ = ["create_release", "check_arguments", "ReleaseFiles", "IMAGE_NAME"]
 
@@ -105,7 +114,8 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
                    threads: int = 0, created: int | None = None, piece_size: int = DEFAULT_PIECE,
                    progress: Callable[[int, int], None] | None = None, limits: Limits = Limits(),
                    delta_from: list[Path] = (), delta_level: int = DEFAULT_DELTA_LEVEL,
-                   delta_dictionary: int = DEFAULT_DICTIONARY, force: bool = False) -> ReleaseFiles:
+                   delta_dictionary: int = DEFAULT_DICTIONARY, force: bool = False, verity: bool = False,
+                   build_uki: bool = False, signer: ukis.EfiSigner | None = None) -> ReleaseFiles:
     """Write the release into ``out_dir``. Every argument is checked first with the device's
     rules; the files are made in a private directory beside ``out_dir`` and the manifest is
     parsed back as the device will parse it before anything is moved into ``out_dir``, so a
@@ -119,6 +129,22 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
                          hint="pass exactly one of --kernel and --uki")
     if uki is not None and initrd is not None:
         raise BuildError("--initrd cannot be combined with --uki (the UKI carries its initrd)")
+    if build_uki:
+        if kernel is None:
+            raise BuildError("--build-uki joins --kernel and --initrd into a UKI; --uki is one already",
+                             hint="pass --kernel (and --initrd) with --build-uki, or --uki alone")
+        if not verity:
+            raise BuildError("--build-uki needs --verity: a UKI's command line cannot name the slot it boots from, "
+                             "so its root is found and checked by the root hash the line carries",
+                             hint="add --verity (docs/formats.md \"dm-verity\")")
+        ukis.check_tools()
+    if signer is not None:
+        if not build_uki and uki is None:
+            raise BuildError("--secure-boot-key signs a unified kernel image: there is none in this release",
+                             hint="add --build-uki (or pass a UKI with --uki)")
+        check = getattr(signer, "check", None)
+        if check is not None:
+            check()
     delta_sources = read_delta_sources(list(delta_from), product=product, version=ver, limits=limits)
     # ``created``: $SOURCE_DATE_EPOCH when set (a reproducible build: same inputs, same
     # release.json), else the current time; the image and its chunks never depend on it.
@@ -139,6 +165,10 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
             raise BuildError(f"{p} does not exist or is not a file")
     _problem(f"--image {image}", image_size_problem(os.path.getsize(image), chunk_size, limits),
              "build the image with 'abflip image build'" if os.path.getsize(image) == 0 else "raise --chunk-size")
+    if verity:
+        blocks = -(-os.path.getsize(image) // BLOCK)
+        _problem(f"--image {image} with its verity tree",
+                 image_size_problem(blocks * BLOCK + tree_bytes(blocks), chunk_size, limits), "raise --chunk-size")
     for name in ("vmlinuz", "initrd.img", "uki.efi"):
         if (src := sources[name]) is not None:
             _problem(str(src), boot_file_problem(name, os.path.getsize(src), limits))
@@ -152,21 +182,44 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.abflip-", dir=out_dir.parent))
     try:
         tdir = release_target_dir(product, str(ver))
+        tree = None
+        if verity:  # the tree first: the stream is the image and then it (builder/verity.py)
+            tree = make_tree(Path(image), stage / TAIL_NAME, default_salt(product), threads=threads)
         result = compress_image(Path(image), stage / IMAGE_NAME, level=level, chunk_size=chunk_size, window=window,
-                                threads=threads, piece_size=piece_size, progress=progress)
+                                threads=threads, piece_size=piece_size, progress=progress,
+                                tail=stage / TAIL_NAME if tree else None)
         boot_files = {}
+        if build_uki:
+            assert tree is not None and kernel is not None
+            ukis.build_uki(stage / "uki.efi", kernel=Path(kernel), initrd=None if initrd is None else Path(initrd),
+                           cmdline=f"{kernel_args(tree)} {options}".rstrip(), osrel=ukis.osrel_text(product, str(ver)),
+                           signer=signer)
+            sources = {"uki.efi": stage / "uki.efi"}
+        elif signer is not None and uki is not None:
+            signer.sign(Path(uki), stage / "uki.efi")
+            sources = {"uki.efi": stage / "uki.efi"}
         for name in ("vmlinuz", "initrd.img", "uki.efi"):
-            if (src := sources[name]) is None:
+            if (src := sources.get(name)) is None:
                 continue
-            shutil.copyfile(src, stage / name)
+            if Path(src) != stage / name:
+                shutil.copyfile(src, stage / name)
             sha, length = _sha256(stage / name)
+            _problem(name, boot_file_problem(name, length, limits))
             boot_files[name] = BootFile(f"{tdir}/{name}", sha, length)
         release = Release(
             product=product, version=ver, compatible=tuple(compatible), created=epoch,
-            image=Image(f"{tdir}/{IMAGE_NAME}", fstype, result.size, result.sha256, result.compression, result.chunks),
+            image=Image(f"{tdir}/{IMAGE_NAME}", fstype, result.size, result.sha256, result.compression, result.chunks,
+                        tree),
             boot=Boot(boot_files.get("vmlinuz"), boot_files.get("initrd.img"), options, boot_files.get("uki.efi")),
         )
-        deltas = make_deltas(delta_sources, Path(image), release, stage, target_dir=tdir, level=delta_level,
+        target_image = Path(image)
+        if tree is not None and delta_sources:  # a delta is made to what the slot holds: the image and its tree
+            target_image = stage / ".slot-image"
+            with open(target_image, "wb") as out:
+                for part in (Path(image), stage / TAIL_NAME):
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out, 8 << 20)
+        deltas = make_deltas(delta_sources, target_image, release, stage, target_dir=tdir, level=delta_level,
                              dictionary_max=delta_dictionary, threads=threads)  # docs/delta.md
         release = dataclasses.replace(release, deltas=tuple(d.ref for d in deltas))
         data = release.to_bytes()
@@ -176,16 +229,21 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
         except ManifestError as e:
             raise BuildError(f"the device would refuse this release: {e.message}") from None
         (stage / "release.json").write_bytes(data)
-        _move_into(stage, out_dir, [IMAGE_NAME, *boot_files, *(p.name for d in deltas for p in (d.manifest, d.data)),
-                                    "release.json"])
+        if target_image != Path(image):
+            target_image.unlink()
+        _move_into(stage, out_dir, [IMAGE_NAME, *([TAIL_NAME] if tree else []), *boot_files,
+                                    *(p.name for d in deltas for p in (d.manifest, d.data)), "release.json"],
+                   stale=[] if tree else [TAIL_NAME])
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return ReleaseFiles(out_dir, release)
 
 
-def _move_into(stage: Path, out_dir: Path, names: list[str]) -> None:
+def _move_into(stage: Path, out_dir: Path, names: list[str], stale: list[str] = ()) -> None:
     """Move the finished files into ``out_dir`` (a rename of the whole directory when it is new;
-    else file by file with ``release.json`` last, so a manifest never names missing files)."""
+    else file by file with ``release.json`` last, so a manifest never names missing files, and
+    ``stale`` files of the release replaced removed before it: a verity tail that no longer
+    belongs to the image)."""
     os.chmod(stage, 0o755)  # mkdtemp made it private while it was being filled
     try:
         os.rename(stage, out_dir)
@@ -193,4 +251,7 @@ def _move_into(stage: Path, out_dir: Path, names: list[str]) -> None:
     except OSError:
         pass  # out_dir exists (a re-run into the same directory)
     for name in names:
+        if name == "release.json":
+            for old in stale:
+                (out_dir / old).unlink(missing_ok=True)
         os.replace(stage / name, out_dir / name)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from .bounded import loads_json
 from .errors import RepositoryError, UserError
+from .verity import Verity, verity_problem
 from .version import Version
 
 __all__ = [
@@ -70,18 +71,22 @@ FSTYPES = ("erofs", "squashfs", "ext4")
 ZSTD_LEVELS = (-131072, 22)  # ZSTD_minCLevel() .. ZSTD_maxCLevel() of libzstd 1.5
 MAX_COMPATIBLE = 256
 # Boot options: the x86 kernel command line is 2048 bytes (COMMAND_LINE_SIZE) and the device
-# puts ``root=PARTLABEL=... abflip.slot=...`` in front, so a release gets half of it.
+# puts ``root=... abflip.slot=...`` in front (about 330 characters with a verity tree's
+# parameters, metadata/verity.py), so a release gets half of it.
 OPTIONS_MAX = 1024
-# Parameters that say which root (slot) boots. The device writes ``root=`` and ``abflip.slot=``
-# itself; the kernel and systemd take the *last* of repeated parameters, so a release that set
-# any of these could boot one slot while abflip believes it booted the other, then write the
-# next release over the mounted root. A trailing ``*`` matches any name with that prefix.
-# Names compare as the kernel and systemd compare them: '-' equals '_', and an ``rd.`` prefix
-# (the initrd's copy of a systemd parameter) is ignored.
+# Parameters that say which root (slot) boots, and how it is verified. The device writes
+# ``root=``, ``abflip.slot=`` and the verity tree's ``abflip.verity*`` itself; the kernel and
+# systemd take the *last* of repeated parameters, so a release that set any of these could boot
+# one slot while abflip believes it booted the other, then write the next release over the
+# mounted root, or open the root with a root hash of its own choosing. ``dm-mod.create`` (the
+# kernel's own device-mapper tables at boot) could set up a mapping of that name unverified.
+# A trailing ``*`` matches any name with that prefix. Names compare as the kernel and systemd
+# compare them: '-' equals '_', and an ``rd.`` prefix (the initrd's copy of a systemd
+# parameter) is ignored.
 DEVICE_OWNED_PARAMS = (
     "root", "abflip.*",
     "mount.usr", "mount.usrfstype", "mount.usrflags", "usr",
-    "roothash", "usrhash", "systemd.verity*",
+    "roothash", "usrhash", "systemd.verity*", "dm-mod.*",
     "systemd.gpt_auto", "systemd.image_policy", "systemd.mount-extra",
 )
 
@@ -174,7 +179,7 @@ def boot_options_problem(options: object) -> str | None:
         if (owned := device_owned_param(p)) is not None:
             name = p.replace('"', "").split("=", 1)[0]
             return (f"boot.options sets {name!r} ({owned}), which the device owns: "
-                    "it names the slot that boots")
+                    "it chooses the root that boots, or how it is verified")
     return None
 
 
@@ -320,6 +325,9 @@ class Image:
     sha256: str
     compression: Compression
     chunks: tuple[Chunk, ...]
+    # The dm-verity hash tree the image carries after its data (docs/formats.md "dm-verity"); None: no tree.
+    # Devices that predate it ignore the key and boot the data as before, unverified.
+    verity: Verity | None = None
 
     @property
     def compressed_size(self) -> int:
@@ -390,6 +398,10 @@ class Release:
         else:
             for c in d["image"]["chunks"]:
                 c["pieces"] = list(c["pieces"])
+        if self.image.verity is None:
+            del d["image"]["verity"]  # so do releases without a verity tree
+        else:
+            d["image"]["verity"] = self.image.verity.to_json()
         if d["boot"]["uki"] is None:
             del d["boot"]["uki"]  # kernel releases keep the original schema, byte for byte
         if not self.deltas:
@@ -494,7 +506,11 @@ def _parse_image(d: dict, limits: Limits) -> Image:
         out_offset += ch.out_length
         chunks.append(ch)
     _need(out_offset == size, f"chunks decompress to {out_offset} bytes, the image size is {size}")
-    return Image(target, fstype, size, sha, comp, tuple(chunks))  # type: ignore[arg-type]
+    verity = None
+    if "verity" in d:
+        _check(verity_problem(d["verity"], size, limits.max_image_size))
+        verity = Verity.from_json(d["verity"])
+    return Image(target, fstype, size, sha, comp, tuple(chunks), verity)  # type: ignore[arg-type]
 
 
 # -- release control (issue 13, docs/release-control.md) ---------------------------------------

@@ -82,6 +82,8 @@ def publish_as(world, version: str, **kw) -> None:
     "ro root=PARTLABEL=root-a",  # the last root= wins: b's entry would mount a's root
     "ro abflip.slot=a",
     "ro rd.systemd.verity=0 roothash=00",
+    "ro abflip.verity=00 abflip.verity.data=PARTLABEL=root-a",  # another root hash, or another slot's data
+    "ro dm-mod.create=abflip-root,,,ro,0",  # the kernel's own mapping of that name, unverified
     'ro "unbalanced',
 ])
 def test_signed_release_with_hostile_boot_options_is_refused(world, options):

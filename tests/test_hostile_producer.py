@@ -223,6 +223,8 @@ def _manifest(world) -> dict:
     (lambda d: d["boot"].update(options="ro root=PARTLABEL=root-a"), "'root'"),
     (lambda d: d["boot"].update(options="ro abflip.slot=a"), "'abflip.slot'"),
     (lambda d: d["boot"].update(options="ro rd.abflip.slot=a"), "'rd.abflip.slot'"),
+    (lambda d: d["boot"].update(options="ro abflip.verity.hash_offset=0"), "'abflip.verity.hash_offset'"),
+    (lambda d: d["boot"].update(options="ro dm_mod.create=root,,,ro,0"), "'dm_mod.create'"),
     (lambda d: d["boot"].update(options="x" * 1025), "more than 1024"),
     (lambda d: d["boot"].update(options='ro "quiet'), "unbalanced"),
     (lambda d: d.update(product="demo-os\n"), "product"),
@@ -262,6 +264,8 @@ def test_kernel_tokenizer_and_device_owned_list():
     assert boot_options_problem("ro quiet splash rootfstype=erofs init=/sbin/init") is None
     assert boot_options_problem("ro rootwait") is None  # a prefix of a name is not the name
     assert "device owns" in boot_options_problem("ro rd.systemd.gpt-auto=0")  # "-" and "_" are one to systemd
+    assert "(dm-mod.*)" in boot_options_problem('ro "dm_mod.create=x,,,ro,0 1 verity"')  # the kernel's own dm tables
+    assert boot_options_problem("ro dm_verity.prefetch_cluster=0") is None  # a module's tuning is the release's
 
 
 # -- image build: scratch area, size bound, paths (items 10-12) -------------------------------

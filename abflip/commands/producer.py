@@ -104,7 +104,7 @@ def release_create(
     initrd: Optional[Path] = typer.Option(None),
     uki: Optional[Path] = typer.Option(None, help="unified kernel image (instead of --kernel/--initrd)"),
     options: str = typer.Option("ro", help="kernel options: printable ASCII, at most 1024 characters; root=, abflip.*, "
-                                           "mount.usr*, roothash/usrhash, systemd.verity* and systemd.gpt_auto are the "
+                                           "mount.usr*, roothash/usrhash, systemd.verity*, dm-mod.* and systemd.gpt_auto are the "
                                            "device's and refused (root= and abflip.slot= are added on the device)"),
     fstype: str = typer.Option("erofs"),
     level: int = typer.Option(5, help="zstd level (9: about 7 % smaller, about 1.8x the time)"),  # builder.compress.DEFAULT_LEVEL
@@ -118,6 +118,13 @@ def release_create(
     delta_from: list[Path] = typer.Option([], "--delta-from", help="an earlier release's directory (repeat for more): "
                                                                   "also write a delta from its image (docs/delta.md)"),
     delta_level: int = typer.Option(19, help="zstd level of the delta frames"),
+    verity: bool = typer.Option(False, "--verity", help="append the image's dm-verity hash tree (streamed and verified "
+                                                        "with it); devices open the root through it (docs/formats.md)"),
+    build_uki: bool = typer.Option(False, "--build-uki", help="join --kernel and --initrd into uki.efi, its command "
+                                                              "line the root hash and --options (needs --verity)"),
+    secure_boot_key: Optional[Path] = typer.Option(None, help="sign the UKI with this Secure Boot db key (PEM; with "
+                                                              "--secure-boot-cert; docs/keys.md)"),
+    secure_boot_cert: Optional[Path] = typer.Option(None, help="the db certificate of --secure-boot-key (PEM)"),
     force: bool = typer.Option(False, "--force", help="replace the release an existing -o holds"),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -132,6 +139,15 @@ def release_create(
     def go() -> dict:
         check_arguments(product=product, version=version, compatible=compatible, options=options, fstype=fstype,
                         level=level, chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size)
+        signer = None
+        if (secure_boot_key is None) != (secure_boot_cert is None):
+            from metadata.errors import UserError
+
+            raise UserError("--secure-boot-key and --secure-boot-cert go together", hint="pass both (docs/keys.md)")
+        if secure_boot_key is not None:
+            from builder.uki import SbsignSigner
+
+            signer = SbsignSigner(secure_boot_key, secure_boot_cert)
         if image.is_file() and image.stat().st_size:  # else create_release says what is wrong with it
             check_image_type(image, fstype)
         try:
@@ -143,14 +159,17 @@ def release_create(
                                initrd=initrd, uki=uki, options=options, fstype=fstype, level=level,
                                chunk_size=chunk_size, window=window, threads=threads, piece_size=piece_size,
                                progress=progress, delta_from=delta_from, delta_level=delta_level,
-                               force=force).release
+                               force=force, verity=verity, build_uki=build_uki, signer=signer).release
         return {"dir": str(output), "product": r.product, "version": str(r.version), "image_size": r.image.size,
                 "compressed_size": r.image.compressed_size, "chunks": len(r.image.chunks), "sha256": r.image.sha256,
                 "boot": sorted(r.boot.files()),
-                "deltas": [{"from": d.source.version, "bytes": d.data.length + d.manifest.length} for d in r.deltas]}
+                "deltas": [{"from": d.source.version, "bytes": d.data.length + d.manifest.length} for d in r.deltas],
+                "verity": r.image.verity.to_json() if r.image.verity else None, "signed": signer is not None}
 
     run(go, as_json, lambda r: f"{r['dir']}: {r['product']} {r['version']}, {r['image_size']} -> {r['compressed_size']} "
                                 f"bytes in {r['chunks']} chunk(s)"
+                                + (f"; verity root hash {r['verity']['root_hash']}" if r["verity"] else "")
+                                + ("; uki.efi signed" if r["signed"] else "")
                                 + "".join(f"; delta from {d['from']}: {d['bytes']} bytes" for d in r["deltas"]))
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from metadata.verity import Verity
+
     from ..config import Config
     from ..context import Context
     from .esp import Esp
@@ -81,6 +83,7 @@ class BootSpec:
     partlabel: str  # the slot's partition label (the root= the entry names)
     options: str  # the release's kernel options (validated: never root=, abflip.*, ...)
     files: tuple[str, ...]  # the boot file names: ("vmlinuz", "initrd.img") or ("uki.efi",)
+    verity: Verity | None = None  # the image's dm-verity tree: the entry opens the root through it
 
 
 class Bootloader(Protocol):

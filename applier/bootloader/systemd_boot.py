@@ -19,13 +19,16 @@ Writes are atomic (temp, fsync, rename, fsync dir) and followed by an ESP sync.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from metadata.errors import DeviceError, RepositoryError
 from metadata.manifest import boot_options_problem
+from metadata.verity import Verity, kernel_args, verity_problem
 
 from ..policy import same_version
 from . import BootFacts, BootSpec, Entry
@@ -109,11 +112,18 @@ def loader_version(version: str) -> str:
 
 
 def entry_text(*, product: str, version: str, slot: str, partlabel: str, options: str, has_initrd: bool,
-               uki: bool = False) -> str:
+               uki: bool = False, verity: Verity | None = None) -> str:
     """The entry's text. Every field is checked again here (defence in depth: the manifest
     parser refuses the same): one control character would end a line for systemd-boot
-    (``\r`` too) and let a signer add ``efi``/``options`` lines of their own."""
+    (``\r`` too) and let a signer add ``efi``/``options`` lines of their own.
+
+    The options start with what the device owns: ``root=PARTLABEL=<label>``, or for an image with a verity tree
+    ``root=/dev/mapper/abflip-root`` and the tree's parameters with the slot as its data device (the verified
+    manifest's, :func:`metadata.verity.kernel_args`); then ``abflip.slot=``; then the release's options. A signed
+    UKI under Secure Boot ignores them and uses the command line it carries (docs/formats.md "dm-verity")."""
     problem = boot_options_problem(options)
+    if problem is None and verity is not None:
+        problem = verity_problem(verity.to_json(), verity.image_size, verity.image_size)
     if problem is None:
         problem = next((f"{what} {v!r} is not printable ASCII" for what, v in
                         (("product", product), ("version", version), ("partition label", partlabel))
@@ -133,7 +143,8 @@ def entry_text(*, product: str, version: str, slot: str, partlabel: str, options
         lines.append(f"linux /{bdir}/vmlinuz")
     if has_initrd and not uki:
         lines.append(f"initrd /{bdir}/initrd.img")
-    lines.append(f"options root=PARTLABEL={partlabel} abflip.slot={slot} {options}".rstrip())
+    root = f"root=PARTLABEL={partlabel}" if verity is None else kernel_args(verity, f"PARTLABEL={partlabel}")
+    lines.append(f"options {root} abflip.slot={slot} {options}".rstrip())
     return "\n".join(lines) + "\n"
 
 
@@ -261,12 +272,16 @@ class SystemdBoot:
     Which entry booted comes from the loader's variables (``LoaderBootCountPath``: the file's
     name after systemd-boot counted it down, set only for a counting entry; else
     ``LoaderEntrySelected``: the name before, lowercased), then from the kernel command line
-    (``abflip.slot=``, or ``root=PARTLABEL=`` of a configured slot)."""
+    (``abflip.slot=``, or ``root=PARTLABEL=`` of a configured slot), then from the root
+    filesystem's device (the slot itself, or the one device a verity mapping on it is stacked on:
+    a signed UKI's own command line names no slot, nor does a factory's entry)."""
 
-    def __init__(self, esp: Esp, ctx: Context, partlabels: dict[str, str]) -> None:
+    def __init__(self, esp: Esp, ctx: Context, partlabels: dict[str, str],
+                 devices: dict[str, Path] | None = None) -> None:
         self.esp = esp
         self.ctx = ctx
         self.partlabels = partlabels  # slot -> its partition label
+        self.devices = devices or {}  # slot -> its device
 
     @classmethod
     def open(cls, config: Config, ctx: Context, esp: Esp | None = None) -> SystemdBoot:
@@ -280,7 +295,8 @@ class SystemdBoot:
                                       hint=f"mount the ESP, or set paths.esp in {config.path}")
                 root = found
             esp = DirectoryEsp(root)
-        return cls(esp, ctx, {name: s.partlabel for name, s in config.slots.items()})
+        return cls(esp, ctx, {name: s.partlabel for name, s in config.slots.items()},
+                   {name: s.device for name, s in config.slots.items()})
 
     def __repr__(self) -> str:
         return f"SystemdBoot({self.esp!r})"
@@ -289,10 +305,10 @@ class SystemdBoot:
     def booted(self) -> tuple[str, Entry | None]:
         """The booted slot and the entry it booted (under its current name), or DeviceError when
         neither the loader nor the kernel command line says which slot booted."""
-        slot = self._loader_slot() or self._cmdline_slot()
+        slot = self._loader_slot() or self._cmdline_slot() or self._root_slot()
         if slot is None:
             raise DeviceError("cannot tell which slot is booted (no abflip loader entry, no abflip.slot= or "
-                              "root=PARTLABEL=<slot label> on the kernel command line)",
+                              "root=PARTLABEL=<slot label> on the kernel command line, no slot under the root)",
                               hint="boot through an abflip entry, or add abflip.slot=a to the kernel command line")
         return slot, self.booted_entry(slot)
 
@@ -320,6 +336,20 @@ class SystemdBoot:
                 for name, partlabel in self.partlabels.items():
                     if partlabel == label:
                         return name
+        return None
+
+    def _root_slot(self) -> str | None:
+        root = self.ctx.root_device()
+        if root is None:
+            return None
+        below = self.ctx.lower_devices(root)
+        for name, device in self.devices.items():
+            try:
+                st = os.stat(device)
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and (st.st_rdev == root or below == [st.st_rdev]):
+                return name
         return None
 
     def booted_entry(self, slot: str, entries: list[Entry] | None = None) -> Entry | None:
@@ -383,7 +413,8 @@ class SystemdBoot:
     @staticmethod
     def entry_text(spec: BootSpec) -> str:
         return entry_text(product=spec.product, version=spec.version, slot=spec.slot, partlabel=spec.partlabel,
-                          options=spec.options, has_initrd="initrd.img" in spec.files, uki="uki.efi" in spec.files)
+                          options=spec.options, has_initrd="initrd.img" in spec.files, uki="uki.efi" in spec.files,
+                          verity=spec.verity)
 
     def add_trial(self, spec: BootSpec, tries: int) -> Entry:
         """The entry that boots ``spec`` next, ``tries`` times before systemd-boot falls back."""

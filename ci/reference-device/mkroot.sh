@@ -8,8 +8,9 @@
 #                 (documentation, man pages, locales, apt, kernel modules the device does not load)
 # OUT/vmlinuz     the kernel of Debian's linux-image-amd64, moved out of OUT/root/boot
 # OUT/initrd.img  Debian's own initramfs-tools initrd for it (root=PARTLABEL=root-a|root-b
-#                 rootfstype=erofs ro; its local-bottom script mounts the data partition at /var and
-#                 binds the device's machine-id, see rootfs/etc/initramfs-tools/scripts/local-bottom/)
+#                 rootfstype=erofs ro; its local-top script opens a verity root when the entry names one,
+#                 its local-bottom script mounts the data partition at /var and binds the device's
+#                 machine-id, see rootfs/etc/initramfs-tools/scripts/)
 # OUT/packages    the installed packages and versions (dpkg-query), what the image is made of
 #
 # Needs root (debootstrap, chroot) and debootstrap; MIRROR defaults to http://deb.debian.org/debian.
@@ -23,8 +24,9 @@ root="$out/root"
 
 # Everything the device runs. linux-image-amd64 + initramfs-tools: Debian's kernel and initrd;
 # systemd-boot: systemd-bless-boot and its generator (abflip blesses first, see docs/device.md);
-# busybox: the initrd's shell tools; python3-venv: abflip's virtual environment.
-PACKAGES=systemd,systemd-sysv,udev,kmod,systemd-boot,python3,python3-venv,linux-image-amd64,initramfs-tools,busybox,zstd
+# busybox: the initrd's shell tools; cryptsetup-bin: veritysetup, which opens a verity root in the
+# initrd; python3-venv: abflip's virtual environment.
+PACKAGES=systemd,systemd-sysv,udev,kmod,systemd-boot,python3,python3-venv,linux-image-amd64,initramfs-tools,busybox,zstd,cryptsetup-bin
 # Kernel modules the device loads (with their dependencies); everything else is deleted.
 MODULES="virtio_pci virtio_blk virtio_net virtio_console virtio_rng erofs ext4 vfat nls_cp437 nls_ascii nls_utf8
          efivarfs crc32c_generic dm_mod dm_verity i6300esb"
@@ -36,7 +38,7 @@ debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" "$mirror"
 mount -t proc proc "$root/proc"
 trap 'umount "$root/proc"' EXIT
 cp -a "$here/rootfs/." "$root/"
-chmod 0755 "$root/etc/initramfs-tools/hooks/"* "$root/etc/initramfs-tools/scripts/local-bottom/"*
+chmod 0755 "$root/etc/initramfs-tools/hooks/"* "$root/etc/initramfs-tools/scripts/local-"*/*
 echo abflip-device > "$root/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tabflip-device\n' > "$root/etc/hosts"
 : > "$root/etc/machine-id"            # the real one is on the data partition (bound over this by the initrd)

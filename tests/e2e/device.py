@@ -314,29 +314,58 @@ FACTORY_ENTRY = """\
 title reference-device {version} (factory)
 linux /factory/vmlinuz
 initrd /factory/initrd.img
-options root=PARTLABEL=root-a abflip.slot=a {options}
+options {root} abflip.slot=a {options}
+"""
+#: A release whose boot file is a UKI (`release create --build-uki`): under Secure Boot its own command line counts.
+FACTORY_UKI_ENTRY = """\
+title reference-device {version} (factory)
+efi /factory/uki.efi
+options {root} abflip.slot=a {options}
 """
 
 
-def flash_disk(path: Path, release: Release, workdir: Path) -> vm.DiskLayout:
+@dataclasses.dataclass(frozen=True)
+class Firmware:
+    """The machine's firmware: OVMF's code image, the variable store a new machine starts from, the QEMU options they
+    need, and the systemd-boot the factory installs (tests/e2e/secureboot.py makes a Secure Boot one)."""
+
+    code: Path = vm.OVMF_CODE
+    vars: Path = vm.OVMF_VARS
+    qemu_args: tuple[str, ...] = ()
+    systemd_boot: Path = vm.SYSTEMD_BOOT_EFI
+
+
+def flash_disk(path: Path, release: Release, workdir: Path, *, firmware: Firmware = Firmware()) -> vm.DiskLayout:
     """What a factory writes: the GPT disk, systemd-boot with the factory's own entry booting slot a, the release's
-    image in `root-a`, and a `data` filesystem holding the release directory at /var/lib/abflip-factory (the first
-    boot's `abflip-factory.service` provisions from it)."""
-    layout = vm.build_disk(path, esp_mib=ESP_MIB, root_mib=ROOT_MIB, data_mib=DATA_MIB)
+    image in `root-a` (and after it the verity tree `release create --verity` wrote beside the image), and a `data`
+    filesystem holding the release directory at /var/lib/abflip-factory (the first boot's `abflip-factory.service`
+    provisions from it)."""
+    from metadata.verity import Verity, kernel_args
+
+    layout = vm.build_disk(path, esp_mib=ESP_MIB, root_mib=ROOT_MIB, data_mib=DATA_MIB,
+                           systemd_boot=firmware.systemd_boot)
     vm.write_partition(layout, "root-a", release.image)
+    tail = release.dir / "rootfs.verity"
+    if tail.is_file():  # what follows the image in the slot: zeros to the next 4 KiB, then the hash tree
+        with open(layout.path, "r+b") as disk:
+            disk.seek(layout.slot("a").offset + release.image.stat().st_size)
+            disk.write(tail.read_bytes())
     esp = FatImageEsp(layout.path, offset=layout.esp_part.offset)
     manifest = json.loads((release.dir / "release.json").read_text())
+    verity = manifest["image"].get("verity")
+    root = kernel_args(Verity.from_json(verity), "PARTLABEL=root-a") if verity else "root=PARTLABEL=root-a"
+    uki = (release.dir / "uki.efi").is_file()
     esp.makedirs("factory")
-    for name in ("vmlinuz", "initrd.img"):
+    for name in ("uki.efi",) if uki else ("vmlinuz", "initrd.img"):
         esp.write_atomic(f"factory/{name}", (release.dir / name).read_bytes())
-    esp.write_atomic("loader/entries/factory.conf",
-                     FACTORY_ENTRY.format(version=release.version, options=manifest["boot"]["options"]).encode())
+    esp.write_atomic("loader/entries/factory.conf", (FACTORY_UKI_ENTRY if uki else FACTORY_ENTRY).format(
+        version=release.version, root=root, options=manifest["boot"]["options"]).encode())
     esp.sync()
     tree = workdir / "data-tree"
     factory = tree / "lib" / "abflip-factory"
     factory.mkdir(parents=True)
     for f in release.dir.iterdir():
-        if f.is_file() and not f.name.endswith(".zst"):
+        if f.is_file() and not f.name.endswith((".zst", ".verity")):
             shutil.copy2(f, factory / f.name)
     data = workdir / "data.ext4"
     _run(["mke2fs", "-q", "-t", "ext4", "-L", "data", "-d", tree, data, f"{DATA_MIB}M"])
@@ -388,8 +417,8 @@ class Guest:
         cmd = [
             vm.QEMU, "-accel", "tcg", "-machine", "q35", "-m", str(MEMORY_MIB), "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none",
-            "-rtc", f"base={clock.strftime('%Y-%m-%dT%H:%M:%S')},clock=host",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={vm.OVMF_CODE}",
+            "-rtc", f"base={clock.strftime('%Y-%m-%dT%H:%M:%S')},clock=host", *device.firmware.qemu_args,
+            "-drive", f"if=pflash,format=raw,readonly=on,file={device.firmware.code}",
             "-drive", f"if=pflash,format=raw,file={device.vars}",
             "-drive", f"file={device.layout.path},format=raw,if=none,id=d0,cache=writeback",
             "-device", "virtio-blk-pci,drive=d0,bootindex=0",
@@ -598,7 +627,8 @@ class Guest:
 class Device:
     """A flashed reference device and its repository (see the module docstring)."""
 
-    def __init__(self, work: Path, images: Images, *, handler=None) -> None:
+    def __init__(self, work: Path, images: Images, *, handler=None, releases: dict[str, Release] | None = None,
+                 factory: str = "v1", firmware: Firmware = Firmware()) -> None:
         from abflip.httpserver import RepoHandler, Server
         from builder.storage.local import LocalStorage
         from metadata.keys import KeyConfig
@@ -611,14 +641,17 @@ class Device:
         self.keys = KeyConfig.load(images.keys)
         self.server = Server(self.repo, handler=handler or RepoHandler)
         self.server.__enter__()
-        self.layout = flash_disk(work / "disk.img", images.releases["v1"], work)
-        self.vars = vm.fresh_vars(work / "OVMF_VARS.fd")
+        self.releases = {**images.releases, **(releases or {})}  # the images' and others (verity, signed UKIs)
+        self.firmware = firmware
+        self.layout = flash_disk(work / "disk.img", self.releases[factory], work, firmware=firmware)
+        self.vars = work / "OVMF_VARS.fd"
+        shutil.copyfile(firmware.vars, self.vars)
         self.guests: list[Guest] = []
 
     def publish(self, name: str) -> None:
         from builder.publish import publish_release
 
-        publish_release(self.images.releases[name].dir, self.storage, self.keys, channel="stable")
+        publish_release(self.releases[name].dir, self.storage, self.keys, channel="stable")
 
     def power_on(self, *, clock: datetime) -> Guest:
         g = Guest(self, clock=clock, name=str(len(self.guests) + 1))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,9 +65,12 @@ class Scenarios:
         # making its base directory at once: one removed the other's)
         self.futures = {name: self.pool.submit(self._run, name, images, tmp.mktemp(name)) for name in wanted}
 
-    def _run(self, name: str, images: d.Images, work: Path) -> None:
+    def _device(self, name: str, images: d.Images, work: Path) -> tuple[Callable[[d.Device], None], d.Device]:
         fn, throttled, _ = SCENARIOS[name]
-        dev = d.Device(work, images, handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
+        return fn, d.Device(work, images, handler=type("Throttled", (ThrottledHandler,), {}) if throttled else None)
+
+    def _run(self, name: str, images: d.Images, work: Path) -> None:
+        fn, dev = self._device(name, images, work)
         t0 = time.monotonic()
         try:
             fn(dev)

@@ -780,11 +780,15 @@ def boot(
     log_path: str | os.PathLike[str] | None = None,
     memory_mib: int = 512,
     extra_args: Sequence[str] = (),
+    code: str | os.PathLike[str] | None = None,
+    until: str | None = None,
 ) -> BootResult:
     """Boot the disk under QEMU (TCG, q35, OVMF) until the guest powers off or `timeout_s` passes.
 
     Serial output goes to `log_path` (default: `<disk>.serial.log`). A guest that panics with `panic=1` resets and
-    boots again within the same run, so the result may hold several boots.
+    boots again within the same run, so the result may hold several boots. `code`: another OVMF code image (the
+    Secure Boot one). `until`: a regular expression; the first serial line matching it ends the run (QEMU killed,
+    as a power cut would: a firmware waiting at its menu, say).
     """
     disk_path = disk.path if isinstance(disk, DiskLayout) else Path(disk)
     logfile = Path(log_path) if log_path is not None else disk_path.with_name(disk_path.name + ".serial.log")
@@ -792,12 +796,13 @@ def boot(
         "timeout", "--kill-after=5", str(int(timeout_s)),
         QEMU, "-accel", "tcg", "-machine", "q35", "-m", str(memory_mib), "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-        "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,readonly=on,file={code or OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={vars_path}",
         "-drive", f"file={disk_path},format=raw,if=none,id=d0,cache=writeback",
         "-device", "virtio-blk-pci,drive=d0,bootindex=0",
         *extra_args,
     ]  # fmt: skip
+    stop = re.compile(until) if until else None
     log.info("booting %s (timeout %ss), serial log %s", disk_path, timeout_s, logfile)
     lines: list[tuple[float, str]] = []
     start = time.monotonic()
@@ -813,6 +818,9 @@ def boot(
                 lines.append((time.monotonic() - start, text.rstrip("\n")))
                 if "ABFLIP-" in text:
                     log.info("guest: %s", text.strip())
+                if stop is not None and stop.search(text):
+                    log.info("serial line matched %r: stopping the guest", until)
+                    proc.terminate()  # `timeout` passes SIGTERM on to QEMU
 
     reader = threading.Thread(target=pump, name="qemu-serial", daemon=True)
     reader.start()
