@@ -20,7 +20,8 @@ defaults (1 GiB, /usr with 25 % long-range repeats, see ``bench/rootfs.py``); wh
 whatever apply last built there (its ``cache.json`` says what).
 
 ``--verity`` (issue 22) also runs each variant as ``release create --verity`` does it, right after it: the dm-verity
-hash tree (builder/verity.py), then the image and the tree compressed as one stream; a last line per variant gives
+hash tree (builder/verity.py) computed in a thread beside the image's chunks, the image and the tree compressed as
+one stream (``builder.release.compress_with_tree``); a last line per variant gives
 its wall and CPU time as a ratio to the same variant without the tree (goal: <= 1.10x).
 """
 
@@ -84,17 +85,19 @@ def run_cli(image: Path, level: int, out: Path) -> tuple[float, float, int]:
 
 def run_abflip(image: Path, level: int, chunk: int, window: int, threads: int, ldm: bool, library: str,
                out: Path, verity: bool = False) -> tuple[float, float, int, int]:
-    from builder.verity import default_salt, make_tree
+    from builder.release import compress_with_tree
+    from builder.verity import default_salt
 
     tail = out.with_name("rootfs.verity")
     tail.unlink(missing_ok=True)
     zstdlib.compress = LIBRARIES[library][1]
     t0, c0 = time.monotonic(), _cpu(resource.RUSAGE_SELF)
     try:
-        if verity:
-            make_tree(image, tail, default_salt("bench"), threads=threads)
-        r = compress_image(image, out, level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm,
-                           tail=tail if verity else None)
+        options = dict(level=level, chunk_size=chunk, window=window, threads=threads, ldm=ldm)
+        if verity:  # as release create --verity: the tree beside the image's chunks
+            r = compress_with_tree(image, out, tail, default_salt("bench"), **options)[1]
+        else:
+            r = compress_image(image, out, **options)
     finally:
         zstdlib.compress = ORIGINAL
     return time.monotonic() - t0, _cpu(resource.RUSAGE_SELF) - c0, r.compressed_size, r.compression.window

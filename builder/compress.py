@@ -9,7 +9,7 @@ back across chunk boundaries as in one long stream.
 The default (issue 25) is a stream as small as the zstd CLI's in less time: a 128 MiB window,
 searched as ``zstd --long=27`` searches it, by long-distance matching (LDM) over the prefix, so
 repeats up to 128 MiB apart cost almost nothing, at level 5. Measured on the apply benchmark's
-1 GiB image (docs/producer.md): 0.99x the size of ``zstd -T0 -9 --long=27`` in about 0.6x its CPU
+1 GiB image (docs/producer.md): 0.99x the size of ``zstd -T0 -9 --long=27`` in 0.6-0.8x its CPU
 (level 9: 0.92x in 1.14x), where the 16 MiB window of before was 1.29x. A
 window no wider than the chunk is clamped to what zstd indexes at the level
 (:func:`indexable_window`: 4 MiB at level 5, 16 MiB at level 9), which changes no output byte and saves the device
@@ -46,7 +46,7 @@ from metadata.manifest import Chunk, Compression
 __all__ = ["compress_image", "CompressResult", "Joined", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "DEFAULT_WINDOW", "DEFAULT_THREADS",
            "DEFAULT_LDM", "DEFAULT_PIECE"]
 
-# Level 5 over the 128 MiB window: 0.99x the bytes of `zstd -T0 -9 --long=27` in 0.64-0.68x its CPU time
+# Level 5 over the 128 MiB window: 0.99x the bytes of `zstd -T0 -9 --long=27` in 0.6-0.8x its CPU time (0.77x idle)
 # (level 9: 0.92x the bytes in 1.14x the CPU; docs/producer.md, "Compression level").
 DEFAULT_LEVEL = 5  # abflip/commands/producer.py repeats it (tests/test_producer.py)
 DEFAULT_CHUNK = 64 << 20  # abflip/commands/producer.py repeats the defaults (tests/test_producer.py)
@@ -164,15 +164,18 @@ class Joined:
 def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEVEL, chunk_size: int = DEFAULT_CHUNK,
                    window: int = DEFAULT_WINDOW, threads: int = DEFAULT_THREADS, ldm: bool = DEFAULT_LDM,
                    piece_size: int = DEFAULT_PIECE, tail: Path | None = None,
+                   tail_ready: Callable[[], object] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> CompressResult:
     """Write the chunked stream to ``out_path``; return its chunk table and the image digest.
     Each chunk also lists the sha256 of every ``piece_size`` slice of its frame: the unit the
     device verifies before decompressing, so it can decompress a chunk while the rest arrives.
-    ``tail``: a file whose bytes follow the image's in the stream (a verity tree, builder/verity.py)."""
+    ``tail``: a file whose bytes follow the image's in the stream (a verity tree, builder/verity.py);
+    ``tail_ready``: called (it blocks, or raises) before the first chunk whose bytes reach into the
+    tail is compressed, so the tail may be written while the image's chunks compress."""
     threads = threads or os.cpu_count() or 1
     params = _params(level, chunk_size, window, ldm)
     window = min(window, indexable_window(params, chunk_size, window))  # the manifest records the window used
-    size = os.path.getsize(image_path)
+    size = image_size = os.path.getsize(image_path)
     if size == 0:
         raise ValueError("empty image")
     whole = hashlib.sha256()
@@ -186,10 +189,14 @@ def compress_image(image_path: Path, out_path: Path, *, level: int = DEFAULT_LEV
         pending: deque = deque()
         starts = iter(range(0, size, chunk_size))
 
+        waiting = [tail_ready] if tail is not None and tail_ready is not None else []
+
         def submit() -> bool:
             start = next(starts, None)
             if start is None:
                 return False
+            if waiting and start + chunk_size > image_size:
+                waiting.pop()()  # the tail is written: this chunk (and its successors' windows) read it
             pending.append((start, pool.submit(_frame, view, start, chunk_size, window, params, level, piece_size)))
             return True
 

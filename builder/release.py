@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,9 +49,9 @@ from . import uki as ukis
 from .delta import DEFAULT_DELTA_LEVEL, DEFAULT_DICTIONARY, make_deltas, read_delta_sources
 from .compress import DEFAULT_CHUNK, DEFAULT_LEVEL, DEFAULT_PIECE, DEFAULT_WINDOW, compress_image
 from .errors import BuildError
-from .verity import TAIL_NAME, default_salt, make_tree
+from .verity import TAIL_NAME, default_salt, make_tree, tail_size
 
-__all__ = ["create_release", "check_arguments", "ReleaseFiles", "IMAGE_NAME"]
+__all__ = ["create_release", "compress_with_tree", "check_arguments", "ReleaseFiles", "IMAGE_NAME"]
 
 IMAGE_NAME = "rootfs.img.zst"
 
@@ -105,6 +106,39 @@ def check_arguments(*, product: str, version: str, compatible: list[str], option
         raise BuildError(f"--piece-size {piece_size!r} is neither 0 nor in [{MIN_PIECE}, {limits.max_chunk_length}]",
                          hint="0 makes the whole chunk the unit a device verifies (as releases before pieces)")
     return ver
+
+
+def compress_with_tree(image: Path, out: Path, tail: Path, salt: str, **options):
+    """The image's dm-verity tree computed in a thread of its own while the image's chunks compress (the tree
+    reads only the image; the chunks that reach into the tree wait for it: ``compress_image``'s ``tail_ready``):
+    the producer's time with verity is the compression's plus what the tree's CPU takes from it, not the sum of
+    both (README "Performance"). Either failing stops the other; both are done when this returns."""
+    with open(tail, "xb") as f:
+        f.truncate(tail_size(os.path.getsize(image)))
+    stop = threading.Event()
+    box: dict = {}
+
+    def tree() -> None:
+        try:
+            box["tree"] = make_tree(image, tail, salt, threads=1, made=True, stop=stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=tree, name="abflip-verity", daemon=True)
+    worker.start()
+
+    def ready() -> None:
+        worker.join()
+        if "error" in box:
+            raise box["error"]
+
+    try:
+        result = compress_image(image, out, tail=tail, tail_ready=ready, **options)
+        ready()  # an image of one chunk reads no tail before its end: the tree is still the stream's
+    finally:
+        stop.set()
+        worker.join()
+    return box["tree"], result
 
 
 def create_release(image: Path, out_dir: Path, *, product: str, version: str, compatible: list[str],
@@ -183,11 +217,13 @@ def create_release(image: Path, out_dir: Path, *, product: str, version: str, co
     try:
         tdir = release_target_dir(product, str(ver))
         tree = None
-        if verity:  # the tree first: the stream is the image and then it (builder/verity.py)
-            tree = make_tree(Path(image), stage / TAIL_NAME, default_salt(product), threads=threads)
-        result = compress_image(Path(image), stage / IMAGE_NAME, level=level, chunk_size=chunk_size, window=window,
-                                threads=threads, piece_size=piece_size, progress=progress,
-                                tail=stage / TAIL_NAME if tree else None)
+        if verity:  # the stream is the image and then its tree (builder/verity.py), computed beside the image's chunks
+            tree, result = compress_with_tree(Path(image), stage / IMAGE_NAME, stage / TAIL_NAME, default_salt(product),
+                                              level=level, chunk_size=chunk_size, window=window, threads=threads,
+                                              piece_size=piece_size, progress=progress)
+        else:
+            result = compress_image(Path(image), stage / IMAGE_NAME, level=level, chunk_size=chunk_size, window=window,
+                                    threads=threads, piece_size=piece_size, progress=progress)
         boot_files = {}
         if build_uki:
             assert tree is not None and kernel is not None

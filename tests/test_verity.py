@@ -154,6 +154,46 @@ def test_release_create_verity_streams_the_tree_with_the_image(verity_release, b
                        capture_output=True)
 
 
+def test_the_tree_is_computed_beside_the_chunks_and_the_chunks_over_it_wait_for_it(built, tmp_path, monkeypatch):
+    """release create computes the tree in a thread while the image's chunks compress: a tree that takes its time
+    still ends up in the stream whole (the chunks that read it waited); a tree that fails stops the release, and
+    nothing is left behind (no release directory, no staging directory)."""
+    import threading
+    import time as clock
+
+    import builder.release as release_mod
+
+    real = release_mod.make_tree
+    seen: list[str] = []
+
+    def slow(*a, **k):
+        seen.append(threading.current_thread().name)
+        clock.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(release_mod, "make_tree", slow)
+    common = dict(product=PRODUCT, version="2.0.0", compatible=[HARDWARE], kernel=built["2.0.0"] / "vmlinuz",
+                  chunk_size=256 << 10, window=256 << 10, piece_size=64 << 10, created=1700000000, verity=True)
+    out = tmp_path / "slow"
+    create_release(built["2.0.0.img"], out, **common)
+    rel = Release.from_bytes((out / "release.json").read_bytes())
+    assert seen == ["abflip-verity"] and len(rel.image.chunks) > 2
+    image = built["2.0.0.img"].read_bytes()
+    assert _decompress(out, rel, tmp_path) == image + (out / TAIL_NAME).read_bytes()
+    ref = tmp_path / "ref.tree"
+    assert make_tree(built["2.0.0.img"], ref, default_salt(PRODUCT)).root_hash == rel.image.verity.root_hash
+    assert ref.read_bytes() == (out / TAIL_NAME).read_bytes()
+
+    def broken(*a, **k):
+        clock.sleep(0.2)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(release_mod, "make_tree", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        create_release(built["2.0.0.img"], tmp_path / "broken", **common)
+    assert not (tmp_path / "broken").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".broken.")]
+
+
 def test_a_release_without_verity_keeps_its_bytes(built):
     """No tree: no `verity` key, no tail file; the manifest as before issue 22, byte for byte."""
     d = json.loads((built["2.0.0"] / "release.json").read_text())
