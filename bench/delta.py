@@ -17,9 +17,11 @@ Method
    (openssl, curl, openssh, expat: their binary packages from bookworm-security/updates).
    *Feature update*: the base with more packages added (numpy, scipy, ruby, mesa) and
    python3.11, libc6, git, perl and tzdata upgraded.
-2. **Images and releases**: erofs images (``builder.image``), releases with the defaults
-   (level 9, 64 MiB chunks, 128 MiB window); 1.1.0 (security) and 1.2.0 (feature) each with
-   ``--delta-from`` 1.0.0. Delta creation is timed on its own.
+2. **Images and releases**: erofs images (``builder.image``), releases with the defaults of
+   when they were made (kept in the work directory: remove its ``release-*`` to make them again;
+   the README's figures are of level-9 releases, the default then; 64 MiB chunks, 128 MiB
+   window); 1.1.0 (security) and 1.2.0 (feature) each with ``--delta-from`` 1.0.0. Delta
+   creation is timed on its own.
 3. **Lower bound**: ``zstd -19 --patch-from=<1.0.0 image> <new image>`` (``--long`` as needed).
 4. **Device**: a simulated device over a real TUF repository and HTTP on 127.0.0.1 runs
    ``abflip install`` as a process. ``bench/linkserver.py`` serves the repository from a separate
