@@ -95,7 +95,6 @@ import json
 import os
 import pstats
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -105,6 +104,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import rootfs  # bench/rootfs.py (bench/ is on sys.path: this script's directory)
+from linkserver import ServerProcess  # bench/linkserver.py
 
 from abflip.sim import SimDevice
 from applier.agent import Device
@@ -136,7 +136,6 @@ BUILDER = (f"chunk {DEFAULT_CHUNK}, window {DEFAULT_WINDOW}, ldm rate {LDM_RATE_
            f"libzstd {zstdlib.compressor_version()} by ctypes")
 TIME = "/usr/bin/time"
 ABFLIP = [sys.executable, "-m", "abflip.cli"]
-LINKSERVER = [sys.executable, str(Path(__file__).resolve().parent / "linkserver.py")]
 
 
 def log(msg: str) -> None:
@@ -281,34 +280,6 @@ def make_repo(work: Path, release_dir: Path, cli_stream: Path) -> tuple[Path, st
     except OSError:
         shutil.copyfile(cli_stream, repo / cli_key)
     return repo, image_key, cli_key
-
-
-class ServerProcess:
-    """``bench/linkserver.py`` (``abflip serve``'s handler, optionally behind a token bucket of
-    ``link_mbps`` 10**6 bit/s) in its own process on a free loopback port."""
-
-    def __init__(self, root: Path, link_mbps: float = 0.0) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([*LINKSERVER, str(root), "--port", str(self.port), "--link-mbps", str(link_mbps)],
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if "serving" not in line:
-            self.close()
-            raise RuntimeError(f"the server did not start: {line!r}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # -- measuring ----------------------------------------------------------------------------

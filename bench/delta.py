@@ -3,7 +3,7 @@
 
 Usage::
 
-    python3 bench/delta.py [--tier small|large] [--workdir DIR]
+    python3 bench/delta.py [--tier small|large] [--runs 3] [--link-mbps 20] [--no-patch-from] [--workdir DIR]
 
 A benchmark, not a test: it measures and prints, and exits non-zero only when something is
 wrong (a command failed, a slot does not hold its image).
@@ -17,12 +17,17 @@ Method
    (openssl, curl, openssh, expat: their binary packages from bookworm-security/updates).
    *Feature update*: the base with more packages added (numpy, scipy, ruby, mesa) and
    python3.11, libc6, git, perl and tzdata upgraded.
-2. **Images and releases**: erofs images (``builder.image``), releases with the defaults
-   (level 9, 64 MiB chunks, 128 MiB window); 1.1.0 (security) and 1.2.0 (feature) each with
-   ``--delta-from`` 1.0.0. Delta creation is timed on its own.
+2. **Images and releases**: erofs images (``builder.image``), releases with the defaults of
+   when they were made (kept in the work directory: remove its ``release-*`` to make them again;
+   the README's figures are of level-9 releases, the default then; 64 MiB chunks, 128 MiB
+   window); 1.1.0 (security) and 1.2.0 (feature) each with ``--delta-from`` 1.0.0. Delta
+   creation is timed on its own.
 3. **Lower bound**: ``zstd -19 --patch-from=<1.0.0 image> <new image>`` (``--long`` as needed).
 4. **Device**: a simulated device over a real TUF repository and HTTP on 127.0.0.1 runs
-   ``abflip install`` as a process: *full* (a device whose booted image's sha256 is not
+   ``abflip install`` as a process. ``bench/linkserver.py`` serves the repository from a separate
+   process (as for ``bench/apply.py``); with ``--link-mbps`` every body leaves through one token
+   bucket of that many 10**6 bit/s, the same link for both kinds of install (default: loopback,
+   unlimited). *Full* (a device whose booted image's sha256 is not
    recorded, so it takes the full image) and *delta* (provisioned: it takes the delta), of the
    same target, alternated ``--runs`` times (median). Wall time, CPU time (user + system) and
    peak RSS (``/usr/bin/time``) of that process, and the delta's over the full install's
@@ -30,7 +35,8 @@ Method
    <= 1.0x). After each pair, ``dd conv=fsync`` writes the target image into a fresh file: the
    write both installs must do at least, on this disk at that moment.
 
-The last line is the issue's summary line, then the install ratios.
+The report's header names the link. The last lines are the issue's summary line, then the install
+ratios at that link.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from linkserver import ServerProcess  # noqa: E402  (bench/linkserver.py)
 
 CACHE = Path.home() / ".cache" / "abflip-bench" / "debs"
 SECURITY = {"libssl3": "3.0.22-1~deb12u2", "openssl": "3.0.22-1~deb12u2", "libcurl4": "7.88.1-10+deb12u15",
@@ -209,6 +218,11 @@ def write_floor(work: Path, img: Path) -> float:
     return seconds
 
 
+def link_name(mbps: float) -> str:
+    return (f"{mbps:g} Mbit/s (a token bucket in bench/linkserver.py's process, shared by both kinds of install)"
+            if mbps > 0 else "loopback, unlimited (bench/linkserver.py's process, no token bucket)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--tier", choices=sorted(BASE), default="large")
@@ -216,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="installs of each kind (median)")
     ap.add_argument("--no-patch-from", action="store_true",
                     help="skip the zstd --patch-from lower bound (minutes at level 19 on a loaded machine)")
+    ap.add_argument("--link-mbps", type=float, default=0.0,
+                    help="limit the server's throughput to this many 10**6 bit/s (default 0: loopback, unlimited)")
     a = ap.parse_args(argv)
+    if a.runs < 1 or a.link_mbps < 0:
+        ap.error("need --runs >= 1 and --link-mbps >= 0")
+    link = f"at {a.link_mbps:g} Mbit/s" if a.link_mbps > 0 else "on loopback"
     work = a.workdir or Path.home() / ".cache" / "abflip-bench" / f"delta-{a.tier}"
     work.mkdir(parents=True, exist_ok=True)
     base = {p: None for p in BASE[a.tier]}
@@ -237,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     pf = {"security": 0, "feature": 0} if a.no_patch_from else {
         "security": patch_from(work, imgs["1.0.0"], imgs["1.1.0"]), "feature": patch_from(work, imgs["1.0.0"], imgs["1.2.0"])}
 
-    from abflip.httpserver import Server
     from builder.publish import publish_release, write_signed
     from builder.storage.local import LocalStorage
     from metadata.keys import KeyConfig
@@ -255,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     rel = {k: Release.from_bytes((d / "release.json").read_bytes()) for k, d in (("security", rs), ("feature", rf))}
     slot_size = max(p.stat().st_size for p in imgs.values()) + (64 << 20)
     runs: dict[tuple[str, str], list[dict]] = {}
-    with Server(repo) as server:
+    log(f"link: {link_name(a.link_mbps)}")
+    with ServerProcess(repo, a.link_mbps) as server:
         for kind, channel in (("security", "security"), ("feature", "feature")):
             for i in range(a.runs):
                 for mode in ("full", "delta"):
@@ -274,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     mib = lambda n: f"{n / (1 << 20):9.2f} MiB"  # noqa: E731
     print(f"tier {a.tier}: image 1.0.0 {mib(imgs['1.0.0'].stat().st_size)}, 1.1.0 {mib(imgs['1.1.0'].stat().st_size)}, "
           f"1.2.0 {mib(imgs['1.2.0'].stat().st_size)}; {os.cpu_count()} CPUs")
+    print(f"link: {link_name(a.link_mbps)}")
     print(f"{'update':10} {'full':>13} {'abflip delta':>13} {'patch-from':>13} {'delta make':>10} "
           f"{'apply full':>10} {'apply delta':>11} {'RSS full':>9} {'RSS delta':>9}")
     pct = {}
@@ -290,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':10} device downloaded: full {f['result']['bytes_downloaded']} B, delta "
               f"{d['result']['bytes_downloaded']} B")
     print()
-    print(f"install, median of {a.runs} (the same target, full image vs delta, alternated):")
+    print(f"install {link}, median of {a.runs} (the same target, full image vs delta, alternated):")
     print("| update | full wall s | delta wall s | wall ratio | full CPU s | delta CPU s | CPU ratio | "
           "dd + fsync of the image s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -305,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
              else "patch-from: skipped")
     print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; {patch}; "
           f"peak RSS delta {peak} MiB")
-    print(f"install delta/full: security {ratio['security'][0]:.2f}x wall ({ratio['security'][1]:.2f}x cpu), "
+    print(f"install delta/full {link}: security {ratio['security'][0]:.2f}x wall ({ratio['security'][1]:.2f}x cpu), "
           f"feature {ratio['feature'][0]:.2f}x wall ({ratio['feature'][1]:.2f}x cpu)")
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""``abflip serve`` behind a link of limited throughput, for ``bench/apply.py``.
+"""``abflip serve`` behind a link of limited throughput, for ``bench/apply.py`` and ``bench/delta.py``.
 
     python3 bench/linkserver.py ROOT [--port PORT] [--link-mbps MBPS]
 
@@ -10,11 +10,16 @@ process: ``MBPS * 10**6 / 8`` bytes per second, bursts of at most :data:`BURST` 
 pieces of :data:`PIECE` bytes. So both variants of the benchmark (curl, abflip) see the same
 link, and a client that stops reading (to decompress, say) does not earn a faster catch-up
 later than the burst allows. Without ``--link-mbps`` (or 0) nothing is limited.
+
+The benchmarks start it with :class:`ServerProcess`: a separate process, so the server's CPU and
+memory do not land on the device's side.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +31,7 @@ from applier.fetch import RateLimiter  # noqa: E402
 
 PIECE = 64 << 10
 BURST = 256 << 10
+LINKSERVER = [sys.executable, str(Path(__file__).resolve())]
 
 
 class LinkHandler(RepoHandler):
@@ -45,6 +51,34 @@ class LinkHandler(RepoHandler):
             with self.lock:  # one link: the connections take turns at the bucket
                 self.limiter.consume(len(piece))
             self.wfile.write(piece)
+
+
+class ServerProcess:
+    """``bench/linkserver.py`` (``abflip serve``'s handler, optionally behind a token bucket of
+    ``link_mbps`` 10**6 bit/s) in its own process on a free loopback port."""
+
+    def __init__(self, root: Path, link_mbps: float = 0.0) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*LINKSERVER, str(root), "--port", str(self.port), "--link-mbps", str(link_mbps)],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "serving" not in line:
+            self.close()
+            raise RuntimeError(f"the server did not start: {line!r}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
