@@ -413,8 +413,8 @@ class Guest:
         self.serial_log = work / f"serial-{name}.log"
         self.shell_log = work / f"shell-{name}.log"
         self.sock_path = Path(tempfile.mkdtemp(prefix="abflip-e2e-")) / "ttyS1"
-        relay = work / "relay.py"
-        relay.write_text(RELAY)
+        self._relay = work / "relay.py"
+        self._relay.write_text(RELAY)
         self.clock = clock
         self.started = time.monotonic()
         self.lines: list[tuple[float, str]] = []
@@ -434,8 +434,7 @@ class Guest:
     def _launch(self, clock: datetime) -> None:
         device = self.device
         host, port = REPO_GUEST_ADDR
-        relay = device.work / "relay.py"
-        netdev = (f"user,id=n0,restrict=on,guestfwd=tcp:{host}:{port}-cmd:{sys.executable} {relay} "
+        netdev = (f"user,id=n0,restrict=on,guestfwd=tcp:{host}:{port}-cmd:{sys.executable} {self._relay} "
                   f"{device.server.httpd.server_address[1]}")
         cmd = [
             vm.QEMU, "-accel", "tcg", "-machine", "q35", "-m", str(MEMORY_MIB), "-smp", "1",
@@ -475,9 +474,7 @@ class Guest:
                     continue
                 self._cycling = True
             log.warning("guest %s: no output %.0f s after its reset: power-cycled", self.serial_log.name, silent)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            self._kill()
             self._reader.join(timeout=10)
             note = (f"[e2e watchdog] no output {silent:.0f} s after the reset (QEMU TCG + SMM warm-reset hang): "
                     "power-cycled")
@@ -597,9 +594,10 @@ class Guest:
             try:  # the connection goes with the QEMU process when the watchdog power-cycles it
                 self._connect()
                 shell = self._shell
-                assert shell is not None
+                if shell is None:  # dropped by the watchdog since
+                    raise ConnectionError("the guest's shell connection is gone")
                 shell.sendall(b"\necho @@E2E-SHELL-READY $(cat /proc/sys/kernel/random/boot_id)\n")
-            except (OSError, AssertionError):
+            except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
@@ -661,10 +659,14 @@ class Guest:
     def power_cut(self) -> None:
         """The QEMU process killed: what the guest had not written to its disk is lost."""
         self._stop_watchdog()
+        self._kill()
+        self._close()
+
+    def _kill(self) -> None:
+        """SIGKILL to QEMU's process group (QEMU and its guestfwd relays), and its exit reaped."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        self._close()
 
     def wait_exit(self, timeout: float) -> int:
         try:
