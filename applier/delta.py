@@ -8,17 +8,21 @@ was installed or provisioned). Then, per chunk of the release's chunk table, in 
 1. ``full``: the chunk of the full image, exactly as :mod:`applier.stream` does it.
 2. otherwise: the operation's frame is fetched and checked against its sha256 *before* it is
    decompressed (invariant 4); every source extent (dictionary and copy segments) is read
-   from the booted slot (read-only); the chunk is assembled and checked against the chunk
-   table's ``out_sha256``, which checks every source byte too (a dictionary byte that differs
-   gives other output; the extents are hashed one by one only to name the one that differs).
-3. Any check in 2 that fails makes that one chunk fall back to the full image (same
-   boundaries): a device whose booted slot differs in a few blocks still gets a verified slot.
+   from the booted slot (read-only) and the chunk assembled.
+3. Each byte is then hashed once, into the whole image's sha256 (issue 25): a source byte that
+   differs gives other output, so the image's hash checks the booted slot's bytes too. When it
+   does not match, the chunks are checked one by one against the chunk table and each that
+   differs is made again from the full image (same boundaries), its source extents hashed to
+   name the one that differs: a device whose booted slot differs in a few blocks still gets a
+   verified slot, for a re-read of the slot. A chunk of the full image decodes against the
+   slot's preceding bytes, so those are checked one by one first.
 
-The chunk is then written, progress persisted per chunk (a kill costs at most one chunk, as
-for full images), and the whole-image sha256 is compared with the manifest before anything
-may flip (invariant 3). Memory: :func:`memory_needed` (two output chunks, one input buffer,
-the largest dictionary, the decoder), whatever the image size; a delta needing more than the
-device's ``limits.memory`` is not used.
+The chunk is written and progress persisted per chunk (a kill costs at most one chunk, as for
+full images; a resume re-checks the chunks it counts as done one by one), and the whole-image
+sha256 is compared with the manifest before anything may flip (invariant 3). Memory:
+:func:`memory_needed` (two output chunks, one input buffer, the largest dictionary, the
+decoder), whatever the image size; a delta needing more than the device's ``limits.memory``
+is not used.
 
 :func:`plan` decides (it fetches only the small delta manifest); :func:`write_delta` writes.
 """
@@ -147,9 +151,9 @@ def _read_source(source: SlotDevice, offset: int, into: memoryview, what: str) -
 
 
 def _which_differs(i: int, read: list[tuple[str, memoryview, int, str]], otherwise: str) -> _Fallback:
-    """Why chunk ``i`` failed: the first source extent read for it (dictionary extents, then
-    copy segments) whose bytes are not the delta's source's, else ``otherwise``. Only a chunk
-    that failed pays for hashing its extents one by one."""
+    """Why chunk ``i`` failed to decode: the first source extent read for it (dictionary
+    extents, then copy segments) whose bytes are not the delta's source's, else ``otherwise``.
+    Only a chunk that failed pays for hashing its extents one by one."""
     for what, view, offset, sha256 in read:
         if hashlib.sha256(view).hexdigest() != sha256:
             return _Fallback(f"chunk {i} {what}: the booted slot's bytes {offset}-{offset + len(view) - 1} differ "
@@ -157,9 +161,34 @@ def _which_differs(i: int, read: list[tuple[str, memoryview, int, str]], otherwi
     return _Fallback(f"chunk {i}: {otherwise}")
 
 
+def _extents(op) -> list[tuple[str, int, int, str]]:
+    """The source extents operation ``op`` reads: (what, source offset, length, sha256)."""
+    return ([(f"dictionary extent {j}", src, n, sha) for j, (src, n, sha) in enumerate(op.dictionary)]
+            + [(f"copy segment {j}", src, n, sha) for j, (_, src, n, sha) in enumerate(op.copy)])
+
+
+def _why_other_bytes(i: int, op, source: SlotDevice, scratch: memoryview) -> str:
+    """Why chunk ``i``, made from the delta, is not the chunk table's: its source extents read
+    again from the booted slot and hashed one by one (a chunk that failed the image's check only),
+    the first that is not the delta's source's named."""
+    for what, src, n, sha in _extents(op):
+        h, at = hashlib.sha256(), 0
+        try:
+            while at < n:
+                view = scratch[:min(len(scratch), n - at)]
+                source.pread_into(src + at, view)
+                h.update(view)
+                at += len(view)
+        except DeviceError as e:
+            return f"chunk {i} {what}: {e.message}"
+        if h.hexdigest() != sha:
+            return f"chunk {i} {what}: the booted slot's bytes {src}-{src + n - 1} differ from the delta's source"
+    return f"chunk {i}: the delta produced other bytes than the chunk table says"
+
+
 class _Writer:
     """The buffers, reused from chunk to chunk (their sizes are :func:`memory_needed`'s): two
-    output buffers (chunk ``i`` is assembled in ``out[i % 2]`` while chunk ``i-1`` is written from
+    output buffers (chunk ``i`` is assembled in ``out[i % 2]`` while chunk ``i-1`` is hashed from
     the other), the input buffer and the dictionary buffer, grown to the largest asked for."""
 
     def __init__(self, image: Image, delta: Delta) -> None:
@@ -184,10 +213,9 @@ class _Writer:
 def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_opener: Opener, retries: int,
                 backoff: float, stats: DeltaStats) -> tuple[memoryview, str]:
     """Chunk ``i`` assembled from the delta: its frame (verified before it is decompressed), decoded
-    with its dictionary extents, and its copy segments, all read from the booted slot. The source
-    bytes are checked by the assembled chunk's sha256 against the chunk table (each byte hashed
-    once: a byte that differs gives other output, and the chunk falls back); only then are the
-    extents hashed one by one, to name the one that differs."""
+    with its dictionary extents, and its copy segments, all read from the booted slot. Not hashed
+    here: the whole image's sha256 checks every byte, the booted slot's included (a byte that
+    differs gives other output; :func:`write_delta` then checks the chunks one by one)."""
     out = memoryview(bufs.out)
     kind = "copy"
     read: list[tuple[str, memoryview, int, str]] = []  # (what, bytes, source offset, their sha256)
@@ -209,7 +237,7 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
                 at += n
         try:
             decompress_chunk(i, Chunk(f.offset, f.length, f.sha256, 0, f.size, f.out_sha256), data, dictionary,
-                             bufs.out)
+                             bufs.out, check=False)
         except ChunkError as e:
             raise _which_differs(i, read, f"the delta's frame {e.message.split(': ', 1)[-1]}") from None
         del data, dictionary
@@ -226,30 +254,26 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
         for dst, src, n in reversed(runs):
             if dst != src:
                 out[dst:dst + n] = out[src:src + n]
-    for j, (rel, src, n, sha) in enumerate(op.copy):
-        view = out[rel:rel + n]
-        _read_source(source, src, view, f"chunk {i} copy segment {j}")
-        read.append((f"copy segment {j}", view, src, sha))
-    view = out[:op.out_length]
-    if hashlib.sha256(view).hexdigest() != ch.out_sha256:
-        raise _which_differs(i, read, "the delta produced other bytes than the chunk table says")
-    return view, kind
+    for j, (rel, src, n, _) in enumerate(op.copy):
+        _read_source(source, src, out[rel:rel + n], f"chunk {i} copy segment {j}")
+    return out[:op.out_length], kind
 
 
-def _from_full(i: int, image: Image, slot: SlotDevice, bufs: _Writer, full_opener: Opener, retries: int,
-               backoff: float, stats: DeltaStats) -> memoryview:
-    """Chunk ``i`` from the full image; its window is read in place from the slot (written and
-    verified before it: the caller has waited for the writes), mapped from the page cache."""
+def _from_full(i: int, image: Image, slot: SlotDevice, bufs: _Writer, out: bytearray, full_opener: Opener,
+               retries: int, backoff: float, stats: DeltaStats) -> memoryview:
+    """Chunk ``i`` from the full image, decoded into ``out`` and checked against the chunk table;
+    its window is read in place from the slot (written and checked one by one before it: the
+    caller has seen to both), mapped from the page cache."""
     ch = image.chunks[i]
     data = _fetch(full_opener, ch.offset, ch.length, bufs.input(ch.length), f"chunk {i} of the image", retries,
                   backoff, stats)
     verify_chunk(i, ch, data)  # a bad chunk of the full image is the repository's fault: no further fallback
     window = image.compression.window
     if not window or not ch.out_offset:
-        return decompress_chunk(i, ch, data, None, bufs.out)
+        return decompress_chunk(i, ch, data, None, out)
     lo = max(0, ch.out_offset - window)
     with slot.mapped(lo, ch.out_offset - lo) as dictionary:
-        return decompress_chunk(i, ch, data, dictionary, bufs.out)
+        return decompress_chunk(i, ch, data, dictionary, out)
 
 
 def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice, data_opener: Opener,
@@ -259,28 +283,32 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
     """Write ``image`` into ``slot`` from ``delta`` over the ``source`` slot, starting after
     ``chunks_done`` verified chunks; as :func:`applier.stream.write_image`, ``on_chunk(i,
     downloaded)`` runs after chunk ``i`` is written, and the whole-image sha256 is checked at
-    the end (a :class:`RepositoryError` if it does not match).
+    the end (a :class:`RepositoryError` if the chunks, each checked, do not make it).
 
-    Two stages overlap (issue 25): this thread assembles and checks chunk ``i`` (fetch, source
-    reads, decompression, its sha256 against the chunk table) while a writer thread writes chunk
-    ``i-1`` to the slot, adds it to the whole image's sha256 and calls ``on_chunk``, in order."""
+    Two threads share the work (issue 25): this one assembles chunk ``i`` (fetch, source reads,
+    decompression) and writes it while a hashing thread adds chunk ``i-1`` to the whole image's
+    sha256, the one pass every byte goes through, and saves its progress. Only when that hash differs (a byte of the
+    booted slot that is not the source's, a frame that decodes to other bytes) are the chunks
+    read back and checked one by one, and each that differs made again from the full image."""
     if image.size > slot.capacity:
         raise DeviceError(f"the image decompresses to {image.size} bytes; slot {slot.name} holds only {slot.capacity}",
                           hint="this release does not fit this device's slots")
     stats = stats or DeltaStats()
     first, h = verified_prefix(image, slot, chunks_done)
+    before = h.copy()  # the image's hash over the chunks checked one by one at the start
     bufs = _Writer(image, delta)
-    writes: list[Future | None] = [None, None]  # the write of the chunk that last used out[0], out[1]
+    made: dict[int, str] = {}  # how each chunk from ``first`` was made: copy, frame, full or fallback
+    hashing: list[Future | None] = [None, None]  # the hash of the chunk that last used out[0], out[1]
+    state = {"checked": first, "stale": False}  # chunks [0, checked) checked one by one; h over other bytes?
 
     failed: list[BaseException] = []
 
-    def write(i: int, view: memoryview, downloaded: int) -> None:
-        if failed:  # a write before this one failed: nothing after it may be written or counted
+    def hash_and_count(i: int, view: memoryview, downloaded: int) -> None:
+        """Chunk ``i`` (written) into the image's sha256, then its progress saved, in order; after a
+        failure nothing more is counted."""
+        if failed:
             raise failed[0]
         try:
-            ch = image.chunks[i]
-            slot.pwrite(ch.out_offset, view)
-            slot.start_writeback(ch.out_offset, ch.out_length)  # as the full image's stream: dirty pages stay few
             h.update(view)
             if on_chunk:
                 on_chunk(i, downloaded)
@@ -290,39 +318,77 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
 
     def wait(*which: int) -> None:
         for k in which:
-            if (f := writes[k]) is not None:
-                writes[k] = None
-                f.result()  # a write that failed raises here
+            if (f := hashing[k]) is not None:
+                hashing[k] = None
+                f.result()  # a hash or a progress save that failed raises here
 
-    with ThreadPoolExecutor(1, thread_name_prefix="abflip-delta-write") as writer:
+    def fall_back(i: int, why: str) -> None:
+        stats.chunks["fallback"] += 1
+        if len(stats.fallbacks) < 8:
+            stats.fallbacks.append(why)
+
+    def check_upto(end: int, whole: hashlib._Hash | None) -> None:
+        """Check chunks [checked, end) one by one from the slot; make each that differs again from
+        the full image (its window, the chunks before it, checked by then); add each chunk's bytes
+        to ``whole`` if given."""
+        wait(0, 1)  # both buffers free
+        scratch = bufs.outs[0]
+        for j in range(state["checked"], end):
+            ch = image.chunks[j]
+            view = memoryview(scratch)[:ch.out_length]
+            slot.pread_into(ch.out_offset, view)
+            if hashlib.sha256(view).hexdigest() != ch.out_sha256:
+                kind = made.get(j, "full")
+                if kind in ("full", "fallback"):  # checked by its decoder before it was written
+                    raise ChunkError(f"chunk {j} in slot {slot.name} changed after it was written and checked",
+                                     hint="the slot's storage does not keep what is written to it; nothing was "
+                                          "flipped and the slot is not recorded good")
+                fall_back(j, _why_other_bytes(j, delta.ops[j], source, memoryview(bufs.outs[1])))
+                made[j] = "fallback"
+                view = _from_full(j, image, slot, bufs, scratch, full_opener, retries, backoff, stats)
+                slot.pwrite(ch.out_offset, view)
+                slot.start_writeback(ch.out_offset, ch.out_length)
+                state["stale"] = True  # the running hash took other bytes for this chunk
+            if whole is not None:
+                whole.update(view)
+            state["checked"] = j + 1
+
+    with ThreadPoolExecutor(1, thread_name_prefix="abflip-delta-hash") as hasher:
         try:
             for i in range(first, len(image.chunks)):
                 if failed:
                     raise failed[0]
                 ch, op = image.chunks[i], delta.ops[i]
-                wait(i % 2)  # out[i % 2] held chunk i-2: written?
+                wait(i % 2)  # out[i % 2] held chunk i-2: hashed?
                 bufs.out = bufs.outs[i % 2]
                 view = None
                 if not op.full:
                     try:
-                        view, kind = _from_delta(i, op, ch, bufs, source, data_opener, retries, backoff, stats)
-                        stats.chunks[kind] += 1
+                        view, made[i] = _from_delta(i, op, ch, bufs, source, data_opener, retries, backoff, stats)
                     except _Fallback as f:
-                        stats.chunks["fallback"] += 1
-                        if len(stats.fallbacks) < 8:
-                            stats.fallbacks.append(str(f))
+                        made[i] = "fallback"
+                        fall_back(i, str(f))
                 if view is None:
-                    if op.full:
-                        stats.chunks["full"] += 1
-                    wait(0, 1)  # its window is read back from the slot: every chunk before it written
-                    view = _from_full(i, image, slot, bufs, full_opener, retries, backoff, stats)
-                writes[i % 2] = writer.submit(write, i, view, stats.downloaded)
+                    made.setdefault(i, "full")
+                    check_upto(i, None)  # its window: the bytes before it, checked one by one
+                    view = _from_full(i, image, slot, bufs, bufs.outs[i % 2], full_opener, retries, backoff, stats)
+                    state["checked"] = i + 1
+                slot.pwrite(ch.out_offset, view)
+                slot.start_writeback(ch.out_offset, ch.out_length)  # as the full image's stream: dirty pages stay few
+                hashing[i % 2] = hasher.submit(hash_and_count, i, view, stats.downloaded)
                 del view
             wait(0, 1)
         finally:
-            for f in writes:  # an error above: the write in flight ends before this returns
+            for f in hashing:  # an error above: the hash in flight ends before its buffer goes
                 if f is not None:
                     f.cancel() or f.exception()
+    if state["stale"] or h.hexdigest() != image.sha256:
+        # Some chunk is not the chunk table's: check each, make the ones that differ again, and
+        # hash the image again over what the slot now holds.
+        h, state["checked"] = before, first
+        check_upto(len(image.chunks), h)
+    for kind in made.values():
+        stats.chunks[kind] += kind != "fallback"  # a fallback was counted with its reason
     slot.sync()
     check_image(image, slot, h, len(image.chunks))  # every chunk was checked on its own: only the table is left
     return stats

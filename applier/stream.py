@@ -153,10 +153,12 @@ class FrameBounds:
 
 
 def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, dictionary: bytes | memoryview | None,
-                     into: bytearray | None = None) -> memoryview:
+                     into: bytearray | None = None, *, check: bool = True) -> memoryview:
     """Decompress one verified chunk (into ``into`` if given, to spare a fresh allocation);
-    its output must be exactly what the manifest says. With libzstd the dictionary is
-    referenced, not copied (the delta path's ``memory_needed`` still counts the copy)."""
+    its output must be exactly what the manifest says: its length always, its sha256 unless
+    ``check`` is false (a delta's frame, whose output the image's sha256 checks). With libzstd
+    the dictionary is referenced, not copied (the delta path's ``memory_needed`` still counts
+    the copy)."""
     _check_header(index, chunk, data)
     bounds = FrameBounds(index)  # one frame, nothing after it: whichever decoder runs
     bounds.feed(data)
@@ -173,7 +175,7 @@ def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, diction
             raise ChunkError(f"chunk {index} does not decompress: {e}") from None
         finally:
             decoder.close()
-        if done != chunk.out_length or not complete or hashlib.sha256(out).hexdigest() != chunk.out_sha256:
+        if done != chunk.out_length or not complete or check and hashlib.sha256(out).hexdigest() != chunk.out_sha256:
             raise ChunkError(f"chunk {index} decompresses to other bytes than the manifest says")
         return out
     kwargs = {}
@@ -190,7 +192,7 @@ def decompress_chunk(index: int, chunk: Chunk, data: bytes | memoryview, diction
         extra = reader.read(1)
     except zstandard.ZstdError as e:
         raise ChunkError(f"chunk {index} does not decompress: {e}") from None
-    if done != chunk.out_length or extra or hashlib.sha256(out).hexdigest() != chunk.out_sha256:
+    if done != chunk.out_length or extra or check and hashlib.sha256(out).hexdigest() != chunk.out_sha256:
         raise ChunkError(f"chunk {index} decompresses to other bytes than the manifest says")
     return out
 

@@ -281,6 +281,56 @@ def test_source_bytes_that_differ_on_the_device_fall_back_to_that_chunk(dworld):
     assert slot_is(sim, "b", dworld.built["1.1.0.img"])
 
 
+def _delta(dbuilt) -> Delta:
+    return Delta.from_bytes((dbuilt["1.1.0"] / "delta-1.0.0.json").read_bytes())
+
+
+def test_dictionary_bytes_that_differ_on_the_device_fall_back_to_that_chunk(dworld):
+    """A frame decoded against dictionary bytes that are not the source's gives other bytes (or
+    none): the image's sha256 catches it, the chunk is made again from the full image and the
+    reason names the dictionary extent."""
+    dworld.publish("1.1.0")
+    sim, dev = provisioned(dworld)
+    i, op = next((i, op) for i, op in enumerate(_delta(dworld.built).ops) if op.dictionary)
+    src, n, _ = op.dictionary[0]
+    with open(sim.slot_path("a"), "r+b") as f:
+        f.seek(src + n // 2)
+        f.write(b"\xffbitrot\xff")
+    result = dev.install()
+    rec = dev.status()["download"]
+    assert result.kind == "delta" and rec["fallback_chunks"] >= 1
+    assert any(r.startswith(f"chunk {i} dictionary extent 0") and "differ from the delta's source" in r
+               for r in rec["fallbacks"]), rec["fallbacks"]
+    assert slot_is(sim, "b", dworld.built["1.1.0.img"])
+
+
+def test_a_chunk_from_the_full_image_decodes_against_checked_bytes_only(dworld):
+    """Chunk j is written from booted-slot bytes that differ (not yet known: the image's sha256
+    comes at the end); a later chunk k must come from the full image, whose frame decodes against
+    the bytes before it. Those are checked one by one first, chunk j made again, and only then is
+    chunk k decoded: the slot verifies, both chunks are told in the fallbacks."""
+    ref = release(dworld.built["1.1.0"]).deltas[0]
+    ops = _delta(dworld.built).ops
+    j, offset = _copy_source(dworld.built)
+    k = next(k for k in range(j + 1, len(ops)) if ops[k].frame is not None)
+    dworld.publish("1.1.0")
+    obj = dworld.object(ref.data.target)
+    data = bytearray(obj.read_bytes())
+    data[ops[k].frame.offset + ops[k].frame.length // 2] ^= 0xFF  # chunk k's frame, tampered on the mirror
+    obj.write_bytes(bytes(data))
+    sim, dev = provisioned(dworld)
+    with open(sim.slot_path("a"), "r+b") as f:
+        f.seek(offset + 10)
+        f.write(b"\xffbitrot\xff")
+    result = dev.install()
+    rec = dev.status()["download"]
+    assert result.kind == "delta" and rec["fallback_chunks"] >= 2
+    assert any(r.startswith(f"chunk {k}: the delta's frame failed verification") for r in rec["fallbacks"])
+    assert any(r.startswith(f"chunk {j} copy segment") and "differ from the delta's source" in r
+               for r in rec["fallbacks"]), rec["fallbacks"]
+    assert slot_is(sim, "b", dworld.built["1.1.0.img"])
+
+
 def test_operation_hash_mismatch_falls_back_to_that_chunk(dworld):
     dworld.publish("1.1.0")
     ref = release(dworld.built["1.1.0"]).deltas[0]
