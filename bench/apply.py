@@ -57,10 +57,12 @@ Method
    - *abflip*: a fresh ``abflip.sim.SimDevice`` (slots: sparse files of image size +
      64 MiB) is factory-provisioned with the tiny image in slot a and blessed, outside the
      timing; then ``python -m abflip.cli install --config <device>/abflip.toml --json`` is
-     timed. It refreshes TUF metadata, fetches channel pointer and manifest, streams the
-     hash-prefixed ``targets/.../<sha256>.rootfs.img.zst`` into slot b (verify, decompress,
-     write, fsync, per chunk) and writes the boot files (tiny placeholders here, so the
-     comparison is about the image) and the boot entry. The device keeps the default
+     timed, its modules' bytecode cached as an installed abflip has it (``bench/installed.py``;
+     ``--no-bytecode-cache``: the environment as it is). It refreshes TUF metadata, fetches
+     channel pointer and manifest, streams the hash-prefixed
+     ``targets/.../<sha256>.rootfs.img.zst`` into slot b (verify, decompress, write, fsync, per
+     chunk) and writes the boot files (tiny placeholders here, so the comparison is about the
+     image) and the boot entry. The device keeps the default
      ``[limits] memory`` (256 MiB) unless ``applier.stream.memory_needed`` of the release
      plus :data:`MEMORY_MARGIN` is more (a large ``--window``); then ``limits.memory`` is set
      to that, rounded up to a MiB. The budget used is printed.
@@ -104,6 +106,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import rootfs  # bench/rootfs.py (bench/ is on sys.path: this script's directory)
+from installed import installed_env  # bench/installed.py
 from linkserver import ServerProcess  # bench/linkserver.py
 
 from abflip.sim import SimDevice
@@ -495,14 +498,14 @@ SLOTS = {"slot-a.img", "slot-b.img"}
 
 
 def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: ImageInfo, slot_size: int,
-               memory: int | None) -> Run:
+               memory: int | None, env: dict[str, str]) -> Run:
     dev = make_device(run_dir, server_url, repo, factory, slot_size, memory)
     before = tree_bytes(dev.root, SLOTS)
     tv = run_dir / "time-abflip.txt"
     dropped = drop_caches()
     t0 = time.perf_counter()
     proc = subprocess.Popen([TIME, "-v", "-o", str(tv), *ABFLIP, "install", "--config", str(dev.config_path), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     sampler = Sampler(proc)
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
@@ -519,7 +522,8 @@ def run_abflip(run_dir: Path, server_url: str, repo: Path, factory: Path, img: I
     # also from a cold page cache (interpreter start, imports of typer/tuf/urllib3, config).
     drop_caches()
     t1 = time.perf_counter()
-    subprocess.run([*ABFLIP, "status", "--config", str(dev.config_path), "--json"], check=True, capture_output=True)
+    subprocess.run([*ABFLIP, "status", "--config", str(dev.config_path), "--json"], check=True, capture_output=True,
+                   env=env)
     startup = time.perf_counter() - t1
     shutil.rmtree(dev.root)
     return Run("abflip", wall, [_timev(tv, "abflip", sampler)], {k: v for k, v in outside.items() if v}, result["bytes_downloaded"],
@@ -687,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also cProfile one in-process install")
     ap.add_argument("--top", type=int, default=15, help="profile entries to print")
     ap.add_argument("--keep-tree", action="store_true", help="keep the file tree after building the image")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="run abflip in this environment as it is (default: its bytecode cached, as installed)")
     args = ap.parse_args(argv)
     if not 0 <= args.repeats < 1 or args.runs < 1 or args.size_mib < 1 or args.link_mbps < 0 or args.window == 0:
         ap.error("need 0 <= --repeats < 1, --runs >= 1, --size-mib >= 1, --link-mbps >= 0, --window > 0")
@@ -715,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     run_root = work / "runs"
     shutil.rmtree(run_root, ignore_errors=True)
     runs: list[Run] = []
+    env = installed_env(work, cached=not args.no_bytecode_cache)
     t0 = time.monotonic()
     with ServerProcess(repo, args.link_mbps) as server:
         log(f"serving {repo} at {server.url} (pid {server.proc.pid}); abflip object /{image_key}")
@@ -726,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_pipeline(d, f"{server.url}/{cli_key}", img, slot_size)
                     r.verify = verify_cost([rel.dir / "rootfs.img.zst", img.path])
                 else:
-                    r = run_abflip(d, server.url, repo, factory, img, slot_size, memory)
+                    r = run_abflip(d, server.url, repo, factory, img, slot_size, memory, env)
                 log(f"run {i + 1}/{args.runs} {variant}: {r.wall:.2f} s, cpu {r.cpu:.2f} s, "
                     f"peak RSS {_mib(r.rss_max)} MiB (anon {_mib(r.anon)}, file {_mib(r.file)}), "
                     f"slot sha256 {'ok' if r.sha_ok else 'MISMATCH'}")

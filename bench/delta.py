@@ -33,7 +33,13 @@ Method
    peak RSS (``/usr/bin/time``) of that process, and the delta's over the full install's
    (issue 25's goals: a security delta <= 0.5x the full install's wall time, a feature delta
    <= 1.0x). After each pair, ``dd conv=fsync`` writes the target image into a fresh file: the
-   write both installs must do at least, on this disk at that moment.
+   write both installs must do at least, on this disk at that moment. abflip runs with its
+   bytecode cached, as installed (``bench/installed.py``; ``--no-bytecode-cache``: as it is).
+5. **Floor**: after each install, ``abflip check`` on the same device (nothing left to do: the
+   interpreter's start, imports and a TUF refresh, which every install pays before it writes),
+   and one sha256 pass over the target image held in memory (what every install hashes, in one
+   sequential pass: the signed image sha256). Their sum over the full install's wall is the
+   lowest ratio any install that checks its image could reach on this machine.
 
 The report's header names the link. The last lines are the issue's summary line, then the install
 ratios at that link.
@@ -56,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from installed import installed_env  # noqa: E402  (bench/installed.py)
 from linkserver import ServerProcess  # noqa: E402  (bench/linkserver.py)
 
 CACHE = Path.home() / ".cache" / "abflip-bench" / "debs"
@@ -172,8 +179,10 @@ def patch_from(work: Path, old: Path, new: Path) -> int:
 
 
 def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, Path], slot_size: int, *,
-            delta: bool) -> dict:
-    """``abflip install`` as a process on a fresh simulated device; its result, time and RSS."""
+            delta: bool, env: dict[str, str]) -> dict:
+    """``abflip install`` as a process on a fresh simulated device; its result, time and RSS; then
+    ``abflip check`` on the same device (nothing left to install): the start-up, imports and TUF
+    refresh every install pays before it writes a byte."""
     from abflip.sim import SimDevice
     from applier.agent import Device
 
@@ -193,14 +202,29 @@ def install(run: Path, url: str, repo: Path, channel: str, factory: tuple[Path, 
     # /usr/bin/time: the RSS of the install alone (a child's ru_maxrss would include this
     # process's own RSS at fork time, which survives the exec).
     p = subprocess.run(["/usr/bin/time", "-f", "maxrss %M cpu %U %S", sys.executable, "-m", "abflip.cli", "install",
-                        "--config", str(sim.config_path), "--json"], cwd=ROOT, capture_output=True, text=True)
+                        "--config", str(sim.config_path), "--json"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
     seconds = time.monotonic() - t0
     if p.returncode != 0:
         raise SystemExit(f"abflip install failed: {p.stderr[-2000:]}")
     result = json.loads(p.stdout.splitlines()[-1])["result"]
     _, rss, _, user, system = p.stderr.strip().splitlines()[-1].split()
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "abflip.cli", "check", "--config", str(sim.config_path), "--json"], cwd=ROOT,
+                   capture_output=True, env=env, check=True)
+    fixed = time.monotonic() - t0
     shutil.rmtree(run, ignore_errors=True)
-    return {"result": result, "seconds": seconds, "rss": int(rss) * 1024, "cpu": float(user) + float(system)}
+    return {"result": result, "seconds": seconds, "rss": int(rss) * 1024, "cpu": float(user) + float(system),
+            "fixed": fixed}
+
+
+def hash_seconds(img: Path) -> float:
+    """One sha256 pass over ``img`` held in memory: what any install that checks the image's
+    sha256 hashes, on one core (the hash is one sequential pass)."""
+    data = img.read_bytes()
+    t0 = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return time.perf_counter() - t0
 
 
 def write_floor(work: Path, img: Path) -> float:
@@ -232,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the zstd --patch-from lower bound (minutes at level 19 on a loaded machine)")
     ap.add_argument("--link-mbps", type=float, default=0.0,
                     help="limit the server's throughput to this many 10**6 bit/s (default 0: loopback, unlimited)")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="run abflip in this environment as it is (default: its bytecode cached, as installed)")
     a = ap.parse_args(argv)
     if a.runs < 1 or a.link_mbps < 0:
         ap.error("need --runs >= 1 and --link-mbps >= 0")
@@ -273,23 +299,26 @@ def main(argv: list[str] | None = None) -> int:
     rel = {k: Release.from_bytes((d / "release.json").read_bytes()) for k, d in (("security", rs), ("feature", rf))}
     slot_size = max(p.stat().st_size for p in imgs.values()) + (64 << 20)
     runs: dict[tuple[str, str], list[dict]] = {}
+    env = installed_env(work, cached=not a.no_bytecode_cache)
     log(f"link: {link_name(a.link_mbps)}")
     with ServerProcess(repo, a.link_mbps) as server:
         for kind, channel in (("security", "security"), ("feature", "feature")):
             for i in range(a.runs):
                 for mode in ("full", "delta"):
                     got = install(work / "run", server.url, repo, channel, (imgs["1.0.0"], r1), slot_size,
-                                  delta=mode == "delta")
+                                  delta=mode == "delta", env=env)
                     log(f"device: {kind} update, {mode}, run {i + 1}: {got['seconds']:.2f} s, cpu {got['cpu']:.2f} s")
                     if got["result"]["kind"] != mode:
                         raise SystemExit(f"{kind} {mode}: the device used {got['result']['kind']}")
                     runs.setdefault((kind, mode), []).append(got)
-                runs.setdefault((kind, "write"), []).append({"seconds": write_floor(work, imgs["1.1.0" if kind == "security"
-                                                                                              else "1.2.0"]),
-                                                           "cpu": 0.0, "rss": 0, "result": {}})
+                target = imgs["1.1.0" if kind == "security" else "1.2.0"]
+                runs.setdefault((kind, "write"), []).append({"seconds": write_floor(work, target), "cpu": 0.0, "rss": 0,
+                                                            "fixed": 0.0, "result": {}})
+                runs.setdefault((kind, "hash"), []).append({"seconds": hash_seconds(target), "cpu": 0.0, "rss": 0,
+                                                           "fixed": 0.0, "result": {}})
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-    rows = {km: {**rs[0], "seconds": med(rs, "seconds"), "cpu": med(rs, "cpu"), "rss": int(med(rs, "rss"))}
-            for km, rs in runs.items()}
+    rows = {km: {**rs[0], "seconds": med(rs, "seconds"), "cpu": med(rs, "cpu"), "rss": int(med(rs, "rss")),
+                 "fixed": med(rs, "fixed")} for km, rs in runs.items()}
     mib = lambda n: f"{n / (1 << 20):9.2f} MiB"  # noqa: E731
     print(f"tier {a.tier}: image 1.0.0 {mib(imgs['1.0.0'].stat().st_size)}, 1.1.0 {mib(imgs['1.1.0'].stat().st_size)}, "
           f"1.2.0 {mib(imgs['1.2.0'].stat().st_size)}; {os.cpu_count()} CPUs")
@@ -312,21 +341,28 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"install {link}, median of {a.runs} (the same target, full image vs delta, alternated):")
     print("| update | full wall s | delta wall s | wall ratio | full CPU s | delta CPU s | CPU ratio | "
-          "dd + fsync of the image s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    ratio = {}
+          "dd + fsync of the image s | start-up + refresh s | sha256 pass s | floor / full |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ratio, floor = {}, {}
     for kind in ("security", "feature"):
-        f, d, w = rows[(kind, "full")], rows[(kind, "delta")], rows[(kind, "write")]
+        f, d, w, hs = rows[(kind, "full")], rows[(kind, "delta")], rows[(kind, "write")], rows[(kind, "hash")]
         ratio[kind] = (d["seconds"] / f["seconds"], d["cpu"] / f["cpu"])
+        fixed = statistics.median(r["fixed"] for m in ("full", "delta") for r in runs[(kind, m)])
+        floor[kind] = (fixed + hs["seconds"]) / f["seconds"]
         print(f"| {kind} | {f['seconds']:.2f} | {d['seconds']:.2f} | {ratio[kind][0]:.2f}x | {f['cpu']:.2f} | "
-              f"{d['cpu']:.2f} | {ratio[kind][1]:.2f}x | {w['seconds']:.2f} |")
+              f"{d['cpu']:.2f} | {ratio[kind][1]:.2f}x | {w['seconds']:.2f} | {fixed:.2f} | {hs['seconds']:.2f} | "
+              f"{floor[kind]:.2f}x |")
+    print("floor: `abflip check` after the install (interpreter start, imports, a TUF refresh: less than an install's "
+          "own) plus one sha256 pass over the target image in memory (the image's hash, one sequential pass), "
+          "against the full install's wall: no install that checks its image can take less here")
     peak = int(max(rows[(k, "delta")]["rss"] for k in ("security", "feature"))) >> 20
     patch = (f"patch-from: security {pct['security'][1]:.2f}%, feature {pct['feature'][1]:.2f}%" if not a.no_patch_from
              else "patch-from: skipped")
     print(f"delta/full: security {pct['security'][0]:.2f}%, feature {pct['feature'][0]:.2f}%; {patch}; "
           f"peak RSS delta {peak} MiB")
-    print(f"install delta/full {link}: security {ratio['security'][0]:.2f}x wall ({ratio['security'][1]:.2f}x cpu), "
-          f"feature {ratio['feature'][0]:.2f}x wall ({ratio['feature'][1]:.2f}x cpu)")
+    print(f"install delta/full {link}: security {ratio['security'][0]:.2f}x wall ({ratio['security'][1]:.2f}x cpu, "
+          f"floor {floor['security']:.2f}x), feature {ratio['feature'][0]:.2f}x wall ({ratio['feature'][1]:.2f}x cpu, "
+          f"floor {floor['feature']:.2f}x)")
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from installed import installed_env  # noqa: E402  (bench/installed.py)
 
 from abflip.demo import HARDWARE, PRODUCT, make_rootfs  # noqa: E402
 from abflip.httpserver import RepoHandler, Server  # noqa: E402
@@ -166,10 +168,7 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(work / layouts[0], LAYOUTS[layouts[0]])
-    env = dict(os.environ)
-    if not args.no_bytecode_cache:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    env = installed_env(work, cached=not args.no_bytecode_cache)
     with Server(bench.repo, handler=Counting) as server:
         bench.publish_up_to(1)
         sim, dev = bench.device(server.url, "dev")
