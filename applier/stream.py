@@ -58,6 +58,7 @@ POOL = 3  # compressed pieces in flight: one downloading, one queued, one decomp
 READ_AHEAD_PIECES = 2  # how far the download may run past the chunk being written
 SLICE = 2 << 20  # decompressed bytes handed from the decompress stage to the write stage at a time
 READ_IN = 1 << 20  # compressed bytes zstd asks its source for at a time
+STEP = 256 << 10  # bytes written and then hashed at a time: still in the core's cache for the hash
 
 
 class ChunkError(RepositoryError):
@@ -359,10 +360,10 @@ def write_image(image: Image, slot: SlotDevice, opener: Opener, *, chunks_done: 
     2. *decompress*: feed a chunk's verified pieces to zstd as they arrive, with the
        ``window`` image bytes before the chunk as its dictionary, into an output buffer (zstd
        checks the frame's content checksum and the chunk must decode to exactly its length);
-    3. *write* (this thread): write each decompressed slice to the slot; beside it a *hash* stage
-       adds each written slice to the whole image's sha256, compared with the manifest's at the
-       end (before anything is staged: :func:`check_image`), and only then lets its buffer
-       region be reused;
+    3. *write* (this thread): write each decompressed slice to the slot and add it to the whole
+       image's sha256, a ``STEP`` at a time (hashed while ``pwrite`` has left it in the cache),
+       compared with the manifest's at the end (before anything is staged: :func:`check_image`);
+       only then may its buffer region be reused;
     4. *progress*: ``on_chunk(i, downloaded_bytes)`` for each chunk written, in order (the
        caller persists progress there, with an fsync that no longer holds up the writing).
 
@@ -471,7 +472,6 @@ class _Pipeline:
         self.in_place = zstdlib.LIB is not None and len(self.bufs) == 1  # every dictionary mapped from the slot
         # image bytes written to the slot *and* hashed into ``whole``: until then their buffer is not reused
         self.written = self.chunks[first].out_offset
-        self.hashing: queue.SimpleQueue = queue.SimpleQueue()  # write -> hash: (chunk, start, end) written
         self.cond = threading.Condition()
         self.committed = first  # chunks [0, committed) are in the slot and verified
         self.persisted = first  # ... and ``on_chunk`` has returned for them (the caller saved its progress)
@@ -515,8 +515,7 @@ class _Pipeline:
         if zstdlib.LIB is None:
             _heap_for_large_blocks()
         stages = [threading.Thread(target=self._fetch_stage, name="abflip-fetch", daemon=True),
-                  threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True),
-                  threading.Thread(target=self._hash_stage, name="abflip-hash", daemon=True)]
+                  threading.Thread(target=self._decompress_stage, name="abflip-decompress", daemon=True)]
         progress = threading.Thread(target=self._progress_stage, name="abflip-progress", daemon=True)
         for t in (*stages, progress):
             t.start()
@@ -734,8 +733,10 @@ class _Pipeline:
 
     # -- 3. write and hash --------------------------------------------------------------------
     def _write_stage(self) -> None:
-        """Write each slice and hand it to the hash stage; a chunk's end (its own sha256 already
-        compared by the decompress stage) commits it."""
+        """Write each slice and add it to the whole image's sha256, in ``STEP``s: each step is
+        hashed right after ``pwrite`` read it, while it is in this core's cache (issue 25: one pass
+        over memory instead of two, measured ~20 % less CPU for the two than a write and a hash of
+        the whole slice). A chunk's end commits it."""
         bufs = [memoryview(b) for b in self.bufs]
         while self.committed < len(self.chunks):
             item = self._get(self.slices)
@@ -750,23 +751,14 @@ class _Pipeline:
                     self.committed = i + 1
                     self.cond.notify_all()
                 continue
-            self.slot.pwrite(ch.out_offset + a, bufs[i % len(bufs)][a:b])  # flushed once at the end
-            self.hashing.put((i, a, b))
-
-    # -- 3b. the whole image's sha256 -------------------------------------------------------------------
-    def _hash_stage(self) -> None:
-        """Add each written slice to the whole image's sha256, in order, beside the write stage
-        (the write stage no longer waits for it); a buffer region is reused only once hashed."""
-        try:
-            bufs = [memoryview(b) for b in self.bufs]
-            while self.written < self.image.size:
-                i, a, b = self._get(self.hashing)
-                self.whole.update(bufs[i % len(bufs)][a:b])
-                with self.cond:
-                    self.written = self.chunks[i].out_offset + b
-                    self.cond.notify_all()
-        except BaseException as e:
-            self._fail(e, self.slices)
+            buf = bufs[i % len(bufs)]
+            for at in range(a, b, STEP):
+                step = buf[at:min(at + STEP, b)]
+                self.slot.pwrite(ch.out_offset + at, step)  # flushed once at the end
+                self.whole.update(step)
+            with self.cond:  # written and hashed: the decompress stage may reuse the region
+                self.written = ch.out_offset + b
+                self.cond.notify_all()
 
 
 class _Pieces:
