@@ -463,6 +463,48 @@ def test_kill_and_resume_in_the_middle_of_a_delta_costs_at_most_one_chunk(dworld
     assert rel.image.sha256 == dev.status()["slots"]["b"]["sha256"]
 
 
+@pytest.mark.parametrize("where", ["write", "progress"])
+def test_a_failure_in_the_middle_of_a_delta_stages_nothing_and_the_next_run_resumes(dworld, monkeypatch, where):
+    """A write to the inactive slot that fails (main thread), or a progress save that fails (the
+    hashing thread), in the middle of a delta install: a clear error, nothing staged, no entry for
+    slot b, the device still boots slot a; the next run resumes and the slot verifies."""
+    from applier.slots import SlotDevice
+    from metadata.errors import DeviceError
+
+    dworld.publish("1.1.0")
+    sim, dev = provisioned(dworld)
+    ops = _delta(dworld.built).ops
+    bad = len(ops) // 2
+    rel = release(dworld.built["1.1.0"])
+    at = rel.image.chunks[bad].out_offset
+    if where == "write":
+        real = SlotDevice.pwrite
+
+        def pwrite(self, offset, data):
+            if self.name == "b" and offset == at:
+                raise DeviceError(f"writing slot b at byte {offset} failed: [Errno 5] Input/output error")
+            return real(self, offset, data)
+
+        monkeypatch.setattr(SlotDevice, "pwrite", pwrite)
+        failing = Device(sim.config)
+    else:
+        def progress(ev):
+            if ev.get("phase") == "download" and ev.get("chunk") == bad:
+                raise DeviceError("saving the progress failed: [Errno 28] No space left on device")
+
+        failing = Device(sim.config, progress=progress)
+    with pytest.raises(DeviceError) as e:
+        failing.install()
+    assert ("writing slot b" if where == "write" else "saving the progress") in str(e.value)
+    st = dev.status()
+    assert st["state"] == "downloading" and st["target"]["chunks_done"] <= bad
+    assert_untouched(sim, dev)
+    monkeypatch.undo()
+    result = dev.install()
+    assert result.kind == "delta" and 0 < result.resumed_at_chunk <= bad
+    assert slot_is(sim, "b", dworld.built["1.1.0.img"])
+
+
 # -- repository upkeep ----------------------------------------------------------------------------
 def test_repo_verify_deep_checks_the_deltas(dworld):
     from abflip.audit import audit
