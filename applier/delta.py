@@ -285,9 +285,11 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
     downloaded)`` runs after chunk ``i`` is written, and the whole-image sha256 is checked at
     the end (a :class:`RepositoryError` if the chunks, each checked, do not make it).
 
-    Two threads share the work (issue 25): this one assembles chunk ``i`` (fetch, source reads,
+    The work overlaps (issue 25): this thread assembles chunk ``i`` (fetch, source reads,
     decompression) and writes it while a hashing thread adds chunk ``i-1`` to the whole image's
-    sha256, the one pass every byte goes through, and saves its progress. Only when that hash differs (a byte of the
+    sha256 (the one pass every byte goes through) and a progress thread saves the progress of
+    the chunks written (an fsync each, as :func:`applier.stream.write_image`'s progress stage),
+    in order, never more than two chunks behind. Only when that hash differs (a byte of the
     booted slot that is not the source's, a frame that decodes to other bytes) are the chunks
     read back and checked one by one, and each that differs made again from the full image."""
     if image.size > slot.capacity:
@@ -298,29 +300,27 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
     before = h.copy()  # the image's hash over the chunks checked one by one at the start
     bufs = _Writer(image, delta)
     made: dict[int, str] = {}  # how each chunk from ``first`` was made: copy, frame, full or fallback
-    hashing: list[Future | None] = [None, None]  # the hash of the chunk that last used out[0], out[1]
+    # the hash, and the progress save, of the chunk that last used out[0], out[1]
+    pending: list[list[Future]] = [[], []]
     state = {"checked": first, "stale": False}  # chunks [0, checked) checked one by one; h over other bytes?
 
     failed: list[BaseException] = []
 
-    def hash_and_count(i: int, view: memoryview, downloaded: int) -> None:
-        """Chunk ``i`` (written) into the image's sha256, then its progress saved, in order; after a
-        failure nothing more is counted."""
+    def save(i: int, downloaded: int) -> None:
+        """Chunk ``i``'s progress (it is written), in order; after a failure nothing more is counted."""
         if failed:
             raise failed[0]
         try:
-            h.update(view)
-            if on_chunk:
-                on_chunk(i, downloaded)
+            on_chunk(i, downloaded)  # type: ignore[misc]
         except BaseException as e:
             failed.append(e)
             raise
 
     def wait(*which: int) -> None:
         for k in which:
-            if (f := hashing[k]) is not None:
-                hashing[k] = None
-                f.result()  # a hash or a progress save that failed raises here
+            futures, pending[k] = pending[k], []
+            for f in futures:
+                f.result()  # a progress save that failed raises here
 
     def fall_back(i: int, why: str) -> None:
         stats.chunks["fallback"] += 1
@@ -353,13 +353,14 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
                 whole.update(view)
             state["checked"] = j + 1
 
-    with ThreadPoolExecutor(1, thread_name_prefix="abflip-delta-hash") as hasher:
+    with ThreadPoolExecutor(1, thread_name_prefix="abflip-delta-hash") as hasher, \
+            ThreadPoolExecutor(1, thread_name_prefix="abflip-delta-progress") as saver:
         try:
             for i in range(first, len(image.chunks)):
                 if failed:
                     raise failed[0]
                 ch, op = image.chunks[i], delta.ops[i]
-                wait(i % 2)  # out[i % 2] held chunk i-2: hashed?
+                wait(i % 2)  # out[i % 2] held chunk i-2: hashed, its progress saved?
                 bufs.out = bufs.outs[i % 2]
                 view = None
                 if not op.full:
@@ -375,13 +376,14 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
                     state["checked"] = i + 1
                 slot.pwrite(ch.out_offset, view)
                 slot.start_writeback(ch.out_offset, ch.out_length)  # as the full image's stream: dirty pages stay few
-                hashing[i % 2] = hasher.submit(hash_and_count, i, view, stats.downloaded)
+                pending[i % 2].append(hasher.submit(h.update, view))
+                if on_chunk:
+                    pending[i % 2].append(saver.submit(save, i, stats.downloaded))
                 del view
             wait(0, 1)
         finally:
-            for f in hashing:  # an error above: the hash in flight ends before its buffer goes
-                if f is not None:
-                    f.cancel() or f.exception()
+            for f in pending[0] + pending[1]:  # an error above: what is in flight ends before its buffer goes
+                f.cancel() or f.exception()
     if state["stale"] or h.hexdigest() != image.sha256:
         # Some chunk is not the chunk table's: check each, make the ones that differ again, and
         # hash the image again over what the slot now holds.
