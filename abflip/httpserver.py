@@ -187,13 +187,20 @@ class _Httpd(ThreadingHTTPServer):
         super().__init__(address, handler)
 
     def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        """A thread for the connection, which gives its slot back when it ends. Only when the thread
+        never started is the slot given back here: a signal that interrupts this after the thread
+        started (``serve``'s SIGTERM) must not give it back twice, which raised ValueError in place
+        of the signal's exception and left the server running (seen in a test run)."""
         if not self.slots.acquire(timeout=BUSY_WAIT):
             self._busy(request)
             return
+        t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                             daemon=self.daemon_threads)
         try:
-            super().process_request(request, client_address)
+            t.start()
         except BaseException:
-            self.slots.release()
+            if t.ident is None:  # it never ran: its slot is ours to give back (the caller closes the socket)
+                self.slots.release()
             raise
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]

@@ -155,6 +155,40 @@ def test_an_idle_client_is_dropped_at_the_timeout_and_frees_its_slot(served, sen
         assert raw_get(srv.url, "/metadata/timestamp.json") == (200, b"{}")
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("started", [True, False], ids=["after-the-thread-ran", "before"])
+def test_a_signal_while_a_connection_is_handed_to_its_thread_stops_the_server(served, monkeypatch, started):
+    """`abflip serve` stops on SIGTERM by an exception in its main thread, which may arrive while a
+    connection is being handed to its thread. The slot is given back once, by the thread if it
+    started, else there, and the signal's exception leaves (it was replaced by 'Semaphore released
+    too many times' and the server kept running: a test run's test_cli_logs_each_request_in_common_log_format)."""
+    import threading
+
+    import abflip.httpserver as httpserver
+
+    class Interrupted(threading.Thread):
+        def start(self):
+            if started:  # the signal arrives once the thread has served its (closed) connection
+                super().start()
+                self.join(10)
+            raise KeyboardInterrupt
+
+    with Server(served, max_connections=2, timeout=30) as srv:
+        a, b = socket.socketpair()
+        b.close()  # the client is gone: the connection's thread ends at once
+        try:
+            monkeypatch.setattr(httpserver.threading, "Thread", Interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                srv.httpd.process_request(a, ("127.0.0.1", 1))
+            monkeypatch.undo()
+        finally:
+            a.close()
+        assert srv.httpd.slots._value == 2  # noqa: SLF001 (the semaphore's count: the slot is back)
+        with pytest.raises(ValueError):
+            srv.httpd.slots.release()  # ... exactly once: one more is too many
+        assert raw_get(srv.url, "/metadata/timestamp.json") == (200, b"{}")
+
+
 # -- the command line ---------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
