@@ -44,8 +44,8 @@ from metadata.manifest import Chunk, Image, Release
 
 from .fetch import READ_SIZE, transport_hint
 from .slots import SlotDevice
-from .stream import DECODER_OVERHEAD, MAX_WINDOW_LOG, ChunkError, Opener, _Reader, check_image, decompress_chunk, \
-    verified_prefix, verify_chunk
+from .stream import DECODER_OVERHEAD, MAX_WINDOW_LOG, STEP, ChunkError, Opener, _Reader, check_image, \
+    decompress_chunk, verified_prefix, verify_chunk
 
 __all__ = ["Plan", "DeltaStats", "plan", "write_delta", "memory_needed", "choose"]
 
@@ -211,11 +211,14 @@ class _Writer:
 
 
 def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_opener: Opener, retries: int,
-                backoff: float, stats: DeltaStats) -> tuple[memoryview, str]:
+                backoff: float, stats: DeltaStats, final: Callable[[int], None]) -> tuple[memoryview, str]:
     """Chunk ``i`` assembled from the delta: its frame (verified before it is decompressed), decoded
     with its dictionary extents, and its copy segments, all read from the booted slot. Not hashed
     here: the whole image's sha256 checks every byte, the booted slot's included (a byte that
-    differs gives other output; :func:`write_delta` then checks the chunks one by one)."""
+    differs gives other output; :func:`write_delta` then checks the chunks one by one).
+    ``final(n)`` says the chunk's first ``n`` bytes are assembled: a chunk of copies only says so
+    after every ``STEP`` it reads (the caller writes and hashes them while they are in the cache),
+    one with a frame once, at its end."""
     out = memoryview(bufs.out)
     kind = "copy"
     read: list[tuple[str, memoryview, int, str]] = []  # (what, bytes, source offset, their sha256)
@@ -255,7 +258,14 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
             if dst != src:
                 out[dst:dst + n] = out[src:src + n]
     for j, (rel, src, n, _) in enumerate(op.copy):
-        _read_source(source, src, out[rel:rel + n], f"chunk {i} copy segment {j}")
+        if op.frame is not None:
+            _read_source(source, src, out[rel:rel + n], f"chunk {i} copy segment {j}")
+            continue
+        for at in range(0, n, STEP):  # the copies tile the chunk, in order: each step is final once read
+            k = min(STEP, n - at)
+            _read_source(source, src + at, out[rel + at:rel + at + k], f"chunk {i} copy segment {j}")
+            final(rel + at + k)
+    final(op.out_length)
     return out[:op.out_length], kind
 
 
@@ -362,21 +372,32 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
                 ch, op = image.chunks[i], delta.ops[i]
                 wait(i % 2)  # out[i % 2] held chunk i-2: hashed, its progress saved?
                 bufs.out = bufs.outs[i % 2]
+                done = [0]  # the chunk's bytes written and handed to the hash so far
+
+                def final(n: int, i: int = i, ch: Chunk = ch, done: list[int] = done) -> None:
+                    if n > done[0]:  # written, then hashed beside: each step as soon as it is assembled
+                        part = memoryview(bufs.outs[i % 2])[done[0]:n]
+                        slot.pwrite(ch.out_offset + done[0], part)
+                        pending[i % 2].append(hasher.submit(h.update, part))
+                        done[0] = n
+
                 view = None
                 if not op.full:
                     try:
-                        view, made[i] = _from_delta(i, op, ch, bufs, source, data_opener, retries, backoff, stats)
+                        view, made[i] = _from_delta(i, op, ch, bufs, source, data_opener, retries, backoff, stats,
+                                                    final)
                     except _Fallback as f:
                         made[i] = "fallback"
                         fall_back(i, str(f))
+                        state["stale"] |= done[0] > 0  # part of it went into the image's hash
                 if view is None:
                     made.setdefault(i, "full")
                     check_upto(i, None)  # its window: the bytes before it, checked one by one
                     view = _from_full(i, image, slot, bufs, bufs.outs[i % 2], full_opener, retries, backoff, stats)
                     state["checked"] = i + 1
-                slot.pwrite(ch.out_offset, view)
+                    slot.pwrite(ch.out_offset, view)
+                    pending[i % 2].append(hasher.submit(h.update, view))
                 slot.start_writeback(ch.out_offset, ch.out_length)  # as the full image's stream: dirty pages stay few
-                pending[i % 2].append(hasher.submit(h.update, view))
                 if on_chunk:
                     pending[i % 2].append(saver.submit(save, i, stats.downloaded))
                 del view

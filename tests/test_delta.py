@@ -463,6 +463,33 @@ def test_kill_and_resume_in_the_middle_of_a_delta_costs_at_most_one_chunk(dworld
     assert rel.image.sha256 == dev.status()["slots"]["b"]["sha256"]
 
 
+def test_a_read_error_in_the_middle_of_a_copy_falls_back_after_part_of_the_chunk_was_written(dworld, monkeypatch):
+    """A chunk of copies is written and hashed a step at a time as it is read; a read of the booted
+    slot that fails after some steps makes the chunk come from the full image, and the image's hash
+    (which took those steps) is taken again over the slot: it verifies."""
+    import applier.delta as applier_delta
+    from applier.slots import SlotDevice
+    from metadata.errors import DeviceError
+
+    dworld.publish("1.1.0")
+    sim, dev = provisioned(dworld)
+    j, offset = _copy_source(dworld.built)
+    monkeypatch.setattr(applier_delta, "STEP", 4096)
+    real = SlotDevice.pread_into
+
+    def pread_into(self, at, into):
+        if self.name == "a" and at == offset + 3 * 4096:
+            raise DeviceError(f"reading slot a at byte {at} failed: [Errno 5] Input/output error")
+        return real(self, at, into)
+
+    monkeypatch.setattr(SlotDevice, "pread_into", pread_into)
+    result = dev.install()
+    rec = dev.status()["download"]
+    assert result.kind == "delta" and rec["fallback_chunks"] == 1
+    assert rec["fallbacks"][0].startswith(f"chunk {j} copy segment 0: reading slot a")
+    assert slot_is(sim, "b", dworld.built["1.1.0.img"])
+
+
 @pytest.mark.parametrize("where", ["write", "progress"])
 def test_a_failure_in_the_middle_of_a_delta_stages_nothing_and_the_next_run_resumes(dworld, monkeypatch, where):
     """A write to the inactive slot that fails (main thread), or a progress save that fails (the
