@@ -170,6 +170,31 @@ def test_release_carries_a_small_verified_delta(dbuilt):
     assert any(op.copy and op.frame is None for op in delta.ops)  # unchanged chunks: copied
 
 
+def test_delta_frames_carry_their_content_checksum(dbuilt):
+    """Each frame has zstd's content checksum, which the device's decoder checks: decoded against a
+    dictionary byte that is not the source's, the frame fails at once (its chunk falls back there,
+    not at the image's sha256 at the end)."""
+    import zstandard
+
+    from applier.stream import ChunkError, decompress_chunk
+    from metadata.manifest import Chunk
+
+    delta = Delta.from_bytes((dbuilt["1.1.0"] / "delta-1.0.0.json").read_bytes())
+    data = (dbuilt["1.1.0"] / "delta-1.0.0.bin").read_bytes()
+    source = dbuilt["1.0.0.img"].read_bytes()
+    frames = [op for op in delta.ops if op.frame is not None]
+    assert frames and all(zstandard.get_frame_parameters(data[op.frame.offset:]).has_checksum for op in frames)
+    op = next(op for op in frames if op.dictionary)
+    f = op.frame
+    chunk = Chunk(f.offset, f.length, f.sha256, 0, f.size, f.out_sha256)
+    dictionary = bytearray(b"".join(source[s:s + n] for s, n, _ in op.dictionary))
+    frame = data[f.offset:f.offset + f.length]
+    assert hashlib.sha256(decompress_chunk(0, chunk, frame, dictionary, check=False)).hexdigest() == f.out_sha256
+    dictionary[len(dictionary) // 2] ^= 0xFF
+    with pytest.raises(ChunkError, match="does not decompress"):
+        decompress_chunk(0, chunk, frame, dictionary, check=False)
+
+
 def test_release_create_delta_from_over_the_cli(dbuilt, tmp_path):
     out = tmp_path / "rel"
     r = subprocess.run([sys.executable, "-m", "abflip.cli", "release", "create", "--image", str(dbuilt["1.1.0.img"]),
