@@ -150,28 +150,20 @@ def _read_source(source: SlotDevice, offset: int, into: memoryview, what: str) -
         raise _Fallback(f"{what}: {e.message}") from None
 
 
-def _which_differs(i: int, read: list[tuple[str, memoryview, int, str]], otherwise: str) -> _Fallback:
-    """Why chunk ``i`` failed to decode: the first source extent read for it (dictionary
-    extents, then copy segments) whose bytes are not the delta's source's, else ``otherwise``.
-    Only a chunk that failed pays for hashing its extents one by one."""
-    for what, view, offset, sha256 in read:
-        if hashlib.sha256(view).hexdigest() != sha256:
-            return _Fallback(f"chunk {i} {what}: the booted slot's bytes {offset}-{offset + len(view) - 1} differ "
-                             "from the delta's source")
-    return _Fallback(f"chunk {i}: {otherwise}")
-
-
-def _extents(op) -> list[tuple[str, int, int, str]]:
-    """The source extents operation ``op`` reads: (what, source offset, length, sha256)."""
+def _extents(op, copies: bool) -> list[tuple[str, int, int, str]]:
+    """The source extents operation ``op`` reads: (what, source offset, length, sha256); the
+    dictionary's, then (``copies``) the copy segments'."""
     return ([(f"dictionary extent {j}", src, n, sha) for j, (src, n, sha) in enumerate(op.dictionary)]
-            + [(f"copy segment {j}", src, n, sha) for j, (_, src, n, sha) in enumerate(op.copy)])
+            + [(f"copy segment {j}", src, n, sha) for j, (_, src, n, sha) in enumerate(op.copy) if copies])
 
 
-def _why_other_bytes(i: int, op, source: SlotDevice, scratch: memoryview) -> str:
-    """Why chunk ``i``, made from the delta, is not the chunk table's: its source extents read
-    again from the booted slot and hashed one by one (a chunk that failed the image's check only),
-    the first that is not the delta's source's named."""
-    for what, src, n, sha in _extents(op):
+def _why_other_bytes(i: int, op, source: SlotDevice, scratch: memoryview, otherwise: str, *,
+                     copies: bool = True) -> str:
+    """Why chunk ``i`` did not come out of the delta as the chunk table says: its source extents
+    read again from the booted slot and hashed one by one, the first that is not the delta's
+    source's named, else ``otherwise``. Only a chunk that failed pays for this: its frame did not
+    decode (the dictionary's extents, ``copies`` false), or the image's hash found it."""
+    for what, src, n, sha in _extents(op, copies):
         h, at = hashlib.sha256(), 0
         try:
             while at < n:
@@ -183,7 +175,7 @@ def _why_other_bytes(i: int, op, source: SlotDevice, scratch: memoryview) -> str
             return f"chunk {i} {what}: {e.message}"
         if h.hexdigest() != sha:
             return f"chunk {i} {what}: the booted slot's bytes {src}-{src + n - 1} differ from the delta's source"
-    return f"chunk {i}: the delta produced other bytes than the chunk table says"
+    return f"chunk {i}: {otherwise}"
 
 
 class _Writer:
@@ -221,7 +213,6 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
     one with a frame once, at its end."""
     out = memoryview(bufs.out)
     kind = "copy"
-    read: list[tuple[str, memoryview, int, str]] = []  # (what, bytes, source offset, their sha256)
     if op.frame is not None:
         kind = "frame"
         f = op.frame
@@ -233,16 +224,16 @@ def _from_delta(i: int, op, ch: Chunk, bufs: _Writer, source: SlotDevice, data_o
         if op.dictionary:
             dictionary = bufs.dictionary(op.dictionary_size)
             at = 0
-            for j, (src, n, sha) in enumerate(op.dictionary):
+            for j, (src, n, _) in enumerate(op.dictionary):
                 view = dictionary[at:at + n]
                 _read_source(source, src, view, f"chunk {i} dictionary extent {j}")
-                read.append((f"dictionary extent {j}", view, src, sha))
                 at += n
         try:
             decompress_chunk(i, Chunk(f.offset, f.length, f.sha256, 0, f.size, f.out_sha256), data, dictionary,
                              bufs.out, check=False)
         except ChunkError as e:
-            raise _which_differs(i, read, f"the delta's frame {e.message.split(': ', 1)[-1]}") from None
+            raise _Fallback(_why_other_bytes(i, op, source, out, f"the delta's frame {e.message.split(': ', 1)[-1]}",
+                                             copies=False)) from None
         del data, dictionary
         # The frame's bytes are the chunk minus its copy segments, in order: move them into
         # place from the last run to the first (each moves forward, never over one not moved).
@@ -312,7 +303,7 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
     made: dict[int, str] = {}  # how each chunk from ``first`` was made: copy, frame, full or fallback
     # the hash, and the progress save, of the chunk that last used out[0], out[1]
     pending: list[list[Future]] = [[], []]
-    state = {"checked": first, "stale": False}  # chunks [0, checked) checked one by one; h over other bytes?
+    state = {"checked": first}  # chunks [0, checked) checked one by one
 
     failed: list[BaseException] = []
 
@@ -353,12 +344,12 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
                     raise ChunkError(f"chunk {j} in slot {slot.name} changed after it was written and checked",
                                      hint="the slot's storage does not keep what is written to it; nothing was "
                                           "flipped and the slot is not recorded good")
-                fall_back(j, _why_other_bytes(j, delta.ops[j], source, memoryview(bufs.outs[1])))
+                fall_back(j, _why_other_bytes(j, delta.ops[j], source, memoryview(bufs.outs[1]),
+                                              "the delta produced other bytes than the chunk table says"))
                 made[j] = "fallback"
                 view = _from_full(j, image, slot, bufs, scratch, full_opener, retries, backoff, stats)
                 slot.pwrite(ch.out_offset, view)
-                slot.start_writeback(ch.out_offset, ch.out_length)
-                state["stale"] = True  # the running hash took other bytes for this chunk
+                slot.start_writeback(ch.out_offset, ch.out_length)  # the running hash took its other bytes
             if whole is not None:
                 whole.update(view)
             state["checked"] = j + 1
@@ -388,8 +379,7 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
                                                     final)
                     except _Fallback as f:
                         made[i] = "fallback"
-                        fall_back(i, str(f))
-                        state["stale"] |= done[0] > 0  # part of it went into the image's hash
+                        fall_back(i, str(f))  # a part written before is hashed twice: the image's hash differs
                 if view is None:
                     made.setdefault(i, "full")
                     check_upto(i, None)  # its window: the bytes before it, checked one by one
@@ -405,9 +395,9 @@ def write_delta(image: Image, delta: Delta, slot: SlotDevice, source: SlotDevice
         finally:
             for f in pending[0] + pending[1]:  # an error above: what is in flight ends before its buffer goes
                 f.cancel() or f.exception()
-    if state["stale"] or h.hexdigest() != image.sha256:
-        # Some chunk is not the chunk table's: check each, make the ones that differ again, and
-        # hash the image again over what the slot now holds.
+    if h.hexdigest() != image.sha256:
+        # Some chunk is not the chunk table's (or was made again: the hash took its other bytes
+        # too): check each, make the ones that differ again, hash the image again over the slot.
         h, state["checked"] = before, first
         check_upto(len(image.chunks), h)
     for kind in made.values():
