@@ -313,12 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault((kind, mode), []).append(got)
                 target = imgs["1.1.0" if kind == "security" else "1.2.0"]
                 runs.setdefault((kind, "write"), []).append({"seconds": write_floor(work, target), "cpu": 0.0, "rss": 0,
-                                                            "fixed": 0.0, "result": {}})
+                                                            "result": {}})
                 runs.setdefault((kind, "hash"), []).append({"seconds": hash_seconds(target), "cpu": 0.0, "rss": 0,
-                                                           "fixed": 0.0, "result": {}})
+                                                           "result": {}})
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-    rows = {km: {**rs[0], "seconds": med(rs, "seconds"), "cpu": med(rs, "cpu"), "rss": int(med(rs, "rss")),
-                 "fixed": med(rs, "fixed")} for km, rs in runs.items()}
+    rows = {km: {**rs[0], "seconds": med(rs, "seconds"), "cpu": med(rs, "cpu"), "rss": int(med(rs, "rss"))}
+            for km, rs in runs.items()}
     mib = lambda n: f"{n / (1 << 20):9.2f} MiB"  # noqa: E731
     print(f"tier {a.tier}: image 1.0.0 {mib(imgs['1.0.0'].stat().st_size)}, 1.1.0 {mib(imgs['1.1.0'].stat().st_size)}, "
           f"1.2.0 {mib(imgs['1.2.0'].stat().st_size)}; {os.cpu_count()} CPUs")
